@@ -1,0 +1,100 @@
+"""Compile a high-level graph for a target and write it as an artifact directory."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+from tqdm.auto import tqdm
+
+from ember.graphs.nn.kv_cache import KVCacheStrategy
+from ember.graphs.nn.transformer import ReturnLogits
+
+from .artifact import Artifact, write_artifact
+from .targets import get_target
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """Everything besides the source that changes what a compile produces (part of the cache key)."""
+
+    target: str = "ort-cpu"
+    encoding: str = "float32"
+    kv_cache_strategy: KVCacheStrategy = KVCacheStrategy.CONTINUOUS
+    return_logits: ReturnLogits = ReturnLogits.LAST_TOKEN
+
+    def to_json(self) -> dict[str, str]:
+        return {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(self).items()}
+
+    def validate(self) -> None:
+        target = get_target(self.target)
+        if self.kv_cache_strategy not in target.kv_strategies:
+            raise ValueError(f"target {target.name} does not support the {self.kv_cache_strategy.value} KV cache; "
+                             f"supported: {', '.join(s.value for s in target.kv_strategies)}")
+        if self.encoding not in target.encodings:
+            raise ValueError(f"target {target.name} does not support encoding {self.encoding!r}; "
+                             f"supported: {', '.join(target.encodings)}")
+
+
+def toolchain_versions() -> dict[str, str]:
+    """Versions that change compiled output: in the cache key and the manifest."""
+    versions = {}
+    for dist in ("ember", "onnx", "onnx-ir", "onnxruntime"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = "unknown"
+    return versions
+
+
+def cache_key(source_sha256: str, options: CompileOptions) -> str:
+    payload = json.dumps({"source": source_sha256, "options": options.to_json(), "versions": toolchain_versions()},
+                         sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def describe_values(values) -> list[dict[str, Any]]:
+    return [{"name": v.name, "dtype": v.dtype.name if v.dtype is not None else None,
+             "shape": [d if isinstance(d, int) else str(d) for d in (v.shape or [])]} for v in values]
+
+
+def compile_graph(graph: ir.Model, output_dir: str | Path, options: CompileOptions, manifest: dict[str, Any],
+                  write_extra_files: Callable[[Path], None] | None = None) -> Artifact:
+    """Lower ``graph`` for ``options.target`` and write the artifact to ``output_dir`` (atomically)."""
+    options.validate()
+    target = get_target(options.target)
+    start = time.perf_counter()
+    lowered = target.lower(graph)
+    total_bytes = sum(v.const_value.nbytes for v in lowered.graph.initializers.values() if v.const_value is not None)
+
+    def populate(tmp: Path) -> dict[str, Any]:
+        if write_extra_files is not None:
+            write_extra_files(tmp)
+        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"writing {target.name} model",
+                  disable=None, leave=False) as bar:
+            target.write(lowered, tmp / "rank0", bar.update)
+        return {
+            **manifest,
+            "ember_version": toolchain_versions()["ember"],
+            "toolchain": toolchain_versions(),
+            "options": options.to_json(),
+            "target": target.name,
+            "devices": ["cpu"],
+            "ranks": [{"rank": 0, "device": "cpu", "model": "rank0/model.onnx"}],
+            "graph": {"inputs": describe_values(lowered.graph.inputs),
+                      "outputs": describe_values(lowered.graph.outputs)},
+        }
+
+    artifact = write_artifact(Path(output_dir), populate)
+    logger.info("compiled %s for %s in %.1f s -> %s", manifest.get("architecture"), target.name,
+                time.perf_counter() - start, artifact.path)
+    return artifact

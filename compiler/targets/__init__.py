@@ -1,0 +1,17 @@
+"""The compile targets ember knows; one module per target."""
+from __future__ import annotations
+
+from .base import Target
+from .ort_cpu import ORT_CPU
+
+TARGETS: dict[str, Target] = {t.name: t for t in (ORT_CPU,)}
+
+
+def get_target(name: str) -> Target:
+    try:
+        return TARGETS[name]
+    except KeyError:
+        raise ValueError(f"unknown target {name!r}; supported: {', '.join(TARGETS)}") from None
+
+
+__all__ = ["TARGETS", "Target", "get_target"]

@@ -1,0 +1,32 @@
+"""A compile target: which passes lower the high-level graph for an engine, and how its files are written."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx_ir as ir
+
+from ember.graphs.nn.kv_cache import KVCacheStrategy
+
+from ..passes.base import Pass
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class Target:
+    """One engine ember compiles for."""
+
+    name: str
+    description: str
+    passes: tuple[Pass, ...]
+    kv_strategies: tuple[KVCacheStrategy, ...]
+    encodings: tuple[str, ...]
+    write: Callable[[ir.Model, Path, Progress | None], list[Path]]
+    extra: dict = field(default_factory=dict)
+
+    def lower(self, model: ir.Model) -> ir.Model:
+        for compiler_pass in self.passes:
+            model = compiler_pass(model)
+        return model

@@ -1,0 +1,45 @@
+"""``ort-cpu``: onnxruntime's CPU execution provider, the default target.
+
+Lowering: ``ember.CachedAttention`` -> ``com.microsoft.GroupQueryAttention`` (in-place KV cache), then a
+residual-add + RMSNorm fusion into ``SkipSimplifiedLayerNormalization``. The model is written as
+``model.onnx`` with its weights in ``model.onnx.data`` (external data, 64-byte aligned so onnxruntime
+can map it).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx_ir as ir
+
+from ember.graphs.nn.kv_cache import KVCacheStrategy
+
+from ..passes.cleanup import remove_unused
+from ..passes.fuse_skip_rms_norm import fuse_skip_rms_norm
+from ..passes.lower_attention_gqa import lower_attention_to_gqa
+from .base import Progress, Target
+
+
+def write_onnx(model: ir.Model, rank_dir: Path, progress: Progress | None = None) -> list[Path]:
+    """Write ``model.onnx`` + ``model.onnx.data``; ``progress(bytes)`` is called as tensors are written."""
+    rank_dir.mkdir(parents=True, exist_ok=True)
+    path = rank_dir / "model.onnx"
+
+    def callback(tensor, info) -> None:
+        if progress is not None:
+            progress(tensor.nbytes)
+
+    ir.save(model, path, external_data="model.onnx.data", callback=callback, alignment=64)
+    files = [path]
+    if (rank_dir / "model.onnx.data").exists():
+        files.append(rank_dir / "model.onnx.data")
+    return files
+
+
+ORT_CPU = Target(
+    name="ort-cpu",
+    description="onnxruntime, CPU execution provider",
+    passes=(lower_attention_to_gqa, fuse_skip_rms_norm, remove_unused),
+    kv_strategies=(KVCacheStrategy.CONTINUOUS,),
+    encodings=("float32",),
+    write=write_onnx,
+)

@@ -1,0 +1,26 @@
+"""Llama-family decoders: ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``."""
+from __future__ import annotations
+
+from typing import Any
+
+import onnx_ir as ir
+
+from ...nn.kv_cache import KVCacheStrategy
+from ...nn.transformer import ReturnLogits
+from ...weights.adapter import AdaptedWeights
+from .config import ARCHITECTURES, GGUF_ARCHITECTURES, LlamaArchConfig, hf_config_from_gguf
+from .graph import build_graph, build_transformer, kv_params
+from .weights import SAFETENSORS_RULES, gguf_rules
+
+
+def build_from_checkpoint(hf_config: Any, source: Any, weights_format: str,
+                          return_logits: ReturnLogits = ReturnLogits.LAST_TOKEN,
+                          strategy: KVCacheStrategy = KVCacheStrategy.CONTINUOUS) -> ir.Model:
+    """The high-level graph of a checkpoint (``weights_format``: ``safetensors`` or ``gguf``)."""
+    config = LlamaArchConfig.from_hf(hf_config)
+    rules = gguf_rules(config, source.architecture) if weights_format == "gguf" else SAFETENSORS_RULES
+    return build_graph(config, AdaptedWeights(source, rules), return_logits, strategy)
+
+
+__all__ = ["ARCHITECTURES", "GGUF_ARCHITECTURES", "LlamaArchConfig", "hf_config_from_gguf", "build_graph",
+           "build_transformer", "build_from_checkpoint", "kv_params", "SAFETENSORS_RULES", "gguf_rules"]

@@ -1,0 +1,61 @@
+"""The Llama-family decoder graph, assembled from ember's layers."""
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from ...nn import (MLP, Attention, Embedding, KVCacheParams, KVCacheStrategy, Linear, ReturnLogits, RMSNorm,
+                   RotaryEmbedding, TiedOutput, Transformer, TransformerBlock)
+from ...weights.adapter import AdaptedWeights
+from .config import LlamaArchConfig
+
+
+def kv_params(config: LlamaArchConfig, strategy: KVCacheStrategy = KVCacheStrategy.CONTINUOUS,
+              dtype: str = "float32") -> KVCacheParams:
+    return KVCacheParams(dtype=dtype, n_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
+                         num_layers=config.num_layers, cache_strategy=strategy)
+
+
+def build_transformer(config: LlamaArchConfig, weights: AdaptedWeights,
+                      return_logits: ReturnLogits = ReturnLogits.LAST_TOKEN,
+                      strategy: KVCacheStrategy = KVCacheStrategy.CONTINUOUS) -> Transformer:
+    """The layers of one Llama/Mistral/Qwen2 checkpoint."""
+    if strategy is not KVCacheStrategy.CONTINUOUS:
+        raise ValueError(f"KV cache strategy {strategy.value!r} is not available yet; supported: continuous")
+
+    def linear(path: str, bias: bool) -> Linear:
+        return Linear(path, weights[f"{path}.weight"], weights[f"{path}.bias"] if bias else None)
+
+    rope = RotaryEmbedding(config.head_dim, config.rope_theta, config.max_position_embeddings, config.rope_scaling,
+                           partial_rotary_factor=config.partial_rotary_factor)
+    blocks = []
+    for i in range(config.num_layers):
+        p = f"model.layers.{i}"
+        attention = Attention(
+            f"{p}.self_attn",
+            linear(f"{p}.self_attn.q_proj", config.attention_bias), linear(f"{p}.self_attn.k_proj", config.attention_bias),
+            linear(f"{p}.self_attn.v_proj", config.attention_bias), linear(f"{p}.self_attn.o_proj", False),
+            num_heads=config.num_heads, num_kv_heads=config.num_kv_heads, head_dim=config.head_dim, rope=rope,
+            sliding_window=config.sliding_windows[i])
+        mlp = MLP(f"{p}.mlp", linear(f"{p}.mlp.gate_proj", config.mlp_bias), linear(f"{p}.mlp.up_proj", config.mlp_bias),
+                  linear(f"{p}.mlp.down_proj", config.mlp_bias), config.hidden_act)
+        blocks.append(TransformerBlock(
+            p, attention, mlp,
+            RMSNorm(f"{p}.input_layernorm", weights[f"{p}.input_layernorm.weight"], config.rms_norm_eps),
+            RMSNorm(f"{p}.post_attention_layernorm", weights[f"{p}.post_attention_layernorm.weight"],
+                    config.rms_norm_eps)))
+
+    embedding = Embedding("model.embed_tokens", weights["model.embed_tokens.weight"])
+    if config.tie_word_embeddings or "lm_head.weight" not in weights:
+        output = TiedOutput("lm_head", weights["model.embed_tokens.weight"])
+    else:
+        output = Linear("lm_head", weights["lm_head.weight"])
+    return Transformer(config.hidden_size, config.num_heads, blocks,
+                       RMSNorm("model.norm", weights["model.norm.weight"], config.rms_norm_eps), output, embedding,
+                       kv_params(config, strategy), rope, return_logits)
+
+
+def build_graph(config: LlamaArchConfig, weights: AdaptedWeights,
+                return_logits: ReturnLogits = ReturnLogits.LAST_TOKEN,
+                strategy: KVCacheStrategy = KVCacheStrategy.CONTINUOUS) -> ir.Model:
+    """The high-level (target-independent) graph: standard ops plus ``ember.Attention``."""
+    return build_transformer(config, weights, return_logits, strategy).build(config.architecture)

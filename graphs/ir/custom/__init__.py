@@ -1,0 +1,41 @@
+"""The ``ember`` custom-op domain: each op's ONNX schema, emitter and numpy reference implementation.
+
+Importing this package registers the schemas with ``onnx.defs`` so that ``onnx.checker`` and shape
+inference know the ops. :func:`reference_evaluator_ops` gives the op classes for
+``onnx.reference.ReferenceEvaluator``, which runs a high-level (not yet lowered) graph.
+"""
+from __future__ import annotations
+
+import onnx.defs
+from onnx.reference.op_run import OpRun
+
+from . import attention as _attention
+from .attention import attention, attention_reference
+
+SCHEMAS = [_attention.SCHEMA]
+
+for _schema in SCHEMAS:
+    if not onnx.defs.has(_schema.name, _schema.domain):
+        onnx.defs.register_schema(_schema)
+
+
+class _AttentionOp(OpRun):
+    op_domain = "ember"
+
+    def _run(self, query, key, value, past_key, past_value, cache_lengths, input_lengths, cos_cache=None,
+             sin_cache=None, num_heads=None, kv_num_heads=None, scale=0.0, sliding_window=0, rotary_interleaved=0):
+        return attention_reference(query, key, value, past_key, past_value, cache_lengths, input_lengths,
+                                   cos_cache, sin_cache, num_heads=num_heads, kv_num_heads=kv_num_heads,
+                                   scale=scale, sliding_window=sliding_window,
+                                   rotary_interleaved=rotary_interleaved)
+
+
+_AttentionOp.__name__ = "CachedAttention"
+
+
+def reference_evaluator_ops() -> list[type[OpRun]]:
+    """``new_ops`` for ``onnx.reference.ReferenceEvaluator`` covering every ember op."""
+    return [_AttentionOp]
+
+
+__all__ = ["SCHEMAS", "attention", "attention_reference", "reference_evaluator_ops"]

@@ -1,0 +1,190 @@
+"""Typed op functions over ``onnx_ir`` (in the manner of ``max.graph.ops``).
+
+Each function takes ``ir.Value`` operands, appends one node to the active :class:`~.graph.Graph` and
+returns values whose dtype and (symbolic) shape are known, so layers can reason about shapes while they
+build and a wrong wiring fails at build time rather than in onnxruntime.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from .graph import Dim, current_graph
+
+INT64 = ir.DataType.INT64
+INT32 = ir.DataType.INT32
+FLOAT = ir.DataType.FLOAT
+
+
+def dims(value: ir.Value) -> list[Dim]:
+    """The value's shape as a list of ints (static) and strings (symbolic); None where unknown."""
+    if value.shape is None:
+        raise ValueError(f"value {value.name} has no shape")
+    return [d if isinstance(d, int) else (d.value if isinstance(d, ir.SymbolicDim) else d) for d in value.shape]
+
+
+def dtype(value: ir.Value) -> ir.DataType:
+    return value.dtype
+
+
+def _broadcast(a: list[Dim], b: list[Dim]) -> list[Dim]:
+    rank = max(len(a), len(b))
+    a = [1] * (rank - len(a)) + a
+    b = [1] * (rank - len(b)) + b
+    out: list[Dim] = []
+    for x, y in zip(a, b):
+        if x == 1:
+            out.append(y)
+        elif y == 1 or x == y:
+            out.append(x)
+        elif isinstance(x, int) and isinstance(y, int):
+            raise ValueError(f"shapes {a} and {b} do not broadcast")
+        else:
+            out.append(x if isinstance(x, str) else y)
+    return out
+
+
+def _node(op: str, inputs, out_dtype, out_shape, attributes=None, *, domain: str = "", name: str | None = None):
+    return current_graph().add_node(op, inputs, attributes, domain=domain, outputs=[(out_dtype, out_shape)],
+                                    name=name)[0]
+
+
+def constant(array, dtype_: np.dtype | None = None, name: str | None = None) -> ir.Value:
+    return current_graph().add_constant(np.asarray(array, dtype=dtype_), name=name)
+
+
+# elementwise ------------------------------------------------------------------------------------
+def _binary(op: str, a: ir.Value, b: ir.Value, name: str | None = None) -> ir.Value:
+    if a.dtype != b.dtype:
+        raise TypeError(f"{op}: dtypes differ ({a.dtype} vs {b.dtype})")
+    return _node(op, [a, b], a.dtype, _broadcast(dims(a), dims(b)), name=name)
+
+
+def add(a: ir.Value, b: ir.Value, name: str | None = None) -> ir.Value:
+    return _binary("Add", a, b, name)
+
+
+def sub(a: ir.Value, b: ir.Value, name: str | None = None) -> ir.Value:
+    return _binary("Sub", a, b, name)
+
+
+def mul(a: ir.Value, b: ir.Value, name: str | None = None) -> ir.Value:
+    return _binary("Mul", a, b, name)
+
+
+def div(a: ir.Value, b: ir.Value, name: str | None = None) -> ir.Value:
+    return _binary("Div", a, b, name)
+
+
+def sigmoid(x: ir.Value) -> ir.Value:
+    return _node("Sigmoid", [x], x.dtype, dims(x))
+
+
+def silu(x: ir.Value) -> ir.Value:
+    """x * sigmoid(x); onnxruntime fuses the pair."""
+    return mul(x, sigmoid(x), name="SiLU")
+
+
+def gelu(x: ir.Value, approximate: str = "none") -> ir.Value:
+    return _node("Gelu", [x], x.dtype, dims(x), {"approximate": approximate})
+
+
+def cast(x: ir.Value, to: ir.DataType) -> ir.Value:
+    return _node("Cast", [x], to, dims(x), {"to": int(to)})
+
+
+# shapes -----------------------------------------------------------------------------------------
+def reshape(x: ir.Value, shape: Sequence[int], out_shape: Sequence[Dim]) -> ir.Value:
+    """Reshape with ONNX semantics (0 copies a dim, -1 infers); ``out_shape`` is the resulting shape."""
+    return _node("Reshape", [x, constant(np.array(shape, dtype=np.int64))], x.dtype, list(out_shape))
+
+
+def reshape_dynamic(x: ir.Value, shape: ir.Value, out_shape: Sequence[Dim]) -> ir.Value:
+    """Reshape to a shape computed in the graph."""
+    return _node("Reshape", [x, shape], x.dtype, list(out_shape))
+
+
+def concat(values: Sequence[ir.Value], axis: int) -> ir.Value:
+    parts = [dims(v) for v in values]
+    axis %= len(parts[0])
+    total: Dim = 0
+    for p in parts:
+        total = total + p[axis] if isinstance(total, int) and isinstance(p[axis], int) else None
+    out = list(parts[0])
+    out[axis] = total
+    return _node("Concat", list(values), values[0].dtype, out, {"axis": axis})
+
+
+def transpose(x: ir.Value, perm: Sequence[int]) -> ir.Value:
+    d = dims(x)
+    return _node("Transpose", [x], x.dtype, [d[p] for p in perm], {"perm": list(perm)})
+
+
+def unsqueeze(x: ir.Value, axes: Sequence[int]) -> ir.Value:
+    d = dims(x)
+    rank = len(d) + len(axes)
+    axes = sorted(a % rank for a in axes)
+    out = list(d)
+    for a in axes:
+        out.insert(a, 1)
+    return _node("Unsqueeze", [x, constant(np.array(axes, dtype=np.int64))], x.dtype, out)
+
+
+def shape_of(x: ir.Value, start: int = 0, end: int | None = None) -> ir.Value:
+    n = len(dims(x))
+    stop = n if end is None else end % (n + 1)
+    return _node("Shape", [x], INT64, [stop - start % n], {"start": start, "end": end})
+
+
+# reductions and selection -----------------------------------------------------------------------
+def reduce_max(x: ir.Value, axes: Sequence[int] | None = None, keepdims: bool = False) -> ir.Value:
+    d = dims(x)
+    if axes is None:
+        out: list[Dim] = [1] * len(d) if keepdims else []
+        inputs = [x]
+    else:
+        norm = [a % len(d) for a in axes]
+        out = [1 if i in norm else v for i, v in enumerate(d)] if keepdims else [v for i, v in enumerate(d) if i not in norm]
+        inputs = [x, constant(np.array(norm, dtype=np.int64))]
+    return _node("ReduceMax", inputs, x.dtype, out, {"keepdims": int(keepdims)})
+
+
+def gather(data: ir.Value, indices: ir.Value, axis: int = 0) -> ir.Value:
+    d, i = dims(data), dims(indices)
+    axis %= len(d)
+    return _node("Gather", [data, indices], data.dtype, d[:axis] + i + d[axis + 1:], {"axis": axis})
+
+
+def gather_nd(data: ir.Value, indices: ir.Value, batch_dims: int = 0) -> ir.Value:
+    d, i = dims(data), dims(indices)
+    last = i[-1]
+    if not isinstance(last, int):
+        raise ValueError("gather_nd needs a static last index dimension")
+    out = i[:-1] + d[batch_dims + last:]
+    return _node("GatherND", [data, indices], data.dtype, out, {"batch_dims": batch_dims})
+
+
+# linear algebra and normalization ---------------------------------------------------------------
+def matmul(a: ir.Value, b: ir.Value, name: str | None = None) -> ir.Value:
+    da, db = dims(a), dims(b)
+    if isinstance(da[-1], int) and isinstance(db[-2], int) and da[-1] != db[-2]:
+        raise ValueError(f"matmul: inner dims differ {da} @ {db}")
+    batch = _broadcast(da[:-2], db[:-2]) if len(da) > 2 and len(db) > 2 else (da[:-2] or db[:-2])
+    return _node("MatMul", [a, b], a.dtype, batch + [da[-2], db[-1]], name=name)
+
+
+def gemm(a: ir.Value, b: ir.Value, trans_b: bool = False, name: str | None = None) -> ir.Value:
+    da, db = dims(a), dims(b)
+    n = db[0] if trans_b else db[1]
+    return _node("Gemm", [a, b], a.dtype, [da[0], n], {"transB": int(trans_b)}, name=name)
+
+
+def rms_norm(x: ir.Value, weight: ir.Value, epsilon: float) -> ir.Value:
+    """RMSNormalization (opset 23) over the last axis; targets may replace it with a fused kernel."""
+    return _node("RMSNormalization", [x, weight], x.dtype, dims(x), {"axis": -1, "epsilon": float(epsilon)})
+
+
+def layer_norm(x: ir.Value, weight: ir.Value, bias: ir.Value | None, epsilon: float) -> ir.Value:
+    return _node("LayerNormalization", [x, weight, bias], x.dtype, dims(x), {"axis": -1, "epsilon": float(epsilon)})

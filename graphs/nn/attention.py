@@ -1,0 +1,38 @@
+"""Self-attention over the KV cache, with grouped-query heads: q/k/v projections, ``ember.CachedAttention``, o_proj."""
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from ..ir.custom import attention as attention_op
+from .linear import Linear
+from .layer import Layer
+from .rotary import RotaryEmbedding
+
+
+class Attention(Layer):
+    """``num_heads`` query heads share ``num_kv_heads`` key/value heads (GQA; MQA at 1; MHA when equal)."""
+
+    def __init__(self, name: str, q_proj: Linear, k_proj: Linear, v_proj: Linear, o_proj: Linear, *,
+                 num_heads: int, num_kv_heads: int, head_dim: int, rope: RotaryEmbedding | None,
+                 sliding_window: int = 0, scale: float = 0.0):
+        super().__init__(name)
+        if num_heads % num_kv_heads:
+            raise ValueError(f"{name}: {num_heads} heads do not divide into {num_kv_heads} kv heads")
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj, k_proj, v_proj, o_proj
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.rope = rope
+        self.sliding_window = sliding_window
+        self.scale = scale
+
+    def __call__(self, x: ir.Value, past_key: ir.Value, past_value: ir.Value, cache_lengths: ir.Value,
+                 input_lengths: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value]:
+        """Returns ``(output, present_key, present_value)``."""
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        cos, sin = self.rope() if self.rope is not None else (None, None)
+        with self.scope():
+            out, present_key, present_value = attention_op(
+                q, k, v, past_key, past_value, cache_lengths, input_lengths, cos, sin,
+                num_heads=self.num_heads, kv_num_heads=self.num_kv_heads, scale=self.scale,
+                sliding_window=self.sliding_window,
+                rotary_interleaved=bool(self.rope is not None and self.rope.interleaved))
+        return self.o_proj(out), present_key, present_value

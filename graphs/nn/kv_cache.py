@@ -1,0 +1,37 @@
+"""What the graph needs to know about the KV cache: its layout, not its memory (the runtime owns that)."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class KVCacheStrategy(str, enum.Enum):
+    """How K/V are stored (DESIGN.md: the KV cache)."""
+
+    CONTINUOUS = "continuous"  # one contiguous [slots, kv_heads, max_len, head_dim] buffer per layer and K/V
+    PAGED = "paged"  # a pool of fixed-size pages per layer and K/V, with page tables
+
+
+@dataclass(frozen=True)
+class KVCacheParams:
+    """Shape and type of one model's KV cache."""
+
+    dtype: str
+    n_kv_heads: int
+    head_dim: int
+    num_layers: int
+    cache_strategy: KVCacheStrategy = KVCacheStrategy.CONTINUOUS
+    page_size: int = 128
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes one token's K and V take over all layers."""
+        return 2 * self.num_layers * self.n_kv_heads * self.head_dim * np.dtype(self.dtype).itemsize
+
+    def input_names(self, layer: int) -> tuple[str, str]:
+        return f"past_key_values.{layer}.key", f"past_key_values.{layer}.value"
+
+    def output_names(self, layer: int) -> tuple[str, str]:
+        return f"present.{layer}.key", f"present.{layer}.value"

@@ -1,0 +1,116 @@
+"""Transformer blocks and the decoder that stacks them, reading and writing the KV cache.
+
+The decoder graph's interface (what the runtime binds):
+
+- inputs: ``input_ids`` int64 ``[batch, sequence]`` (rows right-padded), ``input_lengths`` int32
+  ``[batch]`` (valid tokens per row), ``cache_lengths`` int32 ``[batch]`` (tokens already cached per row),
+  and per layer ``past_key_values.{i}.key`` / ``.value`` ``[batch, kv_heads, max_length, head_dim]``;
+- outputs: ``logits`` (``[batch, vocab]`` for each row's last valid token, or ``[batch, sequence, vocab]``
+  with :attr:`ReturnLogits.ALL`) and per layer ``present.{i}.key`` / ``.value``, which the runtime binds to
+  the same buffers as the past (the cache is updated in place).
+"""
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from ..ir import ops
+from ..ir.graph import Graph, current_graph
+from .attention import Attention
+from .embedding import Embedding
+from .kv_cache import KVCacheParams
+from .layer import Layer
+from .linear import Linear, TiedOutput
+from .mlp import MLP
+from .norm import RMSNorm
+from .rotary import RotaryEmbedding
+
+
+class ReturnLogits(str, enum.Enum):
+    """Which positions the graph returns logits for."""
+
+    LAST_TOKEN = "last_token"
+    ALL = "all"
+
+
+class TransformerBlock(Layer):
+    """Pre-norm block: ``h += attn(norm(h)); h += mlp(norm(h))``."""
+
+    def __init__(self, name: str, attention: Attention, mlp: MLP, attention_norm: RMSNorm, mlp_norm: RMSNorm):
+        super().__init__(name)
+        self.self_attn, self.mlp = attention, mlp
+        self.input_layernorm, self.post_attention_layernorm = attention_norm, mlp_norm
+
+    def __call__(self, h: ir.Value, past_key: ir.Value, past_value: ir.Value, cache_lengths: ir.Value,
+                 input_lengths: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value]:
+        attn, present_key, present_value = self.self_attn(self.input_layernorm(h), past_key, past_value,
+                                                          cache_lengths, input_lengths)
+        with self.scope():
+            h = ops.add(h, attn, name="attn_residual")
+        mlp = self.mlp(self.post_attention_layernorm(h))
+        with self.scope():
+            h = ops.add(h, mlp, name="mlp_residual")
+        return h, present_key, present_value
+
+
+class Transformer:
+    """A decoder-only transformer over a KV cache (``max.nn.Transformer``'s shape)."""
+
+    def __init__(self, dim: int, n_heads: int, layers: Sequence[TransformerBlock], norm: RMSNorm,
+                 output: Linear | TiedOutput, embedding: Embedding, kv_params: KVCacheParams,
+                 rope: RotaryEmbedding | None, return_logits: ReturnLogits = ReturnLogits.LAST_TOKEN):
+        self.dim, self.n_heads = dim, n_heads
+        self.layers = list(layers)
+        self.norm, self.output, self.embedding = norm, output, embedding
+        self.kv_params, self.rope = kv_params, rope
+        self.return_logits = ReturnLogits(return_logits)
+
+    def _kv_shape(self) -> list:
+        return ["batch", self.kv_params.n_kv_heads, "max_length", self.kv_params.head_dim]
+
+    def build(self, name: str = "model") -> ir.Model:
+        """Emit the whole decoder as an ``onnx_ir`` model."""
+        with Graph(name) as graph:
+            input_ids = graph.add_input("input_ids", ir.DataType.INT64, ["batch", "sequence"])
+            input_lengths = graph.add_input("input_lengths", ir.DataType.INT32, ["batch"])
+            cache_lengths = graph.add_input("cache_lengths", ir.DataType.INT32, ["batch"])
+            pasts = []
+            for i in range(len(self.layers)):
+                key_name, value_name = self.kv_params.input_names(i)
+                pasts.append((graph.add_input(key_name, ir.DataType.FLOAT, self._kv_shape()),
+                              graph.add_input(value_name, ir.DataType.FLOAT, self._kv_shape())))
+
+            h = self.embedding(input_ids)
+            presents = []
+            for block, (past_key, past_value) in zip(self.layers, pasts):
+                h, present_key, present_value = block(h, past_key, past_value, cache_lengths, input_lengths)
+                presents.append((present_key, present_value))
+
+            logits = self._logits(h, input_lengths)
+            graph.add_output(logits, "logits")
+            for i, (present_key, present_value) in enumerate(presents):
+                key_name, value_name = self.kv_params.output_names(i)
+                graph.add_output(present_key, key_name)
+                graph.add_output(present_value, value_name)
+            graph.metadata["ember.return_logits"] = self.return_logits.value
+            return graph.to_model()
+
+    def _logits(self, h: ir.Value, input_lengths: ir.Value) -> ir.Value:
+        if self.return_logits is ReturnLogits.LAST_TOKEN:
+            # Only each row's last valid token reaches the norm and the (large) output projection.
+            with current_graph().scope("model.last_token"):
+                last = ops.sub(ops.cast(input_lengths, ir.DataType.INT64), ops.constant(np.array(1, np.int64)))
+                h = ops.gather_nd(h, ops.unsqueeze(last, [1]), batch_dims=1)  # [batch, dim]
+            return self.output(self.norm(h))
+        h = self.norm(h)
+        with current_graph().scope("model.all_logits"):
+            batch_and_sequence = ops.shape_of(h, 0, 2)
+            flat = ops.reshape(h, [-1, self.dim], ["rows", self.dim])
+        logits = self.output(flat)
+        with current_graph().scope("model.all_logits"):
+            vocab = self.embedding.vocab_size
+            target = ops.concat([batch_and_sequence, ops.constant(np.array([vocab], np.int64))], axis=0)
+            return ops.reshape_dynamic(logits, target, ["batch", "sequence", vocab])

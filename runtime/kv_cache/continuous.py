@@ -1,0 +1,140 @@
+"""The CONTINUOUS KV cache: one ``[slots, kv_heads, max_length, head_dim]`` buffer per layer and K/V.
+
+Each running sequence owns a slot. The graph reads and writes a batch's slots through one contiguous
+slice of every buffer, bound to onnxruntime by pointer as both the past and the present (the kernel
+writes only the new tokens, in place). So a batch must occupy consecutive slots in row order: active
+sequences are kept packed in slots ``0..n-1`` (releasing a slot moves the last sequence into the hole:
+one sequence's tokens are copied, once), and :meth:`arrange` swaps slots when a batch is not already a
+consecutive run.
+
+Buffers are created with ``np.zeros``, whose pages the OS maps lazily: untouched capacity costs address
+space, not memory.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnxruntime as ort
+
+from ember.graphs.nn.kv_cache import KVCacheParams
+
+from ..session import ortvalue
+
+logger = logging.getLogger(__name__)
+
+
+class KVCacheExhausted(RuntimeError):
+    """No free slot (or no room left in a slot) for a request; the caller queues or preempts it."""
+
+
+class ContinuousKVCacheManager:
+    """Slots of a contiguous KV cache, their lengths, and the OrtValues that bind them."""
+
+    def __init__(self, params: KVCacheParams, max_batch_size: int, max_seq_len: int):
+        self.params = params
+        self.max_batch_size = max_batch_size
+        self.max_seq_len = max_seq_len
+        shape = (max_batch_size, params.n_kv_heads, max_seq_len, params.head_dim)
+        dtype = np.dtype(params.dtype)
+        self.keys = [np.zeros(shape, dtype) for _ in range(params.num_layers)]
+        self.values = [np.zeros(shape, dtype) for _ in range(params.num_layers)]
+        self._slot_of: dict[str, int] = {}
+        self._owner: list[str | None] = [None] * max_batch_size
+        self._length = np.zeros(max_batch_size, dtype=np.int64)
+        self._views: dict[tuple[int, int], list[tuple[ort.OrtValue, ort.OrtValue]]] = {}
+
+    # bookkeeping --------------------------------------------------------------------------------
+    @property
+    def num_active(self) -> int:
+        return len(self._slot_of)
+
+    @property
+    def free_slots(self) -> int:
+        return self.max_batch_size - self.num_active
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in zip(self.keys, self.values))
+
+    def contains(self, request_id: str) -> bool:
+        return request_id in self._slot_of
+
+    def slot(self, request_id: str) -> int:
+        return self._slot_of[request_id]
+
+    def cache_length(self, request_id: str) -> int:
+        return int(self._length[self._slot_of[request_id]])
+
+    def claim(self, request_id: str) -> int:
+        """Give a new sequence the next free slot (slots stay packed from 0)."""
+        if request_id in self._slot_of:
+            raise ValueError(f"request {request_id} already holds slot {self._slot_of[request_id]}")
+        if self.free_slots == 0:
+            raise KVCacheExhausted(f"all {self.max_batch_size} KV cache slots are in use")
+        slot = self.num_active
+        self._slot_of[request_id] = slot
+        self._owner[slot] = request_id
+        self._length[slot] = 0
+        return slot
+
+    def step(self, request_id: str, new_tokens: int) -> None:
+        """Record that ``new_tokens`` were written for the sequence."""
+        slot = self._slot_of[request_id]
+        if self._length[slot] + new_tokens > self.max_seq_len:
+            raise KVCacheExhausted(f"request {request_id} would exceed the KV cache length {self.max_seq_len}")
+        self._length[slot] += new_tokens
+
+    def release(self, request_id: str) -> None:
+        """Free the sequence's slot, moving the last active sequence into it to keep slots packed."""
+        slot = self._slot_of.pop(request_id)
+        last = len(self._slot_of)
+        if slot != last:
+            self._move(last, slot)
+        self._owner[last] = None
+        self._length[last] = 0
+
+    def release_all(self) -> None:
+        for request_id in list(self._slot_of):
+            self.release(request_id)
+
+    # batches ------------------------------------------------------------------------------------
+    def arrange(self, request_ids: list[str]) -> tuple[int, list[str]]:
+        """Make the batch occupy consecutive slots; returns ``(first_slot, ids in row order)``."""
+        slots = sorted(self._slot_of[r] for r in request_ids)
+        if slots and slots[-1] - slots[0] + 1 == len(slots):
+            return slots[0], [self._owner[s] for s in slots]
+        for row, request_id in enumerate(request_ids):
+            current = self._slot_of[request_id]
+            if current != row:
+                self._swap(current, row)
+        return 0, list(request_ids)
+
+    def bindings(self, start: int, batch: int) -> list[tuple[ort.OrtValue, ort.OrtValue]]:
+        """Per layer, (key, value) OrtValues over slots ``start .. start + batch - 1``."""
+        key = (start, batch)
+        if key not in self._views:
+            self._views[key] = [(ortvalue(k[start:start + batch]), ortvalue(v[start:start + batch]))
+                                for k, v in zip(self.keys, self.values)]
+        return self._views[key]
+
+    # data movement ------------------------------------------------------------------------------
+    def _move(self, src: int, dst: int) -> None:
+        n = int(self._length[src])
+        for buffers in (self.keys, self.values):
+            for buf in buffers:
+                buf[dst, :, :n] = buf[src, :, :n]
+        owner = self._owner[src]
+        self._owner[dst], self._length[dst] = owner, n
+        self._slot_of[owner] = dst
+
+    def _swap(self, a: int, b: int) -> None:
+        n = int(max(self._length[a], self._length[b]))
+        for buffers in (self.keys, self.values):
+            for buf in buffers:
+                buf[[a, b], :, :n] = buf[[b, a], :, :n]
+        self._owner[a], self._owner[b] = self._owner[b], self._owner[a]
+        self._length[[a, b]] = self._length[[b, a]]
+        for slot in (a, b):
+            if self._owner[slot] is not None:
+                self._slot_of[self._owner[slot]] = slot

@@ -1,0 +1,74 @@
+"""Pipeline configuration: what to run, how, and within which limits (``max.pipelines.PipelineConfig``)."""
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ember.graphs.nn.kv_cache import KVCacheStrategy
+from ember.graphs.nn.transformer import ReturnLogits
+
+
+class SupportedEncoding(str, enum.Enum):
+    """Weight encodings (the quantization issue adds the integer ones to the targets)."""
+
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    q8_0 = "q8_0"
+    q4_0 = "q4_0"
+    q4_k = "q4_k"
+    gptq = "gptq"
+
+
+class WeightsFormat(str, enum.Enum):
+    safetensors = "safetensors"
+    gguf = "gguf"
+
+
+def upper_bounded_default(upper_bound: int, default: int | None) -> int:
+    """``default``, or ``upper_bound`` when it is None; a ``ValueError`` when ``default`` exceeds the bound."""
+    if default is None:
+        return upper_bound
+    if default > upper_bound:
+        raise ValueError(f"value {default} is larger than the upper bound {upper_bound} (the model's maximum)")
+    return default
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("EMBER_CACHE") or Path.home() / ".cache" / "ember")
+
+
+@dataclass
+class PipelineConfig:
+    """One model served by one pipeline. ``model_path`` is an HF model directory, a GGUF file or an artifact."""
+
+    model_path: str | Path | None = None
+    max_length: int | None = None
+    max_batch_size: int | None = None
+    encoding: SupportedEncoding | str | None = None
+    kv_cache_strategy: KVCacheStrategy | str | None = None
+    target: str = "ort-cpu"
+    cache_dir: Path | str | None = None
+    num_threads: int | None = None
+    return_logits: ReturnLogits = ReturnLogits.LAST_TOKEN
+    kv_cache_bytes: int | None = None
+    force_compile: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.encoding is not None:
+            try:
+                self.encoding = SupportedEncoding(self.encoding)
+            except ValueError:
+                raise ValueError(f"unknown encoding {self.encoding!r}; known: "
+                                 f"{', '.join(e.value for e in SupportedEncoding)}") from None
+        if self.kv_cache_strategy is not None:
+            self.kv_cache_strategy = KVCacheStrategy(self.kv_cache_strategy)
+        self.return_logits = ReturnLogits(self.return_logits)
+        self.cache_dir = Path(self.cache_dir) if self.cache_dir else default_cache_dir()
+        if self.max_length is not None and self.max_length < 1:
+            raise ValueError(f"max_length must be positive, got {self.max_length}")
+        if self.max_batch_size is not None and self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be positive, got {self.max_batch_size}")

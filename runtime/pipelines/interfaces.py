@@ -1,0 +1,153 @@
+"""The pipeline-model contract (``max.pipelines.pipeline`` in MAX): inputs, outputs, model, KV mixin."""
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from ember.graphs.nn.kv_cache import KVCacheParams
+from ember.graphs.nn.transformer import ReturnLogits
+
+from ..session import Device, InferenceSession
+from .config import PipelineConfig, upper_bounded_default
+
+_NON_TENSOR_FIELDS = ("kv_cache_inputs", "lora_ids", "lora_ranks", "hidden_states")
+
+
+@dataclasses.dataclass(kw_only=True)
+class ModelInputs:
+    """Base of a model's inputs. Subclasses declare tensor fields; iterating yields them in field order.
+
+    ``kv_cache_inputs``, ``lora_ids``, ``lora_ranks`` and ``hidden_states`` are optional extras that are
+    not part of the iteration (``list(inputs) == [tokens, input_row_offsets]`` for such a subclass).
+    """
+
+    kv_cache_inputs: Any = None
+    lora_ids: Any = None
+    lora_ranks: Any = None
+    hidden_states: Any = None
+
+    def __iter__(self) -> Iterator[Any]:
+        for field in dataclasses.fields(self):
+            if field.name in _NON_TENSOR_FIELDS:
+                continue
+            value = getattr(self, field.name)
+            if isinstance(value, np.ndarray) or hasattr(value, "data_ptr"):
+                yield value
+
+
+@dataclasses.dataclass
+class ModelOutputs:
+    """Logits for each row's next token, and for every position when the model returns them all."""
+
+    next_token_logits: np.ndarray | None = None
+    logits: np.ndarray | None = None
+
+
+class PipelineModel(abc.ABC):
+    """A compiled model with its session, input preparation and execution."""
+
+    def __init__(self, pipeline_config: PipelineConfig, session: InferenceSession, devices: Sequence[Device],
+                 kv_cache_config: Any = None, weights: Any = None, adapter: Any = None,
+                 return_logits: ReturnLogits = ReturnLogits.LAST_TOKEN):
+        self.pipeline_config = pipeline_config
+        self.session = session
+        self.devices = list(devices)
+        self.kv_cache_config = kv_cache_config
+        self.weights = weights
+        self.adapter = adapter
+        self.return_logits = ReturnLogits(return_logits)
+
+    @classmethod
+    def calculate_max_seq_len(cls, pipeline_config: PipelineConfig, huggingface_config: Any) -> int:
+        """The model's maximum sequence length; ``max_length`` may lower it, never raise it."""
+        return upper_bounded_default(upper_bound=huggingface_config.max_position_embeddings,
+                                     default=pipeline_config.max_length)
+
+    @classmethod
+    @abc.abstractmethod
+    def get_kv_params(cls, huggingface_config: Any, pipeline_config: PipelineConfig) -> KVCacheParams:
+        """Shape and type of the model's KV cache."""
+
+    @classmethod
+    def get_num_layers(cls, huggingface_config: Any) -> int:
+        return huggingface_config.num_hidden_layers
+
+    @classmethod
+    @abc.abstractmethod
+    def estimate_weights_size(cls, pipeline_config: PipelineConfig) -> int:
+        """Bytes the weights take in the chosen encoding."""
+
+    @abc.abstractmethod
+    def load_model(self, session: InferenceSession):
+        """Build the graph, compile it (or load the cached artifact) and load it into the session."""
+
+    @abc.abstractmethod
+    def prepare_initial_token_inputs(self, context_batch: Sequence[Any], kv_cache_inputs: Any = None,
+                                     return_n_logits: int = 1) -> ModelInputs:
+        """Batch the contexts' pending tokens and claim KV cache room for new contexts."""
+
+    @abc.abstractmethod
+    def prepare_next_token_inputs(self, next_tokens: np.ndarray, prev_model_inputs: ModelInputs) -> ModelInputs:
+        """Inputs for the next decode step, from the tokens just sampled."""
+
+    @abc.abstractmethod
+    def execute(self, model_inputs: ModelInputs) -> ModelOutputs:
+        """Run the compiled graph."""
+
+    def compute_log_probabilities(self, model_inputs: ModelInputs, model_outputs: ModelOutputs,
+                                  next_tokens: np.ndarray, batch_top_n: Sequence[int],
+                                  batch_echo: Sequence[bool]) -> list[Any]:
+        """Per row: the sampled token's log probability and the ``top_n`` alternatives (None where 0)."""
+        from .sampling import log_softmax
+
+        logits = model_outputs.next_token_logits
+        results: list[Any] = []
+        for row, (top_n, echo) in enumerate(zip(batch_top_n, batch_echo)):
+            if top_n <= 0 and not echo:
+                results.append(None)
+                continue
+            logp = log_softmax(logits[row])
+            top = np.argsort(-logp)[:max(top_n, 0)]
+            results.append({"token_log_probability": float(logp[int(next_tokens[row])]),
+                            "top": {int(t): float(logp[t]) for t in top}})
+        return results
+
+
+class KVCacheMixin(abc.ABC):
+    """KV cache sizing and manager creation for models that have a KV cache."""
+
+    @classmethod
+    def estimate_kv_cache_size(cls, pipeline_config: PipelineConfig, available_cache_memory: int,
+                               devices: Sequence[Device], huggingface_config: Any = None) -> int:
+        """Bytes of KV cache to allocate: what the batch and length need, within memory and the user's cap."""
+        hf = huggingface_config if huggingface_config is not None else cls._hf_config(pipeline_config)
+        params = cls.get_kv_params(hf, pipeline_config)
+        max_len = cls.calculate_max_seq_len(pipeline_config, hf)
+        batch = pipeline_config.max_batch_size or cls.infer_optimal_batch_size(
+            pipeline_config, available_cache_memory, huggingface_config=hf)
+        wanted = batch * max_len * params.bytes_per_token
+        cap = min(available_cache_memory, pipeline_config.kv_cache_bytes or wanted)
+        return int(min(wanted, cap))
+
+    @classmethod
+    def infer_optimal_batch_size(cls, pipeline_config: PipelineConfig, available_cache_memory: int,
+                                 huggingface_config: Any = None) -> int:
+        """The largest batch whose full-length KV cache fits the memory (and the user's cap), at least 1."""
+        hf = huggingface_config if huggingface_config is not None else cls._hf_config(pipeline_config)
+        params = cls.get_kv_params(hf, pipeline_config)
+        per_sequence = cls.calculate_max_seq_len(pipeline_config, hf) * params.bytes_per_token
+        budget = min(available_cache_memory, pipeline_config.kv_cache_bytes or available_cache_memory)
+        return max(1, int(budget // per_sequence))
+
+    @classmethod
+    def _hf_config(cls, pipeline_config: PipelineConfig) -> Any:
+        from .architectures import PIPELINE_REGISTRY
+        return PIPELINE_REGISTRY.get_active_huggingface_config(pipeline_config.model_path)
+
+    @abc.abstractmethod
+    def load_kv_manager(self, session: InferenceSession, available_cache_memory: int | None):
+        """Create the KV cache manager(s) for the model."""

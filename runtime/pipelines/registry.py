@@ -1,0 +1,168 @@
+"""The architecture registry (``max.pipelines.lib.registry``): which models ember runs, and how.
+
+A :class:`SupportedArchitecture` names a Hugging Face class (``config.json``'s ``architectures``), its
+task, encodings (each with the KV cache strategies it supports), the ``PipelineModel`` that serves it and
+the graph builder in ``ember.graphs.architectures``. :data:`PIPELINE_REGISTRY` holds the built-in ones
+(the table is in :mod:`.architectures`).
+"""
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ember.graphs.nn.kv_cache import KVCacheStrategy
+
+from .config import PipelineConfig, SupportedEncoding, WeightsFormat
+from .model_source import ModelSource
+
+logger = logging.getLogger(__name__)
+
+
+class PipelineTask(str, enum.Enum):
+    TEXT_GENERATION = "text_generation"
+    EMBEDDINGS_GENERATION = "embeddings_generation"
+    SPECULATIVE_DECODING = "speculative_decoding"
+    AUDIO_GENERATION = "audio_generation"
+    SPEECH_TOKEN_GENERATION = "speech_token_generation"
+
+
+class RopeType(str, enum.Enum):
+    none = "none"
+    normal = "normal"
+    neox = "neox"
+
+
+@dataclass
+class SupportedArchitecture:
+    """One architecture ember can compile and serve."""
+
+    name: str
+    example_repo_ids: list[str]
+    default_encoding: SupportedEncoding
+    supported_encodings: dict[SupportedEncoding, list[KVCacheStrategy]]
+    pipeline_model: type
+    task: PipelineTask
+    tokenizer: type
+    default_weights_format: WeightsFormat
+    rope_type: RopeType = RopeType.none
+    weight_adapters: dict[WeightsFormat, Any] = field(default_factory=dict)
+    multi_gpu_supported: bool = False
+    required_arguments: dict[str, Any] = field(default_factory=dict)
+    context_validators: list[Callable[[Any], None]] = field(default_factory=list)
+    graph_builder: Callable[..., Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.default_encoding not in self.supported_encodings:
+            raise ValueError(f"{self.name}: default encoding {self.default_encoding} is not among its supported ones")
+
+
+def _key(huggingface_repo: Any) -> str:
+    return str(ModelSource.resolve(huggingface_repo).path)
+
+
+class PipelineRegistry:
+    """The set of supported architectures, with per-model caches of configs and tokenizers."""
+
+    def __init__(self, architectures: Iterable[SupportedArchitecture] = ()):
+        self.architectures: dict[str, SupportedArchitecture] = {}
+        self._configs: dict[str, Any] = {}
+        self._tokenizers: dict[str, Any] = {}
+        for architecture in architectures:
+            self.register(architecture)
+
+    def register(self, architecture: SupportedArchitecture, *, allow_override: bool = False) -> None:
+        if architecture.name in self.architectures and not allow_override:
+            raise ValueError(f"architecture {architecture.name} is already registered "
+                             f"(pass allow_override=True to replace it)")
+        self.architectures[architecture.name] = architecture
+
+    def supported_names(self) -> list[str]:
+        return sorted(self.architectures)
+
+    def retrieve_architecture(self, huggingface_repo: Any) -> SupportedArchitecture | None:
+        """The entry for a model (directory, GGUF file or artifact), or None."""
+        name = ModelSource.resolve(huggingface_repo).architecture_name()
+        return self.architectures.get(name) if name else None
+
+    def _require(self, pipeline_config: PipelineConfig) -> SupportedArchitecture:
+        source = ModelSource.resolve(pipeline_config.model_path)
+        name = source.architecture_name()
+        if name not in self.architectures:
+            raise ValueError(f"architecture {name!r} of {source.path} is not supported; supported: "
+                             f"{', '.join(self.supported_names())}")
+        return self.architectures[name]
+
+    def retrieve_pipeline_task(self, pipeline_config: PipelineConfig) -> PipelineTask:
+        return self._require(pipeline_config).task
+
+    def get_active_huggingface_config(self, huggingface_repo: Any) -> Any:
+        key = _key(huggingface_repo)
+        if key not in self._configs:
+            self._configs[key] = ModelSource.resolve(huggingface_repo).hf_config()
+        return self._configs[key]
+
+    def get_active_tokenizer(self, huggingface_repo: Any) -> Any:
+        """The tokenizer of a compiled artifact or of a Hugging Face directory (loaded once)."""
+        key = _key(huggingface_repo)
+        if key not in self._tokenizers:
+            from .tokenizer import TextTokenizer
+            source = ModelSource.resolve(huggingface_repo)
+            if source.kind == "artifact":
+                self._tokenizers[key] = TextTokenizer(source.path / "tokenizer")
+            elif source.kind == "hf":
+                self._tokenizers[key] = TextTokenizer(source.path)
+            else:
+                raise ValueError(f"{source.path}: a GGUF's tokenizer is available once compiled; use retrieve()")
+        return self._tokenizers[key]
+
+    def retrieve_tokenizer(self, pipeline_config: PipelineConfig, override_architecture: str | None = None) -> Any:
+        """The tokenizer, from the (compiled, cached) artifact of the model."""
+        _, pipeline = self.retrieve(pipeline_config, override_architecture=override_architecture)
+        return pipeline.tokenizer
+
+    def retrieve_factory(self, pipeline_config: PipelineConfig, task: PipelineTask | None = None,
+                         override_architecture: str | None = None) -> tuple[Any, Callable[[], Any]]:
+        """``(tokenizer_factory, pipeline_factory)``: nothing is compiled or loaded until called."""
+        architecture = (self.architectures[override_architecture] if override_architecture
+                        else self._require(pipeline_config))
+        if task is not None and architecture.task != task:
+            raise ValueError(f"{architecture.name} serves {architecture.task.value}, not {PipelineTask(task).value}")
+
+        def pipeline_factory():
+            from ..session import InferenceSession
+            session = InferenceSession(num_threads=pipeline_config.num_threads)
+            model = architecture.pipeline_model(pipeline_config, session, architecture=architecture)
+            pipeline_class = get_pipeline_for_task(architecture.task, pipeline_config)
+            tokenizer = architecture.tokenizer(model.artifact.tokenizer_dir)
+            return pipeline_class(pipeline_config, model, tokenizer.eos_token_ids, tokenizer=tokenizer)
+
+        def tokenizer_factory():
+            return pipeline_factory().tokenizer
+
+        return tokenizer_factory, pipeline_factory
+
+    def retrieve(self, pipeline_config: PipelineConfig, task: PipelineTask | None = None,
+                 override_architecture: str | None = None) -> tuple[Any, Any]:
+        """``(tokenizer, pipeline)``, compiling the model on first use."""
+        _, factory = self.retrieve_factory(pipeline_config, task, override_architecture)
+        pipeline = factory()
+        return pipeline.tokenizer, pipeline
+
+    def reset(self) -> None:
+        self.architectures.clear()
+        self._configs.clear()
+        self._tokenizers.clear()
+
+
+def get_pipeline_for_task(task: PipelineTask, pipeline_config: PipelineConfig | None = None) -> type:
+    """The pipeline class that serves a task."""
+    from .text_generation import TextGenerationPipeline
+
+    pipelines = {PipelineTask.TEXT_GENERATION: TextGenerationPipeline}
+    task = PipelineTask(task)
+    if task not in pipelines:
+        raise ValueError(f"no pipeline for task {task.value}; available: {', '.join(t.value for t in pipelines)}")
+    return pipelines[task]
