@@ -55,6 +55,7 @@ class LoadedModel:
         self.output_names = [o.name for o in session.get_outputs()]
         self.binding = session.io_binding()
         self._bound_buffers: dict[str, int] = {}
+        self._output_order: list[str] = []  # onnxruntime returns outputs in first-bound order
 
     def bind_input(self, name: str, array: np.ndarray) -> None:
         """Bind a small host array as an input (onnxruntime reads it in place)."""
@@ -66,6 +67,7 @@ class LoadedModel:
         if self._bound_buffers.get(key) == id(value):
             return
         if output:
+            self._note_output(name)
             self.binding.bind_ortvalue_output(name, value)
         else:
             self.binding.bind_ortvalue_input(name, value)
@@ -73,12 +75,18 @@ class LoadedModel:
 
     def bind_output_to_host(self, name: str) -> None:
         """Let onnxruntime allocate an output whose shape changes per call."""
+        self._note_output(name)
         self.binding.bind_output(name, "cpu")
         self._bound_buffers.pop("out:" + name, None)
 
-    def run(self) -> list[ort.OrtValue]:
+    def _note_output(self, name: str) -> None:
+        if name not in self._output_order:
+            self._output_order.append(name)
+
+    def run(self) -> dict[str, ort.OrtValue]:
+        """Run with the current bindings; returns the bound outputs by name."""
         self.session.run_with_iobinding(self.binding)
-        return self.binding.get_outputs()
+        return dict(zip(self._output_order, self.binding.get_outputs()))
 
     def run_plain(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """A run without bindings (tests, one-off calls)."""

@@ -10,8 +10,10 @@ The kernel's modes bound what a batch may be: a first prompt (``cache_lengths`` 
 one decode token per row (any mix of cache lengths), or one row of several tokens after a cached prefix.
 The runtime forms batches within them.
 
-Window: GroupQueryAttention's ``local_window_size`` keeps that many earlier positions plus the token itself,
-so ember's ``sliding_window`` W (W positions, itself included) is ``local_window_size = W - 1``.
+Window: in onnxruntime >= 1.31 GroupQueryAttention's ``local_window_size`` L lets a token attend to L positions,
+itself included, which is ember's ``sliding_window`` (and transformers' ``kv_idx > q_idx - W``), so L = W.
+(Older CPU kernels kept L + 1; ``tests/compiler/test_lower_attention.py`` pins the meaning against the
+reference implementation.)
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ def lower_attention_to_gqa(model: ir.Model) -> ir.Model:
             "num_heads": int(attrs["num_heads"]),
             "kv_num_heads": int(attrs["kv_num_heads"]),
             "scale": float(attrs.get("scale", 0.0)),
-            "local_window_size": window - 1 if window > 0 else -1,
+            "local_window_size": window if window > 0 else -1,
             "do_rotary": int(cos is not None),
             "rotary_interleaved": int(attrs.get("rotary_interleaved", 0)),
         }

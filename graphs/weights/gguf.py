@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from .gguf_header import GGUF_MAGIC as _MAGIC, GGUFHeader, TensorInfo, peek_metadata, read_header
+from .gguf_header import GGUFHeader, TensorInfo, peek_metadata, read_header
 from .gguf_quants import SUPPORTED_TYPES, block_info, dequantize
 
 __all__ = ["GGUFWeights", "SUPPORTED_TYPES", "block_info", "dequantize", "peek_architecture"]

@@ -1,0 +1,75 @@
+"""Compiling a model: into the compile cache, or into a directory the user names."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ember.compiler.artifact import MANIFEST
+from ember.runtime.pipelines import PIPELINE_REGISTRY, ModelSource, PipelineConfig, SupportedArchitecture
+from ember.runtime.pipelines.artifact_cache import compile_options, compile_source, ensure_artifact, source_sha256
+from ember.runtime.pipelines.config import upper_bounded_default
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CompileResult:
+    path: Path
+    compiled: bool  # False when the compile cache already held it
+    seconds: float  # compile time, or verification time when found in the cache
+    architecture: str
+
+
+def architecture_for(source: ModelSource) -> SupportedArchitecture:
+    """The registry entry for a model source; a ValueError naming the supported ones when none fits."""
+    if source.kind == "artifact":
+        raise ValueError(f"{source.path} is already a compiled ember artifact")
+    name = source.architecture_name()
+    architecture = PIPELINE_REGISTRY.architectures.get(name) if name else None
+    if architecture is None:
+        raise ValueError(f"architecture {name!r} of {source.path} is not supported; supported: "
+                         f"{', '.join(PIPELINE_REGISTRY.supported_names())}")
+    return architecture
+
+
+def _check_output_dir(directory: Path, force: bool) -> None:
+    """Refuse to overwrite anything but an ember artifact, and that only with ``force``."""
+    if not directory.exists():
+        return
+    if not directory.is_dir():
+        raise ValueError(f"{directory} exists and is not a directory")
+    if not any(directory.iterdir()):
+        directory.rmdir()
+        return
+    if not (directory / MANIFEST).is_file():
+        raise ValueError(f"{directory} exists and is not an ember artifact; choose an empty or new directory")
+    if not force:
+        raise ValueError(f"{directory} already holds an artifact; pass --force to replace it")
+
+
+def compile_model(model: str | Path, output_dir: str | Path | None = None, *, target: str = "ort-cpu",
+                  encoding: str | None = None, kv_cache_strategy: str | None = None, max_length: int | None = None,
+                  force: bool = False, cache_dir: str | Path | None = None) -> CompileResult:
+    """Compile ``model`` (an HF directory or a .gguf file) into ``output_dir``, or into the compile cache."""
+    config = PipelineConfig(model_path=model, target=target, encoding=encoding, kv_cache_strategy=kv_cache_strategy,
+                            max_length=max_length, cache_dir=cache_dir, force_compile=force)
+    source = ModelSource.resolve(model)
+    architecture = architecture_for(source)
+    options = compile_options(config, architecture)
+    options.validate()
+    if max_length is not None:
+        # The graph's sequence dimension is symbolic; the limit is checked here and applied at run time.
+        upper_bounded_default(source.hf_config().max_position_embeddings, max_length)
+    if output_dir is None:
+        resolved = ensure_artifact(config, architecture, source)
+        return CompileResult(Path(resolved.artifact.path), resolved.compiled, resolved.seconds, architecture.name)
+    directory = Path(output_dir).expanduser().resolve()
+    _check_output_dir(directory, force)
+    start = time.perf_counter()
+    sha = source_sha256(source, Path(config.cache_dir))
+    artifact = compile_source(source, architecture, options, directory, sha)
+    seconds = time.perf_counter() - start
+    logger.info("compiled %s into %s in %.2f s", source.path, artifact.path, seconds)
+    return CompileResult(Path(artifact.path), True, seconds, architecture.name)
