@@ -80,42 +80,98 @@ class IncrementalDetokenizer:
         return delta
 
 
+def _chat_environment():
+    """A sandboxed jinja2 environment with the helpers Hugging Face chat templates use."""
+    from datetime import datetime
+
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
+
+
 class TextTokenizer:
-    """The artifact's tokenizer: encode, decode, chat template and the ids that end generation."""
+    """The artifact's tokenizer: encode, decode, chat template and the ids that end generation.
+
+    Built on ``tokenizers`` and ``jinja2`` alone (no transformers import at run time, which costs seconds):
+    ``tokenizer.json`` as transformers saved it carries the special-token post-processing, and the chat
+    template is rendered the way transformers renders it.
+    """
 
     def __init__(self, directory: str | Path):
-        from transformers import AutoTokenizer
+        from tokenizers import Tokenizer
 
         self.directory = Path(directory)
-        self.delegate = AutoTokenizer.from_pretrained(self.directory)
+        if not (self.directory / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"{self.directory} has no tokenizer.json")
+        self.backend = Tokenizer.from_file(str(self.directory / "tokenizer.json"))
+        config_file = self.directory / "tokenizer_config.json"
+        self.config = json.loads(config_file.read_text()) if config_file.exists() else {}
+        template_file = self.directory / "chat_template.jinja"
+        template = template_file.read_text() if template_file.exists() else self.config.get("chat_template")
+        if isinstance(template, list):  # named templates: use the default one
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        self.chat_template: str | None = template
         generation_file = self.directory / "generation_config.json"
-        generation = json.loads(generation_file.read_text()) if generation_file.exists() else {}
-        eos = generation.get("eos_token_id")
+        self.generation_config = json.loads(generation_file.read_text()) if generation_file.exists() else {}
+        eos = self.generation_config.get("eos_token_id")
         ids = set(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
-        if self.delegate.eos_token_id is not None:
-            ids.add(self.delegate.eos_token_id)
+        eos_id = self.token_id(self.special_token("eos_token"))
+        if eos_id is not None:
+            ids.add(eos_id)
         self.eos_token_ids: frozenset[int] = frozenset(int(i) for i in ids)
-        self.generation_config = generation
+        self._template = None
+
+    def special_token(self, name: str) -> str | None:
+        value = self.config.get(name)
+        return value.get("content") if isinstance(value, dict) else value
+
+    def token_id(self, token: str | None) -> int | None:
+        return None if token is None else self.backend.token_to_id(token)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.token_id(self.special_token("eos_token"))
 
     @property
     def vocab_size(self) -> int:
-        return len(self.delegate)
+        return self.backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return list(self.delegate.encode(text, add_special_tokens=add_special_tokens))
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return self.delegate.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+        return self.backend.decode([int(t) for t in token_ids], skip_special_tokens=skip_special_tokens)
 
     @property
     def has_chat_template(self) -> bool:
-        return bool(getattr(self.delegate, "chat_template", None))
+        return bool(self.chat_template)
+
+    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        if not self.chat_template:
+            raise ValueError(f"the tokenizer in {self.directory} has no chat template")
+        if self._template is None:
+            self._template = _chat_environment().from_string(self.chat_template)
+        specials = {k: self.special_token(k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **specials)
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of the conversation rendered by the model's chat template."""
-        text = self.delegate.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
         # The template writes any BOS itself; adding special tokens again would double it.
-        return self.encode(text, add_special_tokens=False)
+        return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
 
     def detokenizer(self) -> IncrementalDetokenizer:
         return IncrementalDetokenizer(self)

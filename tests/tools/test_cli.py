@@ -1,0 +1,144 @@
+"""The ``ember`` command line, run as a real subprocess on a tiny random Llama (no mocks)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TOOLS = Path(__file__).resolve().parents[2] / "tools"
+
+
+def ember(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ember.tools", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def assert_clean_error(result: subprocess.CompletedProcess, code: int) -> None:
+    assert result.returncode == code, result.stderr
+    assert "ember: error:" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict[str, str]:
+    return {**os.environ, "EMBER_CACHE": str(tmp_path_factory.mktemp("ember-cache"))}
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A random 2-layer Llama with a word-level tokenizer over the benchmark text's words."""
+    torch = pytest.importorskip("torch")
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    words = sorted(set(re.findall(r"\w+|[^\w\s]+", (TOOLS / "bench_text.txt").read_text().lower())) | {"hello"})
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(words)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                            pad_token="<pad>").save_pretrained(directory)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+def test_version_and_help():
+    result = ember("--version")
+    assert result.returncode == 0 and result.stdout.startswith("ember ")
+    for command in ("list", "compile", "generate", "bench"):
+        result = ember(command, "--help")
+        assert result.returncode == 0, result.stderr
+        assert f"usage: ember {command}" in result.stdout
+
+
+def test_list_names_the_architectures():
+    result = ember("list")
+    assert result.returncode == 0, result.stderr
+    for name in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"):
+        assert name in result.stdout
+    assert "float32" in result.stdout and "continuous" in result.stdout
+    rows = json.loads(ember("list", "--json").stdout)
+    assert {r["name"] for r in rows} >= {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
+
+
+def test_cli_without_bench_compare_does_not_import_torch():
+    code = ("import sys; from ember.tools.cli import main; assert main(['list']) == 0; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+def test_usage_errors_exit_2(tmp_path):
+    assert_clean_error(ember("no-such-command"), 2)
+    assert_clean_error(ember("generate", "hi", "--max-new-tokens", "0"), 2)
+    assert_clean_error(ember("compile", str(tmp_path), "--encoding", "float64"), 2)
+    result = ember()
+    assert result.returncode == 2 and "usage: ember" in result.stderr
+
+
+def test_bad_model_paths_exit_1(tmp_path, env):
+    result = ember("generate", "--model", str(tmp_path / "missing"), "hi", env=env)
+    assert_clean_error(result, 1)
+    assert "model not found" in result.stderr
+    (tmp_path / "notes.txt").write_text("not a model")
+    result = ember("compile", str(tmp_path / "notes.txt"), env=env)
+    assert_clean_error(result, 1)
+    assert "not a model" in result.stderr
+
+
+def test_unsupported_architecture_exits_1(tmp_path, env):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    result = ember("compile", str(tmp_path), env=env)
+    assert_clean_error(result, 1)
+    assert "GPT2LMHeadModel" in result.stderr and "LlamaForCausalLM" in result.stderr
+
+
+def test_compile_to_output_dir(tiny_llama, tmp_path, env):
+    out = tmp_path / "artifact"
+    result = ember("compile", str(tiny_llama), "-o", str(out), env=env)
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.strip()) == out.resolve()
+    assert re.search(r"compiled LlamaForCausalLM for ort-cpu in [\d.]+ s", result.stderr)
+    assert (out / "manifest.json").is_file() and (out / "tokenizer").is_dir()
+    assert (out / "rank0" / "model.onnx").is_file()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["architecture"] == "LlamaForCausalLM"
+    # An existing artifact is replaced only with --force; the artifact itself is not a compile source.
+    assert_clean_error(ember("compile", str(tiny_llama), "-o", str(out), env=env), 1)
+    assert_clean_error(ember("compile", str(out), env=env), 1)
+
+
+def test_generate_compiles_then_loads_from_cache(tiny_llama, env):
+    args = ("generate", "--model", str(tiny_llama), "hello", "--max-new-tokens", "5", "--no-chat-template")
+    first = ember(*args, env=env)
+    assert first.returncode == 0, first.stderr
+    assert "compiled in" in first.stderr
+    second = ember(*args, env=env)
+    assert second.returncode == 0, second.stderr
+    assert "loaded cached artifact in" in second.stderr
+    assert re.search(r"prompt 1 tokens, generated [1-5] tokens", second.stderr)
+    assert second.stdout == first.stdout  # greedy: the same text both times
+
+
+def test_bench_prints_metrics(tiny_llama, env, tmp_path):
+    report_path = tmp_path / "bench.json"
+    result = ember("bench", str(tiny_llama), "--runs", "1", "--new-tokens", "8", "--prompt-tokens", "8",
+                   "--json", str(report_path), env=env)
+    assert result.returncode == 0, result.stderr
+    for text in ("TTFT (ms)", "decode (tok/s)", "peak RSS", "prompt 8 tokens", "8 new tokens"):
+        assert text in result.stdout
+    report = json.loads(report_path.read_text())
+    assert report["ember"]["generated_tokens"] == [8]
+    assert report["ember"]["decode_tok_s"]["median"] > 0
+    assert report["memory"]["ember"]["peak_rss_mib"] > 0

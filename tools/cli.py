@@ -1,0 +1,249 @@
+"""The ``ember`` command line: ``ember <command> [options]`` (``list``, ``compile``, ``generate``, ``bench``).
+
+Heavy imports (onnxruntime, onnx_ir, transformers) happen inside the commands, so ``ember --help`` and
+``ember --version`` are quick; torch is imported only by ``ember bench --compare hf``. Expected errors
+(a bad path, an unsupported model, an invalid option) print ``ember: error: ...`` and exit with 1
+(2 for usage errors) instead of a traceback; ``-vv`` shows the traceback too.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from importlib import metadata
+
+logger = logging.getLogger("ember.tools")
+
+EXIT_RUNTIME_ERROR, EXIT_USAGE = 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's usage errors, in ember's format
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"ember: error: {message}\n")
+
+
+def _lazy_choice(kind: str):
+    """An argparse ``type`` that checks a value against ember's live list, importing it only when used."""
+    def check(value: str) -> str:
+        if kind == "target":
+            from ember.compiler import TARGETS
+            known = list(TARGETS)
+        elif kind == "encoding":
+            from ember.runtime.pipelines import SupportedEncoding
+            known = [e.value for e in SupportedEncoding]
+        else:
+            from ember.runtime.pipelines import KVCacheStrategy
+            known = [s.value for s in KVCacheStrategy]
+        if value not in known:
+            raise argparse.ArgumentTypeError(f"invalid {kind} {value!r} (choose from {', '.join(known)})")
+        return value
+    check.__name__ = kind
+    return check
+
+
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--encoding", type=_lazy_choice("encoding"), default=None,
+                        help="weight encoding (default: the architecture's; `ember list` shows the supported ones)")
+    parser.add_argument("--max-length", type=_positive, default=None,
+                        help="maximum sequence length (default: the model's)")
+
+
+def _add_threads(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=_positive, default=None,
+                        help="onnxruntime intra-op threads (default: the CPUs this process may use)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="ember", description="ember: compile transformer models to ONNX artifacts and run them.",
+                     epilog="Run `ember <command> --help` for a command's options.")
+    parser.add_argument("--version", action="version", version=f"ember {_version()}")
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="count", default=0,
+                         help="log more (-v: info, -vv: debug and tracebacks)")
+    parser.add_argument("-v", "--verbose", action="count", default=0, dest="verbose_global",
+                        help="log more (-v: info, -vv: debug and tracebacks); also accepted after the command")
+    commands = parser.add_subparsers(dest="command", metavar="<command>", parser_class=_Parser)
+
+    p = commands.add_parser("list", parents=[verbose], help="list the supported architectures",
+                            description="List the architectures ember compiles, with tasks, encodings "
+                                        "(and their KV cache strategies) and example repositories.")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(handler=cmd_list)
+
+    p = commands.add_parser("compile", parents=[verbose], help="compile a model into an artifact",
+                            description="Compile an HF model directory or a .gguf file. Without -o the artifact "
+                                        "goes to the compile cache ($EMBER_CACHE or ~/.cache/ember).")
+    p.add_argument("model", metavar="MODEL", help="a Hugging Face model directory or a .gguf file")
+    p.add_argument("--target", type=_lazy_choice("target"), default="ort-cpu", help="compile target (default: ort-cpu)")
+    p.add_argument("-o", "--output", metavar="DIR", default=None, help="write the artifact directory here")
+    _add_model_options(p)
+    p.add_argument("--kv-cache-strategy", type=_lazy_choice("kv cache strategy"), default=None,
+                   help="continuous or paged (default: the first the encoding supports)")
+    p.add_argument("--force", action="store_true", help="recompile even if cached; replace an artifact in DIR")
+    p.set_defaults(handler=cmd_compile)
+
+    p = commands.add_parser("generate", parents=[verbose], help="generate text for a prompt",
+                            description="Generate text for PROMPT, streamed to stdout; statistics go to stderr.")
+    p.add_argument("prompt", metavar="PROMPT", help="the prompt (the user message when there is a chat template)")
+    p.add_argument("--model", default=None, help="HF model directory, .gguf file or compiled artifact "
+                                                 "(default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--max-new-tokens", type=_positive, default=256, help="tokens to generate at most (default: 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: 0 = greedy)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default: 1.0)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
+    p.add_argument("--no-chat-template", action="store_true", help="encode PROMPT as is, without the chat template")
+    p.add_argument("--system", default=None, metavar="TEXT", help="a system message (with a chat template)")
+    _add_model_options(p)
+    _add_threads(p)
+    p.set_defaults(handler=cmd_generate)
+
+    p = commands.add_parser("bench", parents=[verbose], help="measure time to first token, decode rate and memory",
+                            description="Benchmark batch-1 generation: TTFT for a prompt of --prompt-tokens "
+                                        "tokens, decode tokens/s over --new-tokens greedy tokens, peak RSS.")
+    p.add_argument("model", metavar="MODEL", nargs="?", default=None,
+                   help="HF model directory, .gguf file or artifact (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--prompt-tokens", type=_positive, default=64, help="prompt length in tokens (default: 64)")
+    p.add_argument("--new-tokens", type=_positive, default=128, help="tokens to generate per run (default: 128)")
+    p.add_argument("--runs", type=_positive, default=5, help="measured runs (default: 5)")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured runs first (default: 1)")
+    p.add_argument("--compare", choices=["hf"], default=None,
+                   help="also run the same weights in transformers (needs torch) and print ratios")
+    p.add_argument("--encoding", type=_lazy_choice("encoding"), default=None, help="weight encoding")
+    _add_threads(p)
+    p.add_argument("--json", metavar="PATH", default=None, help="also write the report as JSON to PATH")
+    p.set_defaults(handler=cmd_bench)
+    return parser
+
+
+def _version() -> str:
+    try:
+        return metadata.version("ember")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _eprint(*parts: object) -> None:
+    print(*parts, file=sys.stderr, flush=True)
+
+
+# commands ---------------------------------------------------------------------------------------------
+def cmd_list(args: argparse.Namespace) -> int:
+    from .architectures import describe_architectures, format_architectures
+
+    rows = describe_architectures()
+    print(json.dumps(rows, indent=2) if args.json else format_architectures(rows))
+    return 0
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from .compile_model import compile_model
+
+    result = compile_model(args.model, args.output, target=args.target, encoding=args.encoding,
+                           kv_cache_strategy=args.kv_cache_strategy, max_length=args.max_length, force=args.force)
+    if result.compiled:
+        _eprint(f"compiled {result.architecture} for {args.target} in {result.seconds:.2f} s")
+    else:
+        _eprint(f"already in the compile cache (verified in {result.seconds:.2f} s); --force recompiles")
+    print(result.path)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from ember.runtime.pipelines import SamplingParams
+
+    from .generate import GenerationStats, build_prompt, stream_text
+    from .loading import load_pipeline, pipeline_config
+
+    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                              max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos)
+    loaded = load_pipeline(pipeline_config(args.model, encoding=args.encoding, max_length=args.max_length,
+                                           num_threads=args.threads))
+    prompt_ids = build_prompt(loaded.tokenizer, args.prompt, system=args.system,
+                              chat_template=not args.no_chat_template)
+    stats = GenerationStats()
+    for delta in stream_text(loaded.pipeline, loaded.tokenizer, prompt_ids, sampling, stats):
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    _eprint(f"[ember] {loaded.describe()}; {stats.describe()}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_benchmark
+    from .bench_report import format_report
+    from .loading import load_pipeline, pipeline_config
+
+    loaded = load_pipeline(pipeline_config(args.model, encoding=args.encoding, num_threads=args.threads))
+    peer_factory = None
+    if args.compare == "hf":
+        def peer_factory():
+            from .bench_hf import HFRunner  # the only place the CLI brings in torch
+            return HFRunner(args.model, loaded.num_threads)
+    report = run_benchmark(loaded, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, runs=args.runs,
+                           warmup=args.warmup, peer_factory=peer_factory, progress=True)
+    report["model"] = args.model or "SmolLM2-135M-Instruct (embedded default)"
+    print(format_report(report), flush=True)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+        _eprint(f"wrote {args.json}")
+    return 0
+
+
+# entry point ------------------------------------------------------------------------------------------
+def _configure_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("ember").setLevel(level)
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [ValueError, FileNotFoundError, NotADirectoryError, PermissionError]
+    compiler = sys.modules.get("ember.compiler")
+    if compiler is not None:
+        errors.append(compiler.ArtifactError)
+    return tuple(errors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    verbosity = getattr(args, "verbose", 0) + args.verbose_global
+    _configure_logging(verbosity)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        _eprint("ember: interrupted")
+        return 130
+    except BrokenPipeError:  # e.g. `ember generate ... | head`
+        sys.stderr.close()
+        return 0
+    except Exception as error:
+        if not isinstance(error, _expected_errors()):
+            raise
+        logger.debug("traceback", exc_info=True)
+        _eprint(f"ember: error: {error}")
+        return EXIT_RUNTIME_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
