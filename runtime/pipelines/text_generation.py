@@ -130,9 +130,11 @@ class TextGenerationPipeline:
         manager = self.pipeline_model.kv_manager
         try:
             while waiting or active:
-                while waiting and manager.free_slots > 0:
+                unclaimed = sum(not manager.contains(r) for r in active)
+                while waiting and manager.free_slots - unclaimed > 0:
                     ctx = waiting.popleft()
                     active[ctx.request_id] = ctx
+                    unclaimed += 1
                 for step in self.next_token(active, num_steps):
                     yield step
                 for request_id in [r for r, c in active.items() if c.is_done]:
