@@ -74,6 +74,8 @@ def write_artifact(final_dir: Path, populate: Callable[[Path], dict[str, Any]]) 
         # The memo recorded absolute paths inside tmp; verification re-records them after the rename.
         (tmp / _VERIFIED).unlink(missing_ok=True)
         if final_dir.exists():
+            if any(final_dir.iterdir()) and not (final_dir / MANIFEST).exists():
+                raise ArtifactError(f"{final_dir} exists and is not an ember artifact; not replacing it")
             shutil.rmtree(final_dir)
         os.replace(tmp, final_dir)
         memo = HashMemo(final_dir / _VERIFIED)

@@ -46,6 +46,7 @@ class HFRunner:
         self.torch = torch
         torch.set_num_threads(num_threads)
         source = _weights_source(model)
+        transformers.utils.logging.disable_progress_bar()  # the GGUF conversion bar; the CLI says what loads
         kwargs: dict[str, Any] = {"dtype": torch.float32, "attn_implementation": "eager"}
         if source.kind == "gguf":
             model_obj = AutoModelForCausalLM.from_pretrained(source.path.parent, gguf_file=source.path.name, **kwargs)

@@ -43,25 +43,30 @@ def _lazy_choice(kind: str):
     return check
 
 
-def _positive(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return number
+def _integer_at_least(minimum: int, what: str):
+    def check(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            number = minimum - 1
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"expected a {what} integer, got {value!r}")
+        return number
+    return check
+
+
+_positive, _non_negative = _integer_at_least(1, "positive"), _integer_at_least(0, "non-negative")
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--encoding", type=_lazy_choice("encoding"), default=None,
                         help="weight encoding (default: the architecture's; `ember list` shows the supported ones)")
-    parser.add_argument("--max-length", type=_positive, default=None,
+    parser.add_argument("--max-length", type=_positive, default=None, metavar="N",
                         help="maximum sequence length (default: the model's)")
 
 
 def _add_threads(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--threads", type=_positive, default=None,
+    parser.add_argument("--threads", type=_positive, default=None, metavar="N",
                         help="onnxruntime intra-op threads (default: the CPUs this process may use)")
 
 
@@ -99,11 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", metavar="PROMPT", help="the prompt (the user message when there is a chat template)")
     p.add_argument("--model", default=None, help="HF model directory, .gguf file or compiled artifact "
                                                  "(default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--max-new-tokens", type=_positive, default=256, help="tokens to generate at most (default: 256)")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: 0 = greedy)")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default: 1.0)")
-    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument("--max-new-tokens", type=_positive, default=256, metavar="N", help="tokens to generate at most (default: 256)")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="sampling temperature (default: 0 = greedy)")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling threshold (default: 1.0)")
+    p.add_argument("--seed", type=int, default=None, metavar="S", help="random seed for sampling")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
     p.add_argument("--no-chat-template", action="store_true", help="encode PROMPT as is, without the chat template")
     p.add_argument("--system", default=None, metavar="TEXT", help="a system message (with a chat template)")
@@ -116,10 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
                                         "tokens, decode tokens/s over --new-tokens greedy tokens, peak RSS.")
     p.add_argument("model", metavar="MODEL", nargs="?", default=None,
                    help="HF model directory, .gguf file or artifact (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--prompt-tokens", type=_positive, default=64, help="prompt length in tokens (default: 64)")
-    p.add_argument("--new-tokens", type=_positive, default=128, help="tokens to generate per run (default: 128)")
-    p.add_argument("--runs", type=_positive, default=5, help="measured runs (default: 5)")
-    p.add_argument("--warmup", type=int, default=1, help="unmeasured runs first (default: 1)")
+    p.add_argument("--prompt-tokens", type=_positive, default=64, metavar="N", help="prompt length in tokens (default: 64)")
+    p.add_argument("--new-tokens", type=_positive, default=128, metavar="N", help="tokens to generate per run (default: 128)")
+    p.add_argument("--runs", type=_positive, default=5, metavar="N", help="measured runs (default: 5)")
+    p.add_argument("--warmup", type=_non_negative, default=1, metavar="N", help="unmeasured runs first (default: 1)")
     p.add_argument("--compare", choices=["hf"], default=None,
                    help="also run the same weights in transformers (needs torch) and print ratios")
     p.add_argument("--encoding", type=_lazy_choice("encoding"), default=None, help="weight encoding")
@@ -194,6 +199,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.compare == "hf":
         def peer_factory():
             from .bench_hf import HFRunner  # the only place the CLI brings in torch
+            _eprint("ember: loading the same weights in transformers for --compare hf ...")
             return HFRunner(args.model, loaded.num_threads)
     report = run_benchmark(loaded, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, runs=args.runs,
                            warmup=args.warmup, peer_factory=peer_factory, progress=True)

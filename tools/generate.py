@@ -68,5 +68,8 @@ def stream_text(pipeline: Any, tokenizer: Any, prompt_ids: list[int], sampling: 
         delta = detokenizer.add([response.token])
         if delta:
             yield delta
+    tail = detokenizer.flush()
+    if tail:
+        yield tail
     stats.total_seconds = time.perf_counter() - start
     stats.finish_reason = context.finish_reason.value if context.finish_reason is not None else None

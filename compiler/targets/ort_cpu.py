@@ -1,7 +1,8 @@
 """``ort-cpu``: onnxruntime's CPU execution provider, the default target.
 
-Lowering: ``ember.CachedAttention`` -> ``com.microsoft.GroupQueryAttention`` (in-place KV cache), then a
-residual-add + RMSNorm fusion into ``SkipSimplifiedLayerNormalization``. The model is written as
+Lowering: ``ember.CachedAttention`` -> ``com.microsoft.GroupQueryAttention`` (in-place KV cache), then
+fusions: residual add + RMSNorm into ``SkipSimplifiedLayerNormalization``; MatMuls that share their input
+(q/k/v, gate/up) into one wide MatMul, whose q|k|v product GroupQueryAttention takes packed. The model is written as
 ``model.onnx`` with its weights in ``model.onnx.data`` (external data, 64-byte aligned so onnxruntime
 can map it).
 """
@@ -14,6 +15,7 @@ import onnx_ir as ir
 from ember.graphs.nn.kv_cache import KVCacheStrategy
 
 from ..passes.cleanup import remove_unused
+from ..passes.fuse_parallel_matmuls import fuse_parallel_matmuls, pack_attention_qkv
 from ..passes.fuse_skip_rms_norm import fuse_skip_rms_norm
 from ..passes.lower_attention_gqa import lower_attention_to_gqa
 from .base import Progress, Target
@@ -38,7 +40,7 @@ def write_onnx(model: ir.Model, rank_dir: Path, progress: Progress | None = None
 ORT_CPU = Target(
     name="ort-cpu",
     description="onnxruntime, CPU execution provider",
-    passes=(lower_attention_to_gqa, fuse_skip_rms_norm, remove_unused),
+    passes=(lower_attention_to_gqa, fuse_skip_rms_norm, fuse_parallel_matmuls, pack_attention_qkv, remove_unused),
     kv_strategies=(KVCacheStrategy.CONTINUOUS,),
     encodings=("float32",),
     write=write_onnx,

@@ -86,7 +86,8 @@ def compile_source(source: ModelSource, architecture: "SupportedArchitecture", o
     hf_config = source.hf_config()
     graph = architecture.graph_builder(hf_config, source.open_weights(), source.weights_format.value,
                                        options.return_logits, options.kv_cache_strategy)
-    kv = architecture.pipeline_model.get_kv_params(hf_config, PipelineConfig(model_path=source.path))
+    kv = architecture.pipeline_model.get_kv_params(
+        hf_config, PipelineConfig(model_path=source.path, kv_cache_strategy=options.kv_cache_strategy))
     manifest: dict[str, Any] = {
         "source": {"path": str(source.path), "format": source.weights_format.value, "sha256": sha},
         "architecture": architecture.name,

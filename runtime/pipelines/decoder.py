@@ -29,7 +29,7 @@ from .model_source import ModelSource
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_BATCH_SIZE = 16
+DEFAULT_MAX_BATCH_SIZE = 8
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -76,6 +76,7 @@ class DecoderPipelineModel(PipelineModel, KVCacheMixin):
         self.kv_manager: ContinuousKVCacheManager = self.load_kv_manager(session, available_cache_memory)
         self._logits = np.zeros((self.kv_manager.max_batch_size, self.vocab_size), dtype=np.float32)
         self._logit_views: dict[int, Any] = {}
+        self.warm_up()
 
     # classmethods (MAX's sizing API) ------------------------------------------------------------
     @classmethod
@@ -119,6 +120,20 @@ class DecoderPipelineModel(PipelineModel, KVCacheMixin):
             raise ValueError(f"max_batch_size {batch} needs {batch * per_sequence / 2**30:.2f} GiB of KV cache at "
                              f"max_length {self.max_seq_len}; {budget / 2**30:.2f} GiB are allowed")
         return ContinuousKVCacheManager(params, batch, self.max_seq_len)
+
+    def warm_up(self) -> None:
+        """One short prefill and one decode step on a scratch slot, so that onnxruntime's first-run work
+        (arena growth, kernel selection) is not paid by the first request."""
+        request_id = "__ember_warm_up__"
+        ctx = TextContext([1, 2], max_length=self.max_seq_len, request_id=request_id)
+        try:
+            inputs = self.prepare_initial_token_inputs([ctx])
+            self.execute(inputs)
+            ctx.start_idx = ctx.active_idx
+            ctx.append(3)
+            self.execute(self.prepare_next_token_inputs(np.array([3]), inputs))
+        finally:
+            self.release(request_id)
 
     # inputs -------------------------------------------------------------------------------------
     def prepare_initial_token_inputs(self, context_batch: Sequence[TextContext], kv_cache_inputs: Any = None,

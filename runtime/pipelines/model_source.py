@@ -50,11 +50,10 @@ class ModelSource:
         if (path / MANIFEST).is_file():
             return cls(path.resolve(), "artifact")
         if not (path / "config.json").is_file():
-            ggufs = sorted(path.glob("*.gguf"))
-            if len(ggufs) == 1:
-                return cls(ggufs[0].resolve(), "gguf")
-            raise ValueError(f"{path} has no config.json: not a Hugging Face model directory "
-                             f"(nor an ember artifact, nor a folder with one .gguf file)")
+            ggufs = sorted(p.name for p in path.glob("*.gguf"))
+            hint = f" (for a GGUF model pass the file itself, e.g. {path / ggufs[0]})" if ggufs else ""
+            raise ValueError(f"{path} has no config.json: it is neither a Hugging Face model directory nor an "
+                             f"ember artifact{hint}")
         if not any(path.glob("*.safetensors")):
             raise ValueError(f"{path} has a config.json but no *.safetensors weights")
         return cls(path.resolve(), "hf")

@@ -63,21 +63,34 @@ def export_tokenizer(source: ModelSource, dest: Path, hf_config: Any) -> None:
 
 
 class IncrementalDetokenizer:
-    """Turns a growing list of token ids into text deltas, holding back incomplete UTF-8 sequences."""
+    """Turns a growing list of token ids into text deltas, in O(1) decoding work per token.
 
-    def __init__(self, tokenizer: "TextTokenizer", prompt_tokens: Sequence[int] = ()):
+    Only a short window is decoded each time (from ``prefix`` to the end), as vLLM and TGI do: the text of
+    ``tokens[prefix:read]`` is already emitted, so the delta is what decoding ``tokens[prefix:]`` adds to it.
+    A delta ending in an incomplete UTF-8 sequence is held back until the next token completes it;
+    :meth:`flush` emits whatever remains at the end.
+    """
+
+    def __init__(self, tokenizer: "TextTokenizer"):
         self.tokenizer = tokenizer
         self.tokens: list[int] = []
-        self.emitted = ""
+        self.prefix = 0
+        self.read = 0
 
     def add(self, token_ids: Iterable[int]) -> str:
         self.tokens.extend(int(t) for t in token_ids)
-        text = self.tokenizer.decode(self.tokens)
-        if text.endswith("\ufffd"):
+        before = self.tokenizer.decode(self.tokens[self.prefix:self.read])
+        text = self.tokenizer.decode(self.tokens[self.prefix:])
+        if len(text) <= len(before) or text.endswith("\ufffd"):
             return ""
-        delta = text[len(self.emitted):] if text.startswith(self.emitted) else text
-        self.emitted = text
-        return delta
+        self.prefix, self.read = self.read, len(self.tokens)
+        return text[len(before):]
+
+    def flush(self) -> str:
+        before = self.tokenizer.decode(self.tokens[self.prefix:self.read])
+        text = self.tokenizer.decode(self.tokens[self.prefix:])
+        self.prefix = self.read = len(self.tokens)
+        return text[len(before):]
 
 
 def _chat_environment():

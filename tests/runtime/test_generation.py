@@ -111,3 +111,26 @@ def test_kv_manager_keeps_slots_packed_and_data_with_its_owner():
     assert order == ["d", "c"] and manager.slot("d") == 0 and manager.keys[0][1, 0, 0, 0] == 3.0
     with pytest.raises(KVCacheExhausted):
         manager.step("c", 3)
+
+
+def test_incremental_detokenizer_streams_the_same_text_as_one_decode():
+    from ember.runtime.pipelines.tokenizer import TextTokenizer
+    from ember.runtime.pipelines import default_model_path
+    try:
+        default_model_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    import tempfile
+    from pathlib import Path
+    from ember.runtime.pipelines.model_source import ModelSource
+    from ember.runtime.pipelines.tokenizer import export_tokenizer
+    source = ModelSource.resolve(None)
+    directory = Path(tempfile.mkdtemp())
+    export_tokenizer(source, directory, source.hf_config())
+    tokenizer = TextTokenizer(directory)
+    text = "Héllo wörld — naïve café 日本語のテキスト 🙂 done."
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    stream = tokenizer.detokenizer()
+    pieces = [stream.add([t]) for t in ids] + [stream.flush()]
+    assert "".join(pieces) == tokenizer.decode(ids) == text
+    assert all("\ufffd" not in p for p in pieces)

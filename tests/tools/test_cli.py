@@ -71,13 +71,6 @@ def test_list_names_the_architectures():
     assert {r["name"] for r in rows} >= {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
 
 
-def test_cli_without_bench_compare_does_not_import_torch():
-    code = ("import sys; from ember.tools.cli import main; assert main(['list']) == 0; "
-            "assert 'torch' not in sys.modules, 'torch imported'")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-
-
 def test_usage_errors_exit_2(tmp_path):
     assert_clean_error(ember("no-such-command"), 2)
     assert_clean_error(ember("generate", "hi", "--max-new-tokens", "0"), 2)
@@ -129,6 +122,15 @@ def test_generate_compiles_then_loads_from_cache(tiny_llama, env):
     assert "loaded cached artifact in" in second.stderr
     assert re.search(r"prompt 1 tokens, generated [1-5] tokens", second.stderr)
     assert second.stdout == first.stdout  # greedy: the same text both times
+
+
+def test_generate_does_not_import_torch(tiny_llama, env):
+    """Deployments have no torch: only ``bench --compare hf`` may import it."""
+    code = ("import sys; from ember.tools.cli import main; assert main(['list']) == 0; "
+            f"assert main(['generate', '--model', {str(tiny_llama)!r}, 'hello', '--max-new-tokens', '2', "
+            "'--no-chat-template']) == 0; assert 'torch' not in sys.modules, 'torch imported'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
 
 
 def test_bench_prints_metrics(tiny_llama, env, tmp_path):

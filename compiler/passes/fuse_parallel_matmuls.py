@@ -1,0 +1,115 @@
+"""Fuse MatMuls that read the same input into one wider MatMul (q/k/v; gate/up).
+
+At batch 1 a decode step is a chain of matrix-vector products; each kernel call has a fixed cost
+(thread-pool dispatch, packing), and one wide product streams the same weight bytes as several narrow
+ones. So ``MatMul(x, Wq), MatMul(x, Wk), MatMul(x, Wv)`` becomes ``Split(MatMul(x, [Wq|Wk|Wv]))``; when every
+product is followed by a bias ``Add``, the biases are concatenated too. The concatenated weight is a lazy
+tensor: it is built when the artifact is written, from the original (memory-mapped) arrays.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import onnx_ir as ir
+
+from .base import nodes_of
+
+
+def _constant(value: ir.Value | None) -> ir.TensorProtocol | None:
+    return None if value is None else value.const_value
+
+
+def _bias_add(matmul: ir.Node) -> tuple[ir.Node, ir.Value] | None:
+    """The ``Add(matmul_output, bias)`` that is the product's only consumer, with a 1-D constant bias."""
+    users = list(matmul.outputs[0].uses())
+    if len(users) != 1:
+        return None
+    add = users[0].node
+    if add.op_type != "Add" or add.domain != "":
+        return None
+    other = add.inputs[1] if add.inputs[0] is matmul.outputs[0] else add.inputs[0]
+    tensor = _constant(other)
+    if tensor is None or len(tensor.shape) != 1:
+        return None
+    return add, other
+
+
+def _concat_lazy(name: str, tensors: list[ir.TensorProtocol], axis: int) -> ir.Value:
+    shape = list(tensors[0].shape)
+    shape[axis] = sum(int(t.shape[axis]) for t in tensors)
+    dtype = tensors[0].dtype
+
+    def materialize() -> ir.TensorProtocol:
+        return ir.tensor(np.concatenate([t.numpy() for t in tensors], axis=axis), name=name)
+
+    lazy = ir.LazyTensor(materialize, dtype=dtype, shape=ir.Shape(shape), name=name)
+    return ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(shape), const_value=lazy)
+
+
+def _fused_name(matmuls: list[ir.Node]) -> str:
+    names = [m.inputs[1].name or "" for m in matmuls]
+    prefix = names[0].rsplit(".", 2)[0] if names[0].count(".") >= 2 else "fused"
+    parts = [n.rsplit(".", 2)[-2] if n.count(".") >= 2 else str(i) for i, n in enumerate(names)]
+    return f"{prefix}.{'_'.join(p.removesuffix('_proj') for p in parts)}_proj.weight"
+
+
+def fuse_parallel_matmuls(model: ir.Model) -> ir.Model:
+    graph = model.graph
+    groups: dict[int, list[ir.Node]] = defaultdict(list)
+    for node in nodes_of(model, "MatMul"):
+        weight = _constant(node.inputs[1])
+        if weight is not None and len(weight.shape) == 2 and node.inputs[0] is not None:
+            groups[id(node.inputs[0])].append(node)
+    for matmuls in groups.values():
+        if len(matmuls) < 2 or len({int(_constant(m.inputs[1]).shape[0]) for m in matmuls}) != 1:
+            continue
+        x = matmuls[0].inputs[0]
+        widths = [int(_constant(m.inputs[1]).shape[1]) for m in matmuls]
+        name = _fused_name(matmuls)
+        weight = _concat_lazy(name, [_constant(m.inputs[1]) for m in matmuls], axis=1)
+        graph.register_initializer(weight)
+        adds = [_bias_add(m) for m in matmuls]
+        with_bias = all(a is not None for a in adds)
+        first = min(matmuls, key=lambda m: graph.index(m) if hasattr(graph, "index") else 0)
+        fused = ir.Node("", "MatMul", [x, weight], outputs=[ir.Value(name=f"{name}/MatMul_output_0")],
+                        name=f"/{name.removesuffix('.weight').replace('.', '/')}/MatMul")
+        new_nodes = [fused]
+        out = fused.outputs[0]
+        if with_bias:
+            bias = _concat_lazy(name.replace(".weight", ".bias"), [_constant(a[1]) for a in adds], axis=0)
+            graph.register_initializer(bias)
+            add = ir.Node("", "Add", [out, bias], outputs=[ir.Value(name=f"{name}/Add_output_0")],
+                          name=f"{fused.name.removesuffix('/MatMul')}/Add")
+            new_nodes.append(add)
+            out = add.outputs[0]
+        sizes = ir.Value(name=f"{name}/split_sizes", const_value=ir.tensor(np.array(widths, np.int64)),
+                         type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([len(widths)]))
+        graph.register_initializer(sizes)
+        split = ir.Node("", "Split", [out, sizes], [ir.AttrInt64("axis", -1)],
+                        outputs=[ir.Value(name=f"{name}/Split_output_{i}") for i in range(len(widths))],
+                        name=f"{fused.name.removesuffix('/MatMul')}/Split")
+        new_nodes.append(split)
+        graph.insert_before(first, new_nodes)
+        for i, (matmul, add) in enumerate(zip(matmuls, adds)):
+            old = add[0].outputs[0] if with_bias else matmul.outputs[0]
+            split.outputs[i].shape, split.outputs[i].type = old.shape, old.type
+            ir.convenience.replace_all_uses_with(old, split.outputs[i])
+            graph.remove([add[0], matmul] if with_bias else [matmul], safe=True)
+    return model
+
+
+def pack_attention_qkv(model: ir.Model) -> ir.Model:
+    """Feed ``GroupQueryAttention`` the fused q|k|v product directly (its packed-QKV mode): no Split."""
+    for node in nodes_of(model, "GroupQueryAttention", "com.microsoft"):
+        q, k, v = node.inputs[:3]
+        split = q.producer() if q is not None else None
+        if split is None or split.op_type != "Split" or len(split.outputs) != 3:
+            continue
+        if list(split.outputs) != [q, k, v] or any(len(list(o.uses())) != 1 for o in split.outputs):
+            continue
+        node.replace_input_with(0, split.inputs[0])
+        node.replace_input_with(1, None)
+        node.replace_input_with(2, None)
+        model.graph.remove(split, safe=True)
+    return model
