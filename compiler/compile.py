@@ -1,6 +1,7 @@
 """Compile a high-level graph for a target and write it as an artifact directory."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -45,9 +46,22 @@ class CompileOptions:
                              f"supported: {', '.join(target.encodings)}")
 
 
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """sha256 of the graph-building and compiler source: a changed pass or layer is a different compile."""
+    from ember import graphs  # its installed location, wherever the package-dir mapping put it
+
+    digest = hashlib.sha256()
+    for root in (Path(__file__).resolve().parent, Path(graphs.__file__).resolve().parent):
+        for file in sorted(root.rglob("*.py")):
+            digest.update(file.relative_to(root).as_posix().encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def toolchain_versions() -> dict[str, str]:
     """Versions that change compiled output: in the cache key and the manifest."""
-    versions = {}
+    versions = {"ember-code": code_fingerprint()}
     for dist in ("ember", "onnx", "onnx-ir", "onnxruntime"):
         try:
             versions[dist] = metadata.version(dist)
