@@ -104,24 +104,34 @@ class PipelineRegistry:
             self._configs[key] = ModelSource.resolve(huggingface_repo).hf_config()
         return self._configs[key]
 
+    def _tokenizer_for(self, huggingface_repo: Any, pipeline_config: PipelineConfig | None = None) -> Any:
+        """The tokenizer of a model: an artifact's own, a Hugging Face folder's, or (for a GGUF) the one its
+        compiled artifact carries (compiling it if the cache has none; no session is created)."""
+        from .artifact_cache import ensure_artifact
+        from .tokenizer import TextTokenizer
+
+        source = ModelSource.resolve(huggingface_repo)
+        if source.kind == "artifact":
+            return TextTokenizer(source.path / "tokenizer")
+        if source.kind == "hf" and (source.path / "tokenizer.json").is_file():
+            return TextTokenizer(source.path)
+        config = pipeline_config or PipelineConfig(model_path=huggingface_repo)
+        architecture = self._require(config)
+        return TextTokenizer(ensure_artifact(config, architecture, source).artifact.tokenizer_dir)
+
     def get_active_tokenizer(self, huggingface_repo: Any) -> Any:
-        """The tokenizer of a compiled artifact or of a Hugging Face directory (loaded once)."""
+        """The model's tokenizer, loaded once per model."""
         key = _key(huggingface_repo)
         if key not in self._tokenizers:
-            from .tokenizer import TextTokenizer
-            source = ModelSource.resolve(huggingface_repo)
-            if source.kind == "artifact":
-                self._tokenizers[key] = TextTokenizer(source.path / "tokenizer")
-            elif source.kind == "hf":
-                self._tokenizers[key] = TextTokenizer(source.path)
-            else:
-                raise ValueError(f"{source.path}: a GGUF's tokenizer is available once compiled; use retrieve()")
+            self._tokenizers[key] = self._tokenizer_for(huggingface_repo)
         return self._tokenizers[key]
 
     def retrieve_tokenizer(self, pipeline_config: PipelineConfig, override_architecture: str | None = None) -> Any:
-        """The tokenizer, from the (compiled, cached) artifact of the model."""
-        _, pipeline = self.retrieve(pipeline_config, override_architecture=override_architecture)
-        return pipeline.tokenizer
+        """The configured model's tokenizer (without loading the model)."""
+        if override_architecture is not None and override_architecture not in self.architectures:
+            raise ValueError(f"architecture {override_architecture!r} is not supported; supported: "
+                             f"{', '.join(self.supported_names())}")
+        return self._tokenizer_for(pipeline_config.model_path, pipeline_config)
 
     def retrieve_factory(self, pipeline_config: PipelineConfig, task: PipelineTask | None = None,
                          override_architecture: str | None = None) -> tuple[Any, Callable[[], Any]]:
@@ -140,7 +150,7 @@ class PipelineRegistry:
             return pipeline_class(pipeline_config, model, tokenizer.eos_token_ids, tokenizer=tokenizer)
 
         def tokenizer_factory():
-            return pipeline_factory().tokenizer
+            return self.retrieve_tokenizer(pipeline_config, override_architecture)
 
         return tokenizer_factory, pipeline_factory
 

@@ -84,3 +84,15 @@ def test_sizing_classmethods(tmp_path):
     import safetensors.numpy
     tensors = safetensors.numpy.load_file(tmp_path / "model.safetensors")
     assert weights == sum(t.size * 4 for t in tensors.values())
+
+
+def test_tokenizer_retrieval_without_loading_a_model(tmp_path, cache_dir):
+    make_model("qwen2-bias", tmp_path)
+    config = PipelineConfig(model_path=tmp_path, cache_dir=cache_dir)
+    tokenizer = PIPELINE_REGISTRY.retrieve_tokenizer(config)
+    assert tokenizer.encode("w5 w6", add_special_tokens=False) == [5, 6]
+    assert PIPELINE_REGISTRY.get_active_tokenizer(tmp_path) is PIPELINE_REGISTRY.get_active_tokenizer(tmp_path)
+    tokenizer_factory, pipeline_factory = PIPELINE_REGISTRY.retrieve_factory(config, PipelineTask.TEXT_GENERATION)
+    assert tokenizer_factory().encode("w7", add_special_tokens=False) == [7]
+    with pytest.raises(ValueError, match="serves text_generation"):
+        PIPELINE_REGISTRY.retrieve_factory(config, PipelineTask.EMBEDDINGS_GENERATION)

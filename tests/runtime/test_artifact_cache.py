@@ -34,6 +34,8 @@ def test_second_load_uses_the_cache_and_corruption_recompiles(model_dir, cache_d
     assert {"rank0/model.onnx", "rank0/model.onnx.data", "config.json", "tokenizer/tokenizer.json"} <= set(manifest["files"])
     assert manifest["source"]["sha256"] and manifest["kv_params"]["n_kv_heads"] == 2
     assert [i["name"] for i in manifest["graph"]["inputs"]][:3] == ["input_ids", "input_lengths", "cache_lengths"]
+    import onnx
+    onnx.checker.check_model(str(artifact.rank_model(0)))  # the written model, external data included
     tokens = first.generate_tokens([[1, 5, 9, 12]], SamplingParams(max_new_tokens=8, ignore_eos=True))
 
     second = pipeline(model_dir, cache_dir)
