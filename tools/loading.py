@@ -35,8 +35,9 @@ class LoadedPipeline:
             return (f"compiled in {self.artifact_seconds:.2f} s (session {self.session_seconds:.2f} s, "
                     f"setup {self.seconds:.2f} s)")
         what = "loaded cached artifact" if self.from_cache else "loaded artifact"
+        warm_up = getattr(self.pipeline.pipeline_model, "warm_up_seconds", 0.0)
         return (f"{what} in {self.seconds:.2f} s (verify {self.artifact_seconds:.2f} s, "
-                f"session {self.session_seconds:.2f} s)")
+                f"session {self.session_seconds:.2f} s, warm-up {warm_up:.2f} s)")
 
 
 def pipeline_config(model: str | Path | None, *, encoding: str | None = None, max_length: int | None = None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -76,7 +77,9 @@ class DecoderPipelineModel(PipelineModel, KVCacheMixin):
         self.kv_manager: ContinuousKVCacheManager = self.load_kv_manager(session, available_cache_memory)
         self._logits = np.zeros((self.kv_manager.max_batch_size, self.vocab_size), dtype=np.float32)
         self._logit_views: dict[int, Any] = {}
+        start = time.perf_counter()
         self.warm_up()
+        self.warm_up_seconds = time.perf_counter() - start
 
     # classmethods (MAX's sizing API) ------------------------------------------------------------
     @classmethod
