@@ -32,6 +32,10 @@ class CompileOptions:
     encoding: str = "float32"
     kv_cache_strategy: KVCacheStrategy = KVCacheStrategy.CONTINUOUS
     return_logits: ReturnLogits = ReturnLogits.LAST_TOKEN
+    # Encoders: pool the last hidden state inside the graph ("mean", "cls", "max", "lasttoken"; None returns
+    # the last hidden state) and L2-normalize the pooled vector.
+    pooling: str | None = None
+    normalize: bool = False
 
     def to_json(self) -> dict[str, str]:
         return {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(self).items()}

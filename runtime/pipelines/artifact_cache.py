@@ -84,8 +84,7 @@ def compile_source(source: ModelSource, architecture: "SupportedArchitecture", o
 
     options.validate()
     hf_config = source.hf_config()
-    graph = architecture.graph_builder(hf_config, source.open_weights(), source.weights_format.value,
-                                       options.return_logits, options.kv_cache_strategy)
+    graph = architecture.graph_builder(hf_config, source.open_weights(), source.weights_format.value, options)
     kv = architecture.pipeline_model.get_kv_params(
         hf_config, PipelineConfig(model_path=source.path, kv_cache_strategy=options.kv_cache_strategy))
     manifest: dict[str, Any] = {

@@ -24,7 +24,7 @@ def graphs(request, tmp_path_factory):
     directory = tmp_path_factory.mktemp(request.param)
     make_model(request.param, directory)
     source = ModelSource.resolve(directory)
-    high = build_from_checkpoint(source.hf_config(), SafetensorsWeights(directory), "safetensors")
+    high = build_from_checkpoint(source.hf_config(), SafetensorsWeights(directory), "safetensors", None)
     high_proto = ir.to_proto(high)
     onnx.checker.check_model(high_proto, full_check=True)
     lowered = get_target("ort-cpu").lower(ir.from_proto(high_proto))

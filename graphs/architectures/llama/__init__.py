@@ -13,12 +13,15 @@ from .graph import build_graph, build_transformer, kv_params
 from .weights import SAFETENSORS_RULES, gguf_rules
 
 
-def build_from_checkpoint(hf_config: Any, source: Any, weights_format: str,
-                          return_logits: ReturnLogits = ReturnLogits.LAST_TOKEN,
-                          strategy: KVCacheStrategy = KVCacheStrategy.CONTINUOUS) -> ir.Model:
-    """The high-level graph of a checkpoint (``weights_format``: ``safetensors`` or ``gguf``)."""
+def build_from_checkpoint(hf_config: Any, source: Any, weights_format: str, options: Any = None) -> ir.Model:
+    """The high-level graph of a checkpoint (``weights_format``: ``safetensors`` or ``gguf``).
+
+    ``options`` is the compiler's ``CompileOptions`` (its ``return_logits`` and ``kv_cache_strategy`` apply).
+    """
     config = LlamaArchConfig.from_hf(hf_config)
     rules = gguf_rules(config, source.architecture) if weights_format == "gguf" else SAFETENSORS_RULES
+    return_logits = getattr(options, "return_logits", ReturnLogits.LAST_TOKEN)
+    strategy = getattr(options, "kv_cache_strategy", KVCacheStrategy.CONTINUOUS)
     return build_graph(config, AdaptedWeights(source, rules), return_logits, strategy)
 
 
