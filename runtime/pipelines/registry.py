@@ -169,9 +169,11 @@ class PipelineRegistry:
 
 def get_pipeline_for_task(task: PipelineTask, pipeline_config: PipelineConfig | None = None) -> type:
     """The pipeline class that serves a task."""
+    from .embeddings import EmbeddingsPipeline
     from .text_generation import TextGenerationPipeline
 
-    pipelines = {PipelineTask.TEXT_GENERATION: TextGenerationPipeline}
+    pipelines = {PipelineTask.TEXT_GENERATION: TextGenerationPipeline,
+                 PipelineTask.EMBEDDINGS_GENERATION: EmbeddingsPipeline}
     task = PipelineTask(task)
     if task not in pipelines:
         raise ValueError(f"no pipeline for task {task.value}; available: {', '.join(t.value for t in pipelines)}")

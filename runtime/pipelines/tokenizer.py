@@ -128,6 +128,10 @@ class TextTokenizer:
         if not (self.directory / "tokenizer.json").is_file():
             raise FileNotFoundError(f"{self.directory} has no tokenizer.json")
         self.backend = Tokenizer.from_file(str(self.directory / "tokenizer.json"))
+        # tokenizer.json may carry a fixed truncation/padding (all-MiniLM-L6-v2's: 128 and pad to 128);
+        # ember pads per batch and truncates at the model's limit itself.
+        self.backend.no_truncation()
+        self.backend.no_padding()
         config_file = self.directory / "tokenizer_config.json"
         self.config = json.loads(config_file.read_text()) if config_file.exists() else {}
         template_file = self.directory / "chat_template.jinja"
@@ -163,8 +167,16 @@ class TextTokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
-        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = True,
+                     max_length: int | None = None) -> list[list[int]]:
+        """Token ids per text; with ``max_length``, longer texts are truncated (special tokens kept)."""
+        if max_length is not None:
+            self.backend.enable_truncation(max_length)
+        try:
+            return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+        finally:
+            if max_length is not None:
+                self.backend.no_truncation()
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode([int(t) for t in token_ids], skip_special_tokens=skip_special_tokens)

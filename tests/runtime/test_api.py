@@ -42,13 +42,19 @@ def test_registry_duplicates_and_override():
     assert registry.architectures == {}
 
 
-def test_builtin_architectures():
-    names = {a.name for a in BUILTIN_ARCHITECTURES}
-    assert names == {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
+def test_builtin_architectures():  # the text-generation ones
+    decoders = {a.name for a in BUILTIN_ARCHITECTURES if a.task is PipelineTask.TEXT_GENERATION}
+    assert decoders == {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
+    encoders = {a.name for a in BUILTIN_ARCHITECTURES if a.task is PipelineTask.EMBEDDINGS_GENERATION}
+    assert encoders == {"BertModel", "BertForMaskedLM", "BertForSequenceClassification", "RobertaModel",
+                        "XLMRobertaModel"}
     for arch in BUILTIN_ARCHITECTURES:
+        if arch.task is not PipelineTask.TEXT_GENERATION:
+            continue
         assert arch.task is PipelineTask.TEXT_GENERATION
         assert arch.supported_encodings[SupportedEncoding.float32] == [KVCacheStrategy.CONTINUOUS]
     assert get_pipeline_for_task(PipelineTask.TEXT_GENERATION) is TextGenerationPipeline
+    assert get_pipeline_for_task(PipelineTask.EMBEDDINGS_GENERATION).__name__ == "EmbeddingsPipeline"
     with pytest.raises(ValueError, match="no pipeline"):
         get_pipeline_for_task(PipelineTask.AUDIO_GENERATION)
 
