@@ -19,14 +19,14 @@ from .generate import GenerationStats
 logger = logging.getLogger(__name__)
 
 
-def _weights_source(model: str | Path | None) -> ModelSource:
-    """The checkpoint to load: the model itself, or the one a compiled artifact was built from."""
+def weights_source(model: str | Path | None, peer: str = "hf") -> ModelSource:
+    """The checkpoint a peer loads: the model itself, or the one a compiled artifact was built from."""
     source = ModelSource.resolve(model)
     if source.kind != "artifact":
         return source
     original = json.loads((source.path / "manifest.json").read_text()).get("source", {}).get("path")
     if not original or not Path(original).exists():
-        raise FileNotFoundError(f"--compare hf needs the source weights of {source.path}; "
+        raise FileNotFoundError(f"--compare {peer} needs the source weights of {source.path}; "
                                 f"they were at {original!r}, which no longer exists")
     return ModelSource.resolve(original)
 
@@ -45,7 +45,7 @@ class HFRunner:
             raise ValueError(f"--compare hf needs torch and transformers ({error})") from None
         self.torch = torch
         torch.set_num_threads(num_threads)
-        source = _weights_source(model)
+        source = weights_source(model)
         transformers.utils.logging.disable_progress_bar()  # the GGUF conversion bar; the CLI says what loads
         kwargs: dict[str, Any] = {"dtype": torch.float32, "attn_implementation": "eager"}
         if source.kind == "gguf":

@@ -1,4 +1,6 @@
-"""The readable form of a ``run_benchmark`` report (the CLI prints it; ``--json`` writes the data)."""
+"""The readable forms of the benchmark reports (the CLI prints them; ``--json`` writes the data):
+``format_report`` for ``run_benchmark`` (text generation), ``format_embeddings_report`` for
+``run_embeddings_benchmark``."""
 from __future__ import annotations
 
 from typing import Any
@@ -8,6 +10,37 @@ def _num(value: float | None, scale: float = 1.0, digits: int = 1) -> str:
     return "n/a" if value is None else f"{value * scale:.{digits}f}"
 
 
+def _metric_table(rows: list[tuple[str, dict[str, Any]]],
+                  metrics: tuple[tuple[str, str, float, int], ...]) -> list[str]:
+    """One line per runner and metric (label, report key, scale, digits): median, min and max."""
+    width = max(16, *(len(label) + 2 for label, *_ in metrics))
+    header = f"{'':<8}{'metric':<{width}}{'median':>10}{'min':>10}{'max':>10}"
+    lines = [header, "-" * len(header)]
+    for name, data in rows:
+        for label, key, scale, digits in metrics:
+            s = data[key]
+            lines.append(f"{name:<8}{label:<{width}}{_num(s['median'], scale, digits):>10}"
+                         f"{_num(s['min'], scale, digits):>10}{_num(s['max'], scale, digits):>10}")
+    return lines
+
+
+def _rows(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    rows = [("ember", report["ember"])]
+    if "peer" in report:
+        rows.append((report["peer"]["name"], report["peer"]))
+    return rows
+
+
+def _memory_lines(report: dict[str, Any]) -> list[str]:
+    memory = report["memory"]
+    lines = [f"memory:   ember peak RSS {memory['ember']['peak_rss_mib']:.0f} MiB, "
+             f"current RSS {memory['ember']['rss_mib']:.0f} MiB (before any peer was loaded)"]
+    if "with_peer" in memory:
+        lines.append(f"          with {report['peer']['name']} loaded: peak RSS {memory['final']['peak_rss_mib']:.0f} "
+                     f"MiB, current RSS {memory['final']['rss_mib']:.0f} MiB")
+    return lines
+
+
 def format_report(report: dict[str, Any]) -> str:
     lines = [f"model:    {report.get('model') or report['artifact']}",
              f"artifact: {report['artifact']}",
@@ -15,22 +48,9 @@ def format_report(report: dict[str, Any]) -> str:
              f"workload: batch 1, prompt {report['prompt_tokens']} tokens, {report['new_tokens']} new tokens "
              f"(greedy, EOS ignored), {report['threads']} threads, median of {report['runs']} runs after "
              f"{report['warmup']} warmup"]
-    rows = [("ember", report["ember"])]
-    if "peer" in report:
-        rows.append((report["peer"]["name"], report["peer"]))
-    header = f"{'':<8}{'metric':<16}{'median':>10}{'min':>10}{'max':>10}"
-    lines += ["", header, "-" * len(header)]
-    for name, data in rows:
-        for label, key, scale, digits in (("TTFT (ms)", "ttft_s", 1000.0, 1), ("decode (tok/s)", "decode_tok_s", 1.0, 1)):
-            s = data[key]
-            lines.append(f"{name:<8}{label:<16}{_num(s['median'], scale, digits):>10}"
-                         f"{_num(s['min'], scale, digits):>10}{_num(s['max'], scale, digits):>10}")
-    memory = report["memory"]
-    lines += ["", f"memory:   ember peak RSS {memory['ember']['peak_rss_mib']:.0f} MiB, "
-                  f"current RSS {memory['ember']['rss_mib']:.0f} MiB (before any peer was loaded)"]
-    if "with_peer" in memory:
-        lines.append(f"          with {report['peer']['name']} loaded: peak RSS {memory['final']['peak_rss_mib']:.0f} "
-                     f"MiB, current RSS {memory['final']['rss_mib']:.0f} MiB")
+    lines += ["", *_metric_table(_rows(report), (("TTFT (ms)", "ttft_s", 1000.0, 1),
+                                                 ("decode (tok/s)", "decode_tok_s", 1.0, 1)))]
+    lines += ["", *_memory_lines(report)]
     if "ratios" in report:
         ratios, peer = report["ratios"], report["peer"]
         lines += [f"peer:     {peer['name']}: transformers {peer.get('transformers', '?')}, torch {peer.get('torch', '?')}, "
@@ -40,4 +60,30 @@ def format_report(report: dict[str, Any]) -> str:
                   f"TTFT ember/{peer['name']} = {_num(ratios['ttft'], digits=2)}x",
                   f"greedy:   the first {report['greedy_agreement']['matching_prefix']} of "
                   f"{report['greedy_agreement']['of']} tokens agree"]
+    return "\n".join(lines)
+
+
+def format_embeddings_report(report: dict[str, Any]) -> str:
+    tokens = report["sentence_tokens"]
+    lines = [f"model:    {report.get('model') or report['artifact']}",
+             f"artifact: {report['artifact']}",
+             f"setup:    {report['setup']}",
+             f"workload: {report['sentences']} sentences of {tokens['min']}-{tokens['max']} tokens "
+             f"(mean {tokens['mean']:.1f}) at batch {report['batch_size']}; latency: median of "
+             f"{report['latency_encodes']} single-sentence encodes; {report['threads']} threads, "
+             f"median of {report['runs']} runs after {report['warmup']} warmup"]
+    lines += ["", *_metric_table(_rows(report), (("throughput (sentences/s)", "sentences_per_s", 1.0, 1),
+                                                 ("latency (ms)", "latency_s", 1000.0, 2)))]
+    lines += ["", *_memory_lines(report)]
+    if "ratios" in report:
+        ratios, peer, agreement = report["ratios"], report["peer"], report["agreement"]
+        name = peer["name"]
+        lines += [f"peer:     {name}: sentence-transformers {peer.get('sentence_transformers', '?')}, "
+                  f"torch {peer.get('torch', '?')}, {peer.get('dtype', '?')}, {peer.get('threads', '?')} threads, "
+                  f"loaded in {report['peer_setup_s']:.1f} s",
+                  f"ratios:   throughput ember/{name} = {_num(ratios['sentences_per_s'], digits=2)}x, "
+                  f"latency ember/{name} = {_num(ratios['latency'], digits=2)}x",
+                  f"agree:    min cosine similarity ember vs {name} = {agreement['min_cosine']:.6f} over "
+                  f"{agreement['of']} sentences (mean {agreement['mean_cosine']:.6f}, "
+                  f"max |diff| {agreement['max_abs_diff']:.2e})"]
     return "\n".join(lines)

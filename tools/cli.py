@@ -1,9 +1,10 @@
-"""The ``ember`` command line: ``ember <command> [options]`` (``list``, ``compile``, ``generate``, ``bench``).
+"""The ``ember`` command line: ``ember <command> [options]`` (``list``, ``compile``, ``generate``, ``embed``,
+``bench``).
 
 Heavy imports (onnxruntime, onnx_ir, transformers) happen inside the commands, so ``ember --help`` and
-``ember --version`` are quick; torch is imported only by ``ember bench --compare hf``. Expected errors
-(a bad path, an unsupported model, an invalid option) print ``ember: error: ...`` and exit with 1
-(2 for usage errors) instead of a traceback; ``-vv`` shows the traceback too.
+``ember --version`` are quick; torch is imported only by ``ember bench --compare hf`` and ``--compare st``.
+Expected errors (a bad path, an unsupported model, an invalid option) print ``ember: error: ...`` and exit
+with 1 (2 for usage errors) instead of a traceback; ``-vv`` shows the traceback too.
 """
 from __future__ import annotations
 
@@ -16,6 +17,10 @@ from importlib import metadata
 logger = logging.getLogger("ember.tools")
 
 EXIT_RUNTIME_ERROR, EXIT_USAGE = 1, 2
+
+
+class UsageError(Exception):
+    """Options that parse but do not go together: reported like argparse's usage errors (exit 2)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -116,17 +121,49 @@ def build_parser() -> argparse.ArgumentParser:
     _add_threads(p)
     p.set_defaults(handler=cmd_generate)
 
-    p = commands.add_parser("bench", parents=[verbose], help="measure time to first token, decode rate and memory",
-                            description="Benchmark batch-1 generation: TTFT for a prompt of --prompt-tokens "
-                                        "tokens, decode tokens/s over --new-tokens greedy tokens, peak RSS.")
+    p = commands.add_parser("embed", parents=[verbose], help="embed texts into vectors",
+                            description="Embed each TEXT (or each line of --file) with an embeddings model. For "
+                                        "TEXT arguments: one line per embedding and their cosine similarities; "
+                                        "for --file: a progress bar and a summary. --output saves the [n, dim] "
+                                        "float32 array with numpy.save. Setup statistics go to stderr.")
+    p.add_argument("texts", metavar="TEXT", nargs="*", help="texts to embed")
+    p.add_argument("--model", default=None, help="HF model directory or compiled artifact "
+                                                 "(default: the embedded all-MiniLM-L6-v2)")
+    p.add_argument("--file", metavar="PATH", default=None,
+                   help="embed each line of PATH (UTF-8; an empty line is an empty text; - reads stdin)")
+    p.add_argument("-o", "--output", metavar="OUT.npy", default=None, help="save the embeddings with numpy.save")
+    p.add_argument("--batch-size", type=_positive, default=32, metavar="N", help="texts per model call (default: 32)")
+    p.add_argument("--no-truncation", action="store_true",
+                   help="fail on a text longer than the model's maximum instead of truncating it")
+    _add_model_options(p)
+    _add_threads(p)
+    p.set_defaults(handler=cmd_embed)
+
+    p = commands.add_parser("bench", parents=[verbose], help="measure latency, throughput and memory",
+                            description="Benchmark a text-generation model at batch 1 (TTFT for a prompt of "
+                                        "--prompt-tokens tokens, decode tokens/s over --new-tokens greedy tokens) "
+                                        "or an embeddings model (sentences/s for --sentences sentences of about 30 "
+                                        "tokens at --batch-size, single-sentence latency); peak RSS. The model's "
+                                        "architecture decides which.")
     p.add_argument("model", metavar="MODEL", nargs="?", default=None,
-                   help="HF model directory, .gguf file or artifact (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--prompt-tokens", type=_positive, default=64, metavar="N", help="prompt length in tokens (default: 64)")
-    p.add_argument("--new-tokens", type=_positive, default=128, metavar="N", help="tokens to generate per run (default: 128)")
+                   help="HF model directory, .gguf file or artifact (default: the embedded SmolLM2-135M-Instruct, "
+                        "or with --embeddings the embedded all-MiniLM-L6-v2)")
+    p.add_argument("--embeddings", action="store_true",
+                   help="benchmark an embeddings model (without MODEL: the embedded all-MiniLM-L6-v2)")
+    p.add_argument("--prompt-tokens", type=_positive, default=None, metavar="N",
+                   help="text generation: prompt length in tokens (default: 64)")
+    p.add_argument("--new-tokens", type=_positive, default=None, metavar="N",
+                   help="text generation: tokens to generate per run (default: 128)")
+    p.add_argument("--sentences", type=_positive, default=None, metavar="N",
+                   help="embeddings: sentences per throughput run (default: 1024)")
+    p.add_argument("--batch-size", type=_positive, default=None, metavar="N",
+                   help="embeddings: sentences per model call in the throughput runs (default: 32)")
+    p.add_argument("--latency-encodes", type=_positive, default=None, metavar="N", help=argparse.SUPPRESS)
     p.add_argument("--runs", type=_positive, default=5, metavar="N", help="measured runs (default: 5)")
     p.add_argument("--warmup", type=_non_negative, default=1, metavar="N", help="unmeasured runs first (default: 1)")
-    p.add_argument("--compare", choices=["hf"], default=None,
-                   help="also run the same weights in transformers (needs torch) and print ratios")
+    p.add_argument("--compare", choices=["hf", "st"], default=None,
+                   help="also run the same weights in PyTorch and print ratios: hf (transformers) for a "
+                        "text-generation model, st (sentence-transformers) for an embeddings model")
     p.add_argument("--encoding", type=_lazy_choice("encoding"), default=None, help="weight encoding")
     _add_threads(p)
     p.add_argument("--json", metavar="PATH", default=None, help="also write the report as JSON to PATH")
@@ -189,11 +226,72 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_embed(args: argparse.Namespace) -> int:
+    from ember.runtime.pipelines import PipelineTask
+
+    from .embed import (check_lengths, cosine_similarity, embed_texts, format_embeddings, format_similarity,
+                        format_summary, output_path, read_lines, save_embeddings)
+    from .loading import embeddings_model, load_pipeline, pipeline_config
+
+    if args.file is not None and args.texts:
+        raise UsageError("give TEXT arguments or --file, not both")
+    if args.file is None and not args.texts:
+        raise UsageError("nothing to embed: give TEXT arguments or --file PATH")
+    output = output_path(args.output) if args.output else None  # a bad --output fails before any work
+    texts = read_lines(args.file) if args.file is not None else list(args.texts)
+    config = pipeline_config(embeddings_model(args.model), encoding=args.encoding, max_length=args.max_length,
+                             num_threads=args.threads, max_batch_size=args.batch_size,
+                             truncation=not args.no_truncation)
+    loaded = load_pipeline(config, task=PipelineTask.EMBEDDINGS_GENERATION)
+    check_lengths(loaded.pipeline, texts, f"line {{n}} of {args.file}" if args.file is not None else "TEXT {n}")
+    result = embed_texts(loaded.pipeline, texts, batch_size=args.batch_size, progress=args.file is not None)
+    if args.file is not None:
+        print(format_summary(result, "stdin" if args.file == "-" else args.file), flush=True)
+    else:
+        print(format_embeddings(texts, result.embeddings))
+        print()
+        print(format_similarity(cosine_similarity(result.embeddings)), flush=True)
+    n, dim = result.embeddings.shape
+    _eprint(f"[ember] {loaded.describe()}; embedded {n} text{'s' if n != 1 else ''} ({dim} dimensions) in "
+            f"{result.seconds * 1000:.1f} ms, {loaded.num_threads} threads")
+    if output is not None:
+        _eprint(f"wrote {save_embeddings(output, result.embeddings)}")
+    return 0
+
+
+def _bench_embeddings(args: argparse.Namespace) -> bool:
+    """Whether ``ember bench`` measures an embeddings model: MODEL's task decides, ``--embeddings`` without
+    MODEL picks the embedded embeddings model; options of the other kind are refused."""
+    from ember.runtime.pipelines import PipelineTask
+
+    from .loading import model_task
+
+    embeddings = args.embeddings
+    if args.model is not None:
+        task = model_task(args.model)
+        if args.embeddings and task not in (None, PipelineTask.EMBEDDINGS_GENERATION):
+            raise UsageError(f"--embeddings: {args.model} serves {task.value}, not embeddings")
+        embeddings = embeddings or task == PipelineTask.EMBEDDINGS_GENERATION
+    kind, other = ("an embeddings", ("--prompt-tokens", "--new-tokens")) if embeddings else \
+        ("a text-generation", ("--sentences", "--batch-size"))
+    for option in other:
+        if getattr(args, option[2:].replace("-", "_")) is not None:
+            raise UsageError(f"{option} does not apply to {kind} model")
+    peer = "st" if embeddings else "hf"
+    if args.compare not in (None, peer):
+        raise UsageError(f"--compare {args.compare} does not apply to {kind} model; use --compare {peer}")
+    return embeddings
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
+    if _bench_embeddings(args):
+        return _cmd_bench_embeddings(args)
     from .bench import run_benchmark
     from .bench_report import format_report
     from .loading import load_pipeline, pipeline_config
 
+    args.prompt_tokens = 64 if args.prompt_tokens is None else args.prompt_tokens
+    args.new_tokens = 128 if args.new_tokens is None else args.new_tokens
     loaded = load_pipeline(pipeline_config(args.model, encoding=args.encoding, num_threads=args.threads))
     peer_factory = None
     if args.compare == "hf":
@@ -205,11 +303,41 @@ def cmd_bench(args: argparse.Namespace) -> int:
                            warmup=args.warmup, peer_factory=peer_factory, progress=True)
     report["model"] = args.model or "SmolLM2-135M-Instruct (embedded default)"
     print(format_report(report), flush=True)
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
-        _eprint(f"wrote {args.json}")
+    _write_json(args.json, report)
     return 0
+
+
+def _cmd_bench_embeddings(args: argparse.Namespace) -> int:
+    from ember.runtime.pipelines import PipelineTask
+
+    from .bench_embeddings import BATCH_SIZE, LATENCY_ENCODES, SENTENCES, run_embeddings_benchmark
+    from .bench_report import format_embeddings_report
+    from .loading import embeddings_model, load_pipeline, pipeline_config
+
+    model = embeddings_model(args.model)
+    batch_size = args.batch_size or BATCH_SIZE
+    loaded = load_pipeline(pipeline_config(model, encoding=args.encoding, num_threads=args.threads,
+                                           max_batch_size=batch_size), task=PipelineTask.EMBEDDINGS_GENERATION)
+    peer_factory = None
+    if args.compare == "st":
+        def peer_factory():
+            from .bench_st import STRunner  # with bench_hf, the only places the CLI brings in torch
+            _eprint("ember: loading the same weights in sentence-transformers for --compare st ...")
+            return STRunner(model, loaded.num_threads)
+    report = run_embeddings_benchmark(loaded, sentences=args.sentences or SENTENCES, batch_size=batch_size,
+                                      latency_encodes=args.latency_encodes or LATENCY_ENCODES, runs=args.runs,
+                                      warmup=args.warmup, peer_factory=peer_factory, progress=True)
+    report["model"] = args.model or "all-MiniLM-L6-v2 (embedded default)"
+    print(format_embeddings_report(report), flush=True)
+    _write_json(args.json, report)
+    return 0
+
+
+def _write_json(path: str | None, report: dict) -> None:
+    if path:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+        _eprint(f"wrote {path}")
 
 
 # entry point ------------------------------------------------------------------------------------------
@@ -237,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return args.handler(args)
+    except UsageError as error:
+        _eprint(f"ember: error: {error}")
+        return EXIT_USAGE
     except KeyboardInterrupt:
         _eprint("ember: interrupted")
         return 130

@@ -57,7 +57,7 @@ def compile_model(model: str | Path, output_dir: str | Path | None = None, *, ta
                             max_length=max_length, cache_dir=cache_dir, force_compile=force)
     source = ModelSource.resolve(model)
     architecture = architecture_for(source)
-    options = compile_options(config, architecture)
+    options = compile_options(config, architecture, source)  # with the encoders' pooling options
     options.validate()
     if max_length is not None:
         # The graph's sequence dimension is symbolic; the limit is checked here and applied at run time.

@@ -1,4 +1,5 @@
-"""Loading a text-generation pipeline for a command: the configuration and how long each part took."""
+"""Loading a pipeline for a command (text generation or embeddings): the configuration, which task a model
+serves, and how long each part of the setup took."""
 from __future__ import annotations
 
 import logging
@@ -7,23 +8,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ember.runtime.pipelines import PIPELINE_REGISTRY, PipelineConfig
+from ember.runtime.pipelines import PIPELINE_REGISTRY, PipelineConfig, PipelineTask
 
 logger = logging.getLogger(__name__)
+
+_COMMAND_FOR_TASK = {PipelineTask.TEXT_GENERATION: "ember generate", PipelineTask.EMBEDDINGS_GENERATION: "ember embed"}
 
 
 @dataclass
 class LoadedPipeline:
-    """A ready pipeline, its tokenizer, and where its setup time went."""
+    """A ready pipeline (text generation or embeddings), its tokenizer, and where its setup time went."""
 
     tokenizer: Any
     pipeline: Any
-    seconds: float  # wall time of the whole setup (artifact, session, tokenizer, KV cache)
+    seconds: float  # wall time of the whole setup (artifact, session, tokenizer, KV cache, warm-up)
     compiled: bool  # True when the artifact was compiled now, False when loaded (cache or a given artifact)
     artifact_seconds: float  # compile time when compiled, verification time when loaded
     session_seconds: float  # onnxruntime session creation
     artifact_path: Path
     from_cache: bool  # the artifact came from the compile cache (not given on the command line)
+    task: PipelineTask = PipelineTask.TEXT_GENERATION
 
     @property
     def num_threads(self) -> int:
@@ -47,18 +51,44 @@ def pipeline_config(model: str | Path | None, *, encoding: str | None = None, ma
                           max_batch_size=max_batch_size, **extra)
 
 
-def load_pipeline(config: PipelineConfig) -> LoadedPipeline:
-    """Compile (on first use) or load the model and build its text-generation pipeline."""
-    from ember.runtime.pipelines import ModelSource, PipelineTask
+def embeddings_model(model: str | Path | None) -> str | Path:
+    """The model an embeddings command runs: the one given, or the embedded all-MiniLM-L6-v2."""
+    from ember.runtime.pipelines import default_embeddings_model_path
 
+    return default_embeddings_model_path() if model is None else model
+
+
+def model_task(model: str | Path | None) -> PipelineTask | None:
+    """The task the registry says a model serves (None for an unsupported architecture). Reads only the
+    model's config.json, manifest or GGUF header; nothing is compiled or loaded."""
+    architecture = PIPELINE_REGISTRY.retrieve_architecture(model)
+    return None if architecture is None else PipelineTask(architecture.task)
+
+
+def _check_task(model: str | Path | None, task: PipelineTask) -> None:
+    """A clear error when a command is given a model of the other kind (e.g. ``ember generate`` on an encoder)."""
+    served = model_task(model)
+    if served is None or served == task:
+        return  # unsupported architectures get the registry's own error, naming the supported ones
+    hint = _COMMAND_FOR_TASK.get(served)
+    raise ValueError(f"{model} serves {served.value}, not {task.value}" + (f"; use `{hint}`" if hint else ""))
+
+
+def load_pipeline(config: PipelineConfig, task: PipelineTask | str = PipelineTask.TEXT_GENERATION) -> LoadedPipeline:
+    """Compile (on first use) or load the model and build its pipeline for ``task``: a text-generation
+    pipeline, or an ``EmbeddingsPipeline`` for ``PipelineTask.EMBEDDINGS_GENERATION``."""
+    from ember.runtime.pipelines import ModelSource
+
+    task = PipelineTask(task)
     source = ModelSource.resolve(config.model_path)
+    _check_task(config.model_path, task)
     start = time.perf_counter()
-    tokenizer, pipeline = PIPELINE_REGISTRY.retrieve(config, task=PipelineTask.TEXT_GENERATION)
+    tokenizer, pipeline = PIPELINE_REGISTRY.retrieve(config, task=task)
     seconds = time.perf_counter() - start
     model = pipeline.pipeline_model
     loaded = LoadedPipeline(tokenizer=tokenizer, pipeline=pipeline, seconds=seconds,
                             compiled=model.resolved.compiled, artifact_seconds=model.resolved.seconds,
                             session_seconds=model.model.load_seconds, artifact_path=Path(model.artifact.path),
-                            from_cache=source.kind != "artifact")
+                            from_cache=source.kind != "artifact", task=task)
     logger.info("%s: %s", loaded.artifact_path, loaded.describe())
     return loaded

@@ -5,6 +5,7 @@ fusions: residual add + RMSNorm into ``SkipSimplifiedLayerNormalization``; MatMu
 (q/k/v, gate/up) into one wide MatMul, whose q|k|v product GroupQueryAttention takes packed. The model is written as
 ``model.onnx`` with its weights in ``model.onnx.data`` (external data, 64-byte aligned so onnxruntime
 can map it).
+Encoders (BERT family) run their token-wise ops on the valid tokens only (``pack_encoder_tokens``).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from ..passes.cleanup import remove_unused
 from ..passes.fuse_parallel_matmuls import fuse_parallel_matmuls, pack_attention_qkv
 from ..passes.fuse_skip_rms_norm import fuse_skip_rms_norm
 from ..passes.lower_attention_gqa import lower_attention_to_gqa
+from ..passes.pack_encoder_tokens import pack_encoder_tokens
 from .base import Progress, Target
 
 
@@ -40,7 +42,8 @@ def write_onnx(model: ir.Model, rank_dir: Path, progress: Progress | None = None
 ORT_CPU = Target(
     name="ort-cpu",
     description="onnxruntime, CPU execution provider",
-    passes=(lower_attention_to_gqa, fuse_skip_rms_norm, fuse_parallel_matmuls, pack_attention_qkv, remove_unused),
+    passes=(lower_attention_to_gqa, fuse_skip_rms_norm, fuse_parallel_matmuls, pack_attention_qkv, remove_unused,
+            pack_encoder_tokens),
     kv_strategies=(KVCacheStrategy.CONTINUOUS,),
     encodings=("float32",),
     write=write_onnx,

@@ -5,7 +5,8 @@ op (opset 23), which ``onnx.reference.ReferenceEvaluator`` runs; targets may swa
 Padding is masked out of the keys by an additive float bias, built once per graph from
 ``attention_mask`` by :func:`key_padding_bias` and shared by every layer. The bias is
 ``[batch, 1, sequence, sequence]``, not ``[batch, 1, 1, sequence]``: onnxruntime's ``Attention`` does not
-broadcast the mask over the query axis.
+broadcast the mask over the query axis. The ort-cpu pass ``pack_encoder_tokens`` recognizes this bias
+(``Expand(Unsqueeze(Where(Equal(mask, 0), MASKED, 0)))``) to learn which tokens are valid: keep its form.
 """
 from __future__ import annotations
 

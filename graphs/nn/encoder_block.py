@@ -5,8 +5,9 @@ Unlike the pre-norm decoder block, the residual sum is normalized *after* each s
     h = LayerNorm(h + dense(attention(h)))          # attention.output
     h = LayerNorm(h + dense(act(intermediate(h))))  # intermediate, output
 
-so the LayerNorm reads ``Add(h, sub_layer)``: the shape that ``com.microsoft.SkipLayerNormalization``
-fuses on onnxruntime (done by the session's own optimizer; see ``compiler/passes`` for what ember adds).
+so the LayerNorm reads ``Add(sub_layer, h)``: onnxruntime's session optimizer fuses that (with the dense's
+bias) into ``com.microsoft.SkipLayerNormalization``, and the bias ``Add`` + ``Gelu`` into ``BiasGelu``, so
+the graph keeps the plain standard ops.
 """
 from __future__ import annotations
 

@@ -44,7 +44,7 @@ def source_sha256(source: ModelSource, cache_dir: Path) -> str:
 
 
 def compile_options(pipeline_config: PipelineConfig, architecture: "SupportedArchitecture",
-                    source: ModelSource | None = None) -> CompileOptions:
+                    source: ModelSource) -> CompileOptions:
     encoding = pipeline_config.encoding or architecture.default_encoding
     encoding = getattr(encoding, "value", encoding)
     strategies = architecture.supported_encodings.get(encoding)
@@ -55,7 +55,7 @@ def compile_options(pipeline_config: PipelineConfig, architecture: "SupportedArc
     if strategies and strategy not in strategies:
         raise ValueError(f"{architecture.name} with {encoding} supports KV cache strategies "
                          f"{', '.join(s.value for s in strategies)}, not {KVCacheStrategy(strategy).value}")
-    extra = architecture.pipeline_model.graph_options(pipeline_config, source) if source is not None else {}
+    extra = architecture.pipeline_model.graph_options(pipeline_config, source)
     return CompileOptions(target=pipeline_config.target, encoding=encoding, kv_cache_strategy=strategy,
                           return_logits=pipeline_config.return_logits, **extra)
 

@@ -58,7 +58,8 @@ class BertModelConfig:
     def get_max_seq_len(self) -> int:
         """The longest input: the model's positions, sentence-transformers' ``max_seq_length``, max_length."""
         hf = self.huggingface_config
-        limit = hf.max_position_embeddings - _POSITION_OFFSET.get(hf.model_type, 0)
+        get = hf.get if isinstance(hf, dict) else lambda key: getattr(hf, key)
+        limit = get("max_position_embeddings") - _POSITION_OFFSET.get(get("model_type"), 0)
         if self.pooling.max_seq_length:
             limit = min(limit, self.pooling.max_seq_length)
         return upper_bounded_default(limit, self.pipeline_config.max_length)
@@ -75,7 +76,8 @@ class BertPipelineModel(PipelineModel):
         source = ModelSource.resolve(pipeline_config.model_path)
         self.resolved: ResolvedArtifact = ensure_artifact(pipeline_config, architecture, source)
         self.artifact = self.resolved.artifact
-        self.huggingface_config = ModelSource(self.artifact.path, "artifact").hf_config()
+        # The artifact's config.json as plain data: building a transformers config would import torch.
+        self.huggingface_config = self.artifact.hf_config
         pooling = self.artifact.manifest.get("pooling")
         self.config = BertModelConfig("float32", self.devices[0], pooling is not None, self.huggingface_config,
                                       pipeline_config, PoolingConfig(**pooling) if pooling else PoolingConfig())
@@ -127,7 +129,7 @@ class BertPipelineModel(PipelineModel):
         width = max(len(t) for t in token_lists)
         tokens = np.zeros((len(token_lists), width), dtype=np.int64)
         mask = np.zeros((len(token_lists), width), dtype=np.int64)
-        pad = getattr(self.huggingface_config, "pad_token_id", 0) or 0
+        pad = self.huggingface_config.get("pad_token_id") or 0
         tokens[:] = pad
         for row, ids in enumerate(token_lists):
             tokens[row, :len(ids)] = ids

