@@ -143,8 +143,6 @@ def test_generate_on_an_embeddings_model_points_to_embed(capsys):
     assert "serves embeddings_generation" in stderr and "use `ember embed`" in stderr
 
 
-@pytest.mark.xfail(reason="runtime/pipelines/bert.py reads the artifact's config with transformers.AutoConfig, "
-                          "which imports torch", strict=False)
 def test_embed_does_not_import_torch(env):
     """Deployments have no torch: only ``bench --compare`` may import it."""
     code = ("import sys; from ember.tools.cli import main; assert main(['embed', 'hello']) == 0; "
