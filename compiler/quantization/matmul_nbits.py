@@ -63,7 +63,7 @@ Round-to-nearest quantization of float weights (:func:`quantize_rtn`):
 Padded elements of the last block (K not a multiple of ``block_size``) get the zero-point code (they
 dequantize to 0; onnxruntime ignores them anyway) and do not enter the block statistics.
 
-Timings (``python -m ember.compiler.quantization.bench_matmul_nbits``): onnxruntime 1.31.1 CPU EP,
+Timings (``python -m ember.tools.bench_matmul_nbits``): onnxruntime 1.31.1 CPU EP,
 an AMD EPYC with AVX2/FMA (no AVX-512, no VNNI), block 32, random N(0, 0.02) weights, ``Lx`` =
 ``accuracy_level`` x, ``4b``/``8b`` = symmetric RTN, ``q41-fzp`` = a repacked Q4_1 weight (float zero
 points, level 0), ``q41-split-Lx`` = :func:`q4_1_split` + block-sum MatMul. The 2 cores were shared

@@ -1,6 +1,6 @@
 """Time ``MatMulNBits`` against a float32 ``MatMul`` on SmolLM2-135M's layer shapes (CPU EP).
 
-``python -m ember.compiler.quantization.bench_matmul_nbits [--threads 2] [--repeats 25] [--cpu-time] [--quick]``
+``python -m ember.tools.bench_matmul_nbits [--threads 2] [--repeats 25] [--cpu-time] [--quick]``
 
 Each variant is one single-node model (weights as initializers, so onnxruntime prepacks them) run
 with I/O binding; the time per call is the median (and the 10th percentile, a nearly uncontended
@@ -22,8 +22,8 @@ import time
 import numpy as np
 import onnxruntime as ort
 
-from .matmul_nbits import dequantize, from_gguf_blocks, q4_1_split, quantize_rtn
-from .onnx_models import matmul_model, matmul_nbits_model, q4_1_split_model
+from ember.compiler.quantization.matmul_nbits import dequantize, from_gguf_blocks, q4_1_split, quantize_rtn
+from ember.compiler.quantization.onnx_models import matmul_model, matmul_nbits_model, q4_1_split_model
 
 #: SmolLM2-135M's matmuls as N x K (out x in): fused qkv, attention output, fused gate|up, down, head.
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536), (49152, 576)]
