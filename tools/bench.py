@@ -8,28 +8,21 @@ same process, so both see the same machine state.
 from __future__ import annotations
 
 import logging
-import os
-import resource
-import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import psutil
-from tqdm.auto import tqdm
-
 from ember.runtime.pipelines import SamplingParams
 
+from .bench_runner import memory_snapshot, run_alternating, summarize
 from .generate import GenerationStats
 from .loading import LoadedPipeline
 
 logger = logging.getLogger(__name__)
 
 BENCH_TEXT = Path(__file__).with_name("bench_text.txt")
-MIB = 2**20
 
 
 def bench_text() -> str:
@@ -97,29 +90,10 @@ class EmberRunner:
         return RunSample(stats, list(context.generated))
 
 
-def memory_snapshot() -> dict[str, float]:
-    """Peak RSS of the process so far (``ru_maxrss``) and its current RSS (psutil), in MiB."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    peak_bytes = peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
-    return {"peak_rss_mib": peak_bytes / MIB, "rss_mib": psutil.Process(os.getpid()).memory_info().rss / MIB}
-
-
-def summarize(values: Sequence[float | None]) -> dict[str, float | None]:
-    """Median, min and max of the values that exist."""
-    present = [float(v) for v in values if v is not None]
-    if not present:
-        return {"median": None, "min": None, "max": None}
-    return {"median": statistics.median(present), "min": min(present), "max": max(present)}
-
-
 def _summary(samples: list[RunSample]) -> dict[str, Any]:
     return {"ttft_s": summarize([s.ttft for s in samples]),
             "decode_tok_s": summarize([s.decode_tps for s in samples]),
             "generated_tokens": [s.stats.generated_tokens for s in samples]}
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
 
 
 def matching_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -141,38 +115,22 @@ def run_benchmark(loaded: LoadedPipeline, *, prompt_tokens: int = 64, new_tokens
         raise ValueError(f"{prompt_tokens} prompt + {new_tokens} new tokens exceed the maximum length "
                          f"{loaded.pipeline.max_length}")
     prompt_ids = prompt_token_ids(loaded.tokenizer, prompt_tokens)
-    runners: list[Any] = [EmberRunner(loaded)]
+    ember = EmberRunner(loaded)
     for _ in range(warmup):
-        runners[0].run(prompt_ids, new_tokens)
+        ember.run(prompt_ids, new_tokens)
     report: dict[str, Any] = {
         "artifact": str(loaded.artifact_path), "setup": loaded.describe(), "threads": loaded.num_threads,
         "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "runs": runs, "warmup": warmup,
         "ember": {"compiled": loaded.compiled, "setup_s": loaded.seconds},
         "memory": {"ember": memory_snapshot()},  # before any peer is loaded
     }
+    samples: dict[str, list[RunSample]] = run_alternating(
+        report, ember, peer_factory, warmup=warmup, runs=runs, progress=progress,
+        warm=lambda runner: runner.run(prompt_ids, new_tokens),
+        measure=lambda runner, run: runner.run(prompt_ids, new_tokens),
+        summary=_summary, ratios={"decode_tok_s": "decode_tok_s", "ttft": "ttft_s"})
     if peer_factory is not None:
-        start = time.perf_counter()
-        peer = peer_factory()
-        report["peer_setup_s"] = time.perf_counter() - start
-        report["memory"]["with_peer"] = memory_snapshot()
-        for _ in range(warmup):
-            peer.run(prompt_ids, new_tokens)
-        runners.append(peer)
-    samples: dict[str, list[RunSample]] = {r.name: [] for r in runners}
-    for _ in tqdm(range(runs), desc="bench", unit="run", disable=not progress, file=sys.stderr, leave=False):
-        for runner in runners:  # alternate: ember, peer, ember, peer, ...
-            samples[runner.name].append(runner.run(prompt_ids, new_tokens))
-    report["ember"].update(_summary(samples["ember"]))
-    report["memory"]["final"] = memory_snapshot()
-    if peer_factory is not None:
-        name = runners[1].name
-        report["peer"] = {"name": name, **getattr(runners[1], "info", {}), **_summary(samples[name])}
-        ember, peer = report["ember"], report["peer"]
-        report["ratios"] = {
-            "decode_tok_s": _ratio(ember["decode_tok_s"]["median"], peer["decode_tok_s"]["median"]),
-            "ttft": _ratio(ember["ttft_s"]["median"], peer["ttft_s"]["median"]),
-        }
-        first_ember, first_peer = samples["ember"][0].tokens, samples[name][0].tokens
+        first_ember, first_peer = samples["ember"][0].tokens, samples[report["peer"]["name"]][0].tokens
         report["greedy_agreement"] = {"matching_prefix": matching_prefix(first_ember, first_peer),
                                       "of": min(len(first_ember), len(first_peer))}
     return report

@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import logging
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
-from tqdm.auto import tqdm
 
-from .bench import _ratio, bench_text, memory_snapshot, summarize
+from .bench import bench_text
+from .bench_runner import memory_snapshot, run_alternating, summarize
 from .embed import rowwise_cosine
 from .loading import LoadedPipeline
 
@@ -122,9 +121,9 @@ def run_embeddings_benchmark(loaded: LoadedPipeline, *, sentences: int = SENTENC
                          "--warmup at least 0")
     texts = bench_sentences(loaded.tokenizer, sentences, sentence_tokens)
     lengths = [len(ids) for ids in loaded.pipeline.tokenize(texts)]
-    runners: list[Any] = [EmberEmbeddingsRunner(loaded)]
+    ember = EmberEmbeddingsRunner(loaded)
     for _ in range(warmup):
-        measure(runners[0], texts, batch_size, min(latency_encodes, 5))
+        measure(ember, texts, batch_size, min(latency_encodes, 5))
     report: dict[str, Any] = {
         "task": "embeddings", "artifact": str(loaded.artifact_path), "setup": loaded.describe(),
         "threads": loaded.num_threads, "sentences": sentences, "batch_size": batch_size,
@@ -134,30 +133,14 @@ def run_embeddings_benchmark(loaded: LoadedPipeline, *, sentences: int = SENTENC
         "ember": {"compiled": loaded.compiled, "setup_s": loaded.seconds},
         "memory": {"ember": memory_snapshot()},  # before any peer is loaded
     }
-    if peer_factory is not None:
-        start = time.perf_counter()
-        peer = peer_factory()
-        report["peer_setup_s"] = time.perf_counter() - start
-        report["memory"]["with_peer"] = memory_snapshot()
-        for _ in range(warmup):
-            measure(peer, texts, batch_size, min(latency_encodes, 5))
-        runners.append(peer)
-    samples: dict[str, list[EmbeddingsSample]] = {r.name: [] for r in runners}
-    for run in tqdm(range(runs), desc="bench", unit="run", disable=not progress, file=sys.stderr, leave=False):
-        for runner in runners:  # alternate: ember, peer, ember, peer, ...
-            samples[runner.name].append(measure(runner, texts, batch_size, latency_encodes, keep=run == 0))
-    report["ember"].update(_summary(samples["ember"]))
+    samples: dict[str, list[EmbeddingsSample]] = run_alternating(
+        report, ember, peer_factory, warmup=warmup, runs=runs, progress=progress,
+        warm=lambda runner: measure(runner, texts, batch_size, min(latency_encodes, 5)),
+        measure=lambda runner, run: measure(runner, texts, batch_size, latency_encodes, keep=run == 0),
+        summary=_summary, ratios={"sentences_per_s": "sentences_per_s", "latency": "latency_s"})
     report["ember"]["dim"] = int(samples["ember"][0].embeddings.shape[1])
-    report["memory"]["final"] = memory_snapshot()
     if peer_factory is not None:
-        name = runners[1].name
-        report["peer"] = {"name": name, **getattr(runners[1], "info", {}), **_summary(samples[name])}
-        ember, peer = report["ember"], report["peer"]
-        report["ratios"] = {
-            "sentences_per_s": _ratio(ember["sentences_per_s"]["median"], peer["sentences_per_s"]["median"]),
-            "latency": _ratio(ember["latency_s"]["median"], peer["latency_s"]["median"]),
-        }
-        ours, theirs = samples["ember"][0].embeddings, samples[name][0].embeddings
+        ours, theirs = samples["ember"][0].embeddings, samples[report["peer"]["name"]][0].embeddings
         similarity = rowwise_cosine(ours, theirs)
         worst = int(np.argmin(similarity))
         report["agreement"] = {"min_cosine": float(similarity[worst]), "mean_cosine": float(similarity.mean()),

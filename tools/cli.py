@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable
 from importlib import metadata
 
 logger = logging.getLogger("ember.tools")
@@ -75,6 +76,13 @@ def _add_threads(parser: argparse.ArgumentParser) -> None:
                         help="onnxruntime intra-op threads (default: the CPUs this process may use)")
 
 
+def _add_run_options(parser: argparse.ArgumentParser, handler: Callable[[argparse.Namespace], int]) -> None:
+    """The options of the commands that load and run a model (the model's, the threads), then the handler."""
+    _add_model_options(parser)
+    _add_threads(parser)
+    parser.set_defaults(handler=handler)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ember", description="ember: compile transformer models to ONNX artifacts and run them.",
                      epilog="Run `ember <command> --help` for a command's options.")
@@ -117,9 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
     p.add_argument("--no-chat-template", action="store_true", help="encode PROMPT as is, without the chat template")
     p.add_argument("--system", default=None, metavar="TEXT", help="a system message (with a chat template)")
-    _add_model_options(p)
-    _add_threads(p)
-    p.set_defaults(handler=cmd_generate)
+    _add_run_options(p, cmd_generate)
 
     p = commands.add_parser("embed", parents=[verbose], help="embed texts into vectors",
                             description="Embed each TEXT (or each line of --file) with an embeddings model. For "
@@ -135,9 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive, default=32, metavar="N", help="texts per model call (default: 32)")
     p.add_argument("--no-truncation", action="store_true",
                    help="fail on a text longer than the model's maximum instead of truncating it")
-    _add_model_options(p)
-    _add_threads(p)
-    p.set_defaults(handler=cmd_embed)
+    _add_run_options(p, cmd_embed)
 
     p = commands.add_parser("bench", parents=[verbose], help="measure latency, throughput and memory",
                             description="Benchmark a text-generation model at batch 1 (TTFT for a prompt of "
