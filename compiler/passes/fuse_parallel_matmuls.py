@@ -71,7 +71,7 @@ def fuse_parallel_matmuls(model: ir.Model) -> ir.Model:
         graph.register_initializer(weight)
         adds = [_bias_add(m) for m in matmuls]
         with_bias = all(a is not None for a in adds)
-        first = min(matmuls, key=lambda m: graph.index(m) if hasattr(graph, "index") else 0)
+        first = min(matmuls, key=graph.index)  # insert before the earliest, where x already exists
         fused = ir.Node("", "MatMul", [x, weight], outputs=[ir.Value(name=f"{name}/MatMul_output_0")],
                         name=f"/{name.removesuffix('.weight').replace('.', '/')}/MatMul")
         new_nodes = [fused]
