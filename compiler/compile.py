@@ -91,7 +91,7 @@ def compile_graph(graph: ir.Model, output_dir: str | Path, options: CompileOptio
     options.validate()
     target = get_target(options.target)
     start = time.perf_counter()
-    lowered = target.lower(graph)
+    lowered = target.lower(graph, options.encoding)
     total_bytes = sum(v.const_value.nbytes for v in lowered.graph.initializers.values() if v.const_value is not None)
 
     def populate(tmp: Path) -> dict[str, Any]:

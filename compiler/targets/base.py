@@ -24,9 +24,13 @@ class Target:
     kv_strategies: tuple[KVCacheStrategy, ...]
     encodings: tuple[str, ...]
     write: Callable[[ir.Model, Path, Progress | None], list[Path]]
-    extra: dict = field(default_factory=dict)
+    # Passes that run after ``passes`` for one encoding (quantization), by encoding name.
+    encoding_passes: dict[str, tuple[Pass, ...]] = field(default_factory=dict)
 
-    def lower(self, model: ir.Model) -> ir.Model:
-        for compiler_pass in self.passes:
+    def lower(self, model: ir.Model, encoding: str = "float32") -> ir.Model:
+        if encoding not in self.encodings:
+            raise ValueError(f"target {self.name} does not support encoding {encoding!r}; "
+                             f"supported: {', '.join(self.encodings)}")
+        for compiler_pass in self.passes + self.encoding_passes.get(encoding, ()):
             model = compiler_pass(model)
         return model

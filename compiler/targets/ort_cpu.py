@@ -19,6 +19,7 @@ from ..passes.cleanup import remove_unused
 from ..passes.fuse_parallel_matmuls import fuse_parallel_matmuls, pack_attention_qkv
 from ..passes.fuse_skip_rms_norm import fuse_skip_rms_norm
 from ..passes.lower_attention_gqa import lower_attention_to_gqa
+from ..passes.quantize_matmuls import quantize_matmuls
 from ..passes.pack_encoder_tokens import pack_encoder_tokens
 from .base import Progress, Target
 
@@ -45,6 +46,7 @@ ORT_CPU = Target(
     passes=(lower_attention_to_gqa, fuse_skip_rms_norm, fuse_parallel_matmuls, pack_attention_qkv, remove_unused,
             pack_encoder_tokens),
     kv_strategies=(KVCacheStrategy.CONTINUOUS,),
-    encodings=("float32",),
+    encodings=("float32", "q8_0", "q4_0"),
+    encoding_passes={"q8_0": (quantize_matmuls(8), remove_unused), "q4_0": (quantize_matmuls(4), remove_unused)},
     write=write_onnx,
 )

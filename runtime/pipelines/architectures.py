@@ -10,7 +10,9 @@ from .decoder import DecoderPipelineModel
 from .registry import PipelineRegistry, PipelineTask, RopeType, SupportedArchitecture
 from .tokenizer import TextTokenizer
 
-_LLAMA_ENCODINGS = {SupportedEncoding.float32: [KVCacheStrategy.CONTINUOUS]}
+_LLAMA_ENCODINGS = {SupportedEncoding.float32: [KVCacheStrategy.CONTINUOUS],
+                    SupportedEncoding.q8_0: [KVCacheStrategy.CONTINUOUS],
+                    SupportedEncoding.q4_0: [KVCacheStrategy.CONTINUOUS]}
 
 
 def _llama_family(name: str, examples: list[str], weights_format: WeightsFormat) -> SupportedArchitecture:
