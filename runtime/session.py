@@ -83,14 +83,14 @@ class LoadedModel:
         if name not in self._output_order:
             self._output_order.append(name)
 
-    def run(self) -> dict[str, ort.OrtValue]:
-        """Run with the current bindings; returns the bound outputs by name."""
+    def run(self) -> None:
+        """Run with the current bindings. Outputs bound to buffers are already in place; no per-step
+        wrapping of every output (the KV cache is ~60 of them)."""
         self.session.run_with_iobinding(self.binding)
-        return dict(zip(self._output_order, self.binding.get_outputs()))
 
-    def run_plain(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """A run without bindings (tests, one-off calls)."""
-        return self.session.run(None, feeds)
+    def output(self, name: str) -> ort.OrtValue:
+        """An output onnxruntime allocated in the last run (see :meth:`bind_output_to_host`)."""
+        return self.binding.get_outputs()[self._output_order.index(name)]
 
 
 class InferenceSession:

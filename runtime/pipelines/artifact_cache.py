@@ -84,7 +84,6 @@ def compile_source(source: ModelSource, architecture: "SupportedArchitecture", o
     """Build the architecture's graph from the checkpoint and compile it into ``directory``."""
     import json
 
-    options.validate()
     hf_config = source.hf_config()
     graph = architecture.graph_builder(hf_config, source.open_weights(), source.weights_format.value, options)
     kv = architecture.pipeline_model.get_kv_params(

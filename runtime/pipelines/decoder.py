@@ -196,7 +196,8 @@ class DecoderPipelineModel(PipelineModel, KVCacheMixin):
             outputs = ModelOutputs(next_token_logits=logits)
         else:
             model.bind_output_to_host("logits")
-            all_logits = model.run()["logits"].numpy()
+            model.run()
+            all_logits = model.output("logits").numpy()
             rows = np.arange(batch)
             outputs = ModelOutputs(next_token_logits=all_logits[rows, inputs.input_lengths - 1].copy(),
                                    logits=all_logits)

@@ -46,9 +46,3 @@ class PoolingConfig:
             elif kind.endswith(".Normalize"):
                 normalize = True
         return cls(mode, normalize, max_seq_length)
-
-    def files(self, directory: str | Path) -> list[Path]:
-        """The configuration files that decide pooling (hashed into the compile-cache key)."""
-        directory = Path(directory)
-        names = ["modules.json", "sentence_bert_config.json", "1_Pooling/config.json"]
-        return [directory / n for n in names if (directory / n).is_file()]
