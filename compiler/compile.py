@@ -12,6 +12,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 from tqdm.auto import tqdm
 
@@ -36,18 +37,35 @@ class CompileOptions:
     # the last hidden state) and L2-normalize the pooled vector.
     pooling: str | None = None
     normalize: bool = False
+    # Decoders: 0 keeps the KV cache in float; 8 keeps it in int8 with scales calibrated at compile time
+    # (where the target's attention kernel supports it: ort-cpu's GroupQueryAttention).
+    kv_cache_bit_width: int = 0
+    # PAGED: tokens per page (the granularity of allocation and of prefix sharing).
+    kv_cache_page_size: int = 16
 
     def to_json(self) -> dict[str, str]:
         return {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(self).items()}
 
     def validate(self) -> None:
         target = get_target(self.target)
+        if self.kv_cache_page_size < 1:
+            raise ValueError(f"kv_cache_page_size must be a positive number of tokens, not {self.kv_cache_page_size}")
         if self.kv_cache_strategy not in target.kv_strategies:
             raise ValueError(f"target {target.name} does not support the {self.kv_cache_strategy.value} KV cache; "
                              f"supported: {', '.join(s.value for s in target.kv_strategies)}")
         if self.encoding not in target.encodings:
             raise ValueError(f"target {target.name} does not support encoding {self.encoding!r}; "
                              f"supported: {', '.join(target.encodings)}")
+        if self.kv_cache_bit_width:
+            from .passes.lower_attention_gqa import kv_cache_bit_widths
+
+            widths = kv_cache_bit_widths(target)
+            if self.kv_cache_bit_width not in widths:
+                raise ValueError(f"target {target.name} does not support a {self.kv_cache_bit_width}-bit KV cache; "
+                                 f"supported kv_cache_bit_width: {', '.join(map(str, (0, *widths)))} (0: float)")
+            if self.kv_cache_strategy is not KVCacheStrategy.CONTINUOUS:
+                raise ValueError(f"a {self.kv_cache_bit_width}-bit KV cache needs the continuous KV cache strategy, "
+                                 f"not {self.kv_cache_strategy.value}")
 
 
 @functools.lru_cache(maxsize=1)
@@ -86,12 +104,18 @@ def describe_values(values) -> list[dict[str, Any]]:
 
 
 def compile_graph(graph: ir.Model, output_dir: str | Path, options: CompileOptions, manifest: dict[str, Any],
-                  write_extra_files: Callable[[Path], None] | None = None) -> Artifact:
-    """Lower ``graph`` for ``options.target`` and write the artifact to ``output_dir`` (atomically)."""
+                  write_extra_files: Callable[[Path], None] | None = None,
+                  calibration_tokens: tuple[list[np.ndarray], str] | None = None) -> Artifact:
+    """Lower ``graph`` for ``options.target`` and write the artifact to ``output_dir`` (atomically).
+
+    ``calibration_tokens`` (rows of ids, where they came from) calibrate an integer KV cache; without them it is
+    calibrated on random ids of the manifest's vocabulary."""
     options.validate()
     target = get_target(options.target)
     start = time.perf_counter()
     lowered = target.lower(graph, options.encoding)
+    if options.kv_cache_bit_width:
+        lowered, manifest = _quantize_kv_cache(lowered, options, manifest, calibration_tokens)
     total_bytes = sum(v.const_value.nbytes for v in lowered.graph.initializers.values() if v.const_value is not None)
 
     def populate(tmp: Path) -> dict[str, Any]:
@@ -116,3 +140,22 @@ def compile_graph(graph: ir.Model, output_dir: str | Path, options: CompileOptio
     logger.info("compiled %s for %s in %.1f s -> %s", manifest.get("architecture"), target.name,
                 time.perf_counter() - start, artifact.path)
     return artifact
+
+
+def _quantize_kv_cache(lowered: ir.Model, options: CompileOptions, manifest: dict[str, Any],
+                       calibration_tokens: tuple[list[np.ndarray], str] | None) -> tuple[ir.Model, dict[str, Any]]:
+    """Calibrate and quantize the KV cache; the manifest's ``kv_params.dtype`` is then the graph's cache type."""
+    from .calibration.kv_cache import calibrate_kv_cache
+    from .passes.lower_attention_gqa import gqa_kv_caches
+
+    tokens, source = calibration_tokens if calibration_tokens is not None else (None, "random")
+    limits = manifest.get("limits", {})
+    lowered, summary = calibrate_kv_cache(lowered, options.kv_cache_bit_width, tokens,
+                                          vocab_size=limits.get("vocab_size"), token_source=source,
+                                          max_tokens=limits.get("max_position_embeddings"))
+    manifest = {**manifest, "kv_cache_quantization": summary}
+    if "kv_params" in manifest:
+        cache = gqa_kv_caches(lowered)[0]
+        key = next(v for v in lowered.graph.inputs if v.name == cache.key)
+        manifest["kv_params"] = {**manifest["kv_params"], "dtype": np.dtype(key.dtype.numpy()).name}
+    return lowered, manifest

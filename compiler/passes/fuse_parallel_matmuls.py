@@ -4,7 +4,9 @@ At batch 1 a decode step is a chain of matrix-vector products; each kernel call 
 (thread-pool dispatch, packing), and one wide product streams the same weight bytes as several narrow
 ones. So ``MatMul(x, Wq), MatMul(x, Wk), MatMul(x, Wv)`` becomes ``Split(MatMul(x, [Wq|Wk|Wv]))``; when every
 product is followed by a bias ``Add``, the biases are concatenated too. The concatenated weight is a lazy
-tensor: it is built when the artifact is written, from the original (memory-mapped) arrays.
+tensor: it is built when the artifact is written, from the original (memory-mapped) arrays. Weights that
+the checkpoint stores block-quantized keep that form through the fusion (their rows are concatenated), so
+the quantization passes can still repack them exactly.
 """
 from __future__ import annotations
 
@@ -12,6 +14,9 @@ from collections import defaultdict
 
 import numpy as np
 import onnx_ir as ir
+
+from ember.graphs.ir.graph import BLOCKS_META
+from ember.graphs.weights.adapter import QuantizedBlocks
 
 from .base import nodes_of
 
@@ -47,6 +52,20 @@ def _concat_lazy(name: str, tensors: list[ir.TensorProtocol], axis: int) -> ir.V
     return ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(shape), const_value=lazy)
 
 
+def _block_type(value: ir.Value) -> str | None:
+    blocks = value.meta.get(BLOCKS_META)
+    return None if blocks is None else blocks.qtype
+
+
+def _concat_blocks(values: list[ir.Value]) -> QuantizedBlocks | None:
+    """The checkpoint blocks of ``[W1; W2; ...]`` (rows of the ``[out, in]`` weights), if every part has some."""
+    parts = [v.meta.get(BLOCKS_META) for v in values]
+    if any(p is None for p in parts) or len({(p.qtype, p.shape[1]) for p in parts}) != 1:
+        return None
+    shape = (sum(p.shape[0] for p in parts), parts[0].shape[1])
+    return QuantizedBlocks(parts[0].qtype, shape, lambda: np.concatenate([p.load() for p in parts], axis=0))
+
+
 def _fused_name(matmuls: list[ir.Node]) -> str:
     names = [m.inputs[1].name or "" for m in matmuls]
     prefix = names[0].rsplit(".", 2)[0] if names[0].count(".") >= 2 else "fused"
@@ -64,10 +83,15 @@ def fuse_parallel_matmuls(model: ir.Model) -> ir.Model:
     for matmuls in groups.values():
         if len(matmuls) < 2 or len({int(_constant(m.inputs[1]).shape[0]) for m in matmuls}) != 1:
             continue
+        if len({_block_type(m.inputs[1]) for m in matmuls}) != 1:
+            continue  # checkpoint blocks of different types (or some float): each stays repackable on its own
         x = matmuls[0].inputs[0]
         widths = [int(_constant(m.inputs[1]).shape[1]) for m in matmuls]
         name = _fused_name(matmuls)
         weight = _concat_lazy(name, [_constant(m.inputs[1]) for m in matmuls], axis=1)
+        blocks = _concat_blocks([m.inputs[1] for m in matmuls])
+        if blocks is not None:
+            weight.meta[BLOCKS_META] = blocks
         graph.register_initializer(weight)
         adds = [_bias_add(m) for m in matmuls]
         with_bias = all(a is not None for a in adds)

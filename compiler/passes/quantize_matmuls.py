@@ -3,27 +3,109 @@
 Decoding on a CPU is bound by the weight bytes read per token; 4-bit weights read 1/8 of float32's.
 Each MatMul whose right operand is a constant ``[K, N]`` weight (after the q|k|v and gate|up fusions) and
 the tied output projection (``Gemm(x, E, transB=1)``: ``E`` is already ``[N, K]``) are replaced by
-MatMulNBits over round-to-nearest blockwise codes (:func:`~ember.compiler.quantization.quantize_rtn`,
-symmetric, block 32). ``accuracy_level`` 4 (int8 activations inside the kernel) is the fast level for
-both widths on onnxruntime's CPU kernels: measured in ``compiler/quantization/matmul_nbits.py``, 8-bit at
-level 0 is 25-37x slower than float32 at decode, 4-bit level 4 is 2-4.5x faster. The embedding table
-stays float (a lookup reads one row per token). Quantization runs when the artifact is written: the
-packed arrays are lazy tensors computed once per weight.
+MatMulNBits. ``accuracy_level`` 4 (int8 activations inside the kernel) is the fast level for both widths
+on onnxruntime's CPU kernels: measured in ``compiler/quantization/matmul_nbits.py``, 8-bit at level 0 is
+25-37x slower than float32 at decode, 4-bit level 4 is 2-4.5x faster. The embedding table stays float
+(a lookup reads one row per token). Quantization runs when the artifact is written: the packed arrays
+are lazy tensors computed once per weight.
+
+Where the weights come from:
+
+* A weight the checkpoint stores in one of the ``keep_blocks`` GGUF types (the value's
+  ``meta[BLOCKS_META]``) is repacked as it is (:func:`~ember.compiler.quantization.from_gguf_blocks`):
+  Q4_0 and Q8_0 exactly, at their own width. **Q4_1** (``w = d * q + m``) has a float minimum per block
+  that MatMulNBits' integer zero points cannot express, and its float zero points disable onnxruntime's
+  prepacked kernels (about 20x slower than float32 at decode). The exact path used instead is the split
+  (:func:`~ember.compiler.quantization.q4_1_split`): ``MatMulNBits(A; d, q, zero point 0)`` plus
+  ``(A @ S) @ mins``, where ``A @ S`` sums A by blocks of 32 (``S [K, K/32]`` of ones and zeros), added to
+  it: three small nodes more per weight.
+* Every other float weight is quantized round-to-nearest, blockwise (block 32) at ``bits``.
 """
 from __future__ import annotations
 
 import functools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
+from gguf import GGMLQuantizationType
 
+from ember.graphs.ir.graph import BLOCKS_META
 from ember.graphs.ir.versions import MS_DOMAIN, MS_OPSET
 
-from ..quantization.matmul_nbits import PackedWeight, quantize_rtn
+from ..quantization.matmul_nbits import PackedWeight, from_gguf_blocks, q4_1_split, quantize_rtn
 from .base import Pass, nodes_of
+from .quantize_matmuls_qdq import PackSpec
+
+logger = logging.getLogger(__name__)
 
 ACCURACY_LEVEL = 4
 BLOCK_SIZE = 32
+#: GGUF block types that can be kept as they are, and the MatMulNBits width they become.
+BLOCK_BITS = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedWeight:
+    """A logical ``[N, K]`` weight as MatMulNBits inputs; ``mins`` ``[N, k_blocks]`` for the Q4_1 split."""
+
+    packed: PackedWeight
+    mins: np.ndarray | None = None
+
+
+class WeightPacker:
+    """``pack(weight_value, transposed)``: the quantized form of a constant 2-D float weight.
+
+    ``transposed``: the value is already ``[N, K]`` (a ``Gemm`` with ``transB=1``, or an embedding table);
+    else it is a MatMul's ``[K, N]``. Checkpoint blocks of a type in ``keep_blocks`` are repacked, the rest
+    is RTN at ``bits``. ``spec`` tells what ``pack`` will make without packing (the passes build the graph
+    first and pack when the model is written). ``only``: a predicate on the value; others stay float.
+    """
+
+    def __init__(self, bits: int, keep_blocks: tuple[str, ...] = (), symmetric: bool = True,
+                 only: Callable[[ir.Value], bool] | None = None):
+        unknown = set(keep_blocks) - set(BLOCK_BITS)
+        if unknown:
+            raise ValueError(f"cannot keep {', '.join(sorted(unknown))} blocks; supported: {', '.join(BLOCK_BITS)}")
+        self.bits, self.keep_blocks, self.symmetric, self.only = bits, tuple(keep_blocks), symmetric, only
+
+    def _kept(self, value: ir.Value):
+        blocks = value.meta.get(BLOCKS_META)
+        return blocks if blocks is not None and blocks.qtype in self.keep_blocks else None
+
+    def form(self, value: ir.Value) -> str:
+        """``Q4_1`` etc. for kept checkpoint blocks, ``rtn4`` / ``rtn8`` otherwise (for logs)."""
+        blocks = self._kept(value)
+        return blocks.qtype if blocks is not None else f"rtn{self.bits}"
+
+    def spec(self, value: ir.Value, transposed: bool) -> PackSpec | None:
+        if self.only is not None and not self.only(value):
+            return None
+        blocks = self._kept(value)
+        if blocks is not None:
+            split = blocks.qtype == "Q4_1"
+            return PackSpec(BLOCK_BITS[blocks.qtype], BLOCK_SIZE, "uint8" if split else None, split)
+        return PackSpec(self.bits, BLOCK_SIZE, None if self.symmetric else "uint8", False)
+
+    def __call__(self, value: ir.Value, transposed: bool) -> QuantizedWeight | None:
+        if self.only is not None and not self.only(value):
+            return None
+        blocks = self._kept(value)
+        if blocks is not None:
+            raw = blocks.load()
+            if blocks.qtype == "Q4_1":
+                return QuantizedWeight(*q4_1_split(raw, blocks.shape))
+            return QuantizedWeight(from_gguf_blocks(raw, GGMLQuantizationType[blocks.qtype], blocks.shape))
+        array = value.const_value.numpy()
+        return QuantizedWeight(quantize_rtn(np.ascontiguousarray(array if transposed else array.T), self.bits,
+                                            BLOCK_SIZE, symmetric=self.symmetric))
+
+
+def weight_packer(bits: int, keep_blocks: tuple[str, ...] = (), symmetric: bool = True,
+                  only: Callable[[ir.Value], bool] | None = None) -> WeightPacker:
+    return WeightPacker(bits, keep_blocks, symmetric, only)
 
 
 def _lazy(name: str, dtype: ir.DataType, shape: tuple[int, ...], make) -> ir.Value:
@@ -31,26 +113,12 @@ def _lazy(name: str, dtype: ir.DataType, shape: tuple[int, ...], make) -> ir.Val
     return ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(list(shape)), const_value=tensor)
 
 
-def _packed_inputs(graph: ir.Graph, weight: ir.TensorProtocol, name: str, transposed: bool, bits: int):
-    """Lazy ``B`` and ``scales`` initializers for a ``[K, N]`` (or, transposed, ``[N, K]``) float weight."""
-    n, k = (weight.shape[0], weight.shape[1]) if transposed else (weight.shape[1], weight.shape[0])
-    n, k = int(n), int(k)
+def quantize_matmuls(bits: int, keep_blocks: tuple[str, ...] = (), symmetric: bool = True,
+                     accuracy_level: int = ACCURACY_LEVEL) -> Pass:
+    """The pass for ``bits``-bit RTN weights (4 or 8), keeping checkpoint blocks of the ``keep_blocks`` types.
 
-    @functools.cache
-    def packed() -> PackedWeight:
-        array = weight.numpy()
-        return quantize_rtn(np.ascontiguousarray(array if transposed else array.T), bits, BLOCK_SIZE, symmetric=True)
-
-    k_blocks = -(-k // BLOCK_SIZE)
-    b = _lazy(f"{name}.q{bits}", ir.DataType.UINT8, (n, k_blocks, BLOCK_SIZE * bits // 8), lambda: packed().b)
-    scales = _lazy(f"{name}.scales", ir.DataType.FLOAT, (n * k_blocks,), lambda: packed().scales)
-    graph.register_initializer(b)
-    graph.register_initializer(scales)
-    return b, scales, n, k
-
-
-def quantize_matmuls(bits: int) -> Pass:
-    """The pass for ``bits``-bit weights (4 or 8)."""
+    ``accuracy_level`` 0 computes in float32 (for checking exactness; slow, see above)."""
+    pack = weight_packer(bits, keep_blocks, symmetric)
 
     def run(model: ir.Model) -> ir.Model:
         graph = model.graph
@@ -59,30 +127,103 @@ def quantize_matmuls(bits: int) -> Pass:
                        if node.attributes.get("transB") is not None and node.attributes["transB"].value == 1
                        and len(node.inputs) == 2]
         changed = False
+        kept: dict[str, int] = {}
         for node, transposed in candidates:
             weight_value = node.inputs[1]
             weight = weight_value.const_value if weight_value is not None else None
             if weight is None or len(weight.shape) != 2 or weight.dtype != ir.DataType.FLOAT:
                 continue
-            b, scales, n, k = _packed_inputs(graph, weight, weight_value.name, transposed, bits)
-            out = ir.Value(name=f"{node.name}/MatMulNBits_output_0")
-            new = ir.Node(MS_DOMAIN, "MatMulNBits", [node.inputs[0], b, scales],
-                          [ir.AttrInt64("K", k), ir.AttrInt64("N", n), ir.AttrInt64("bits", bits),
-                           ir.AttrInt64("block_size", BLOCK_SIZE), ir.AttrInt64("accuracy_level", ACCURACY_LEVEL)],
-                          outputs=[out], name=f"{node.name}/MatMulNBits")
-            old = node.outputs[0]
-            out.shape, out.type = old.shape, old.type
-            graph.insert_before(node, new)
-            is_output = any(v is old for v in graph.outputs)
-            ir.convenience.replace_all_uses_with(old, out, replace_graph_outputs=True)
-            if is_output:  # the graph output keeps its name (``logits``)
-                name, old.name = old.name, None
-                out.name = name
-            graph.remove(node, safe=True)
+            spec = pack.spec(weight_value, transposed)
+            _replace(graph, node, weight_value, transposed, pack,
+                     (spec.bits, spec.zero_points is not None, spec.mins), accuracy_level)
+            form = pack.form(weight_value)
+            kept[form] = kept.get(form, 0) + 1
             changed = True
         if changed:
             graph.opset_imports[MS_DOMAIN] = MS_OPSET
+            logger.info("MatMulNBits weights: %s", ", ".join(f"{n} {form}" for form, n in sorted(kept.items())))
         return model
 
-    run.__name__ = f"quantize_matmuls_{bits}bit"
+    run.__name__ = f"quantize_matmuls_{bits}bit" + (f"_keep_{'_'.join(keep_blocks)}" if keep_blocks else "")
     return run
+
+
+def _replace(graph: ir.Graph, node: ir.Node, weight_value: ir.Value, transposed: bool, pack: WeightPacker,
+             form: tuple[int, bool, bool], accuracy_level: int) -> None:
+    """Put ``MatMulNBits`` (plus the Q4_1 minima term) where the float ``node`` was."""
+    bits, has_zero_points, has_mins = form
+    shape = weight_value.const_value.shape
+    n, k = (int(shape[0]), int(shape[1])) if transposed else (int(shape[1]), int(shape[0]))
+    k_blocks = -(-k // BLOCK_SIZE)
+    name = weight_value.name
+    packed = functools.cache(lambda: pack(weight_value, transposed))
+
+    def checked() -> QuantizedWeight:
+        result = packed()
+        if (result.packed.bits, result.packed.zero_points is not None, result.mins is not None) != form:
+            raise AssertionError(f"{name}: packed as {result.packed.bits}-bit, not as planned {form}")
+        return result
+
+    inputs = [node.inputs[0],
+              _lazy(f"{name}.q{bits}", ir.DataType.UINT8, (n, k_blocks, BLOCK_SIZE * bits // 8),
+                    lambda: checked().packed.b),
+              _lazy(f"{name}.scales", ir.DataType.FLOAT, (n * k_blocks,),
+                    lambda: checked().packed.scales.astype(np.float32))]
+    if has_zero_points:
+        zp_size = n * (-(-k_blocks // 2) if bits == 4 else k_blocks)
+        inputs.append(_lazy(f"{name}.zero_points", ir.DataType.UINT8, (zp_size,),
+                            lambda: checked().packed.zero_points))
+    for value in inputs[1:]:
+        graph.register_initializer(value)
+    out = ir.Value(name=f"{node.name}/MatMulNBits_output_0")
+    new_nodes = [ir.Node(MS_DOMAIN, "MatMulNBits", inputs,
+                         [ir.AttrInt64("K", k), ir.AttrInt64("N", n), ir.AttrInt64("bits", bits),
+                          ir.AttrInt64("block_size", BLOCK_SIZE), ir.AttrInt64("accuracy_level", accuracy_level)],
+                         outputs=[out], name=f"{node.name}/MatMulNBits")]
+    old = node.outputs[0]
+    out.shape, out.type = old.shape, old.type
+    if has_mins:
+        out = _add_minima_term(graph, node, new_nodes, out, name, n, k,
+                               lambda: np.ascontiguousarray(checked().mins.T.astype(np.float32)))
+        out.shape, out.type = old.shape, old.type
+    graph.insert_before(node, new_nodes)
+    is_output = any(v is old for v in graph.outputs)
+    ir.convenience.replace_all_uses_with(old, out, replace_graph_outputs=True)
+    if is_output:  # the graph output keeps its name (``logits``)
+        output_name, old.name = old.name, None
+        out.name = output_name
+    graph.remove(node, safe=True)
+
+
+def _block_indicator(graph: ir.Graph, k: int) -> ir.Value:
+    """``S [K, K/32]`` with ``S[i, j] = 1`` where element ``i`` is in block ``j``: ``x @ S`` sums x by blocks.
+
+    One MatMul instead of Reshape + ReduceSum (fewer nodes per step); shared by every weight with this K."""
+    name = f"ember.block_indicator.{k}x{BLOCK_SIZE}"
+    if name in graph.initializers:
+        return graph.initializers[name]
+    k_blocks = k // BLOCK_SIZE
+    indicator = np.repeat(np.eye(k_blocks, dtype=np.float32), BLOCK_SIZE, axis=0)
+    value = ir.Value(name=name, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([k, k_blocks]),
+                     const_value=ir.tensor(indicator, name=name))
+    graph.register_initializer(value)
+    return value
+
+
+def _add_minima_term(graph: ir.Graph, node: ir.Node, new_nodes: list[ir.Node], product: ir.Value, name: str,
+                     n: int, k: int, mins_t) -> ir.Value:
+    """``product + (x @ S) @ mins.T``: the Q4_1 block minima, exactly (``x @ S`` sums ``x`` by blocks)."""
+    if k % BLOCK_SIZE:
+        raise ValueError(f"{name}: Q4_1 rows of {k} are not whole blocks of {BLOCK_SIZE}")
+    mins = _lazy(f"{name}.mins", ir.DataType.FLOAT, (k // BLOCK_SIZE, n), mins_t)
+    graph.register_initializer(mins)
+    prefix = node.name
+    sums = ir.Value(name=f"{prefix}/BlockSum_output_0")
+    offsets = ir.Value(name=f"{prefix}/BlockMins_output_0")
+    total = ir.Value(name=f"{prefix}/AddMins_output_0")
+    new_nodes += [
+        ir.Node("", "MatMul", [node.inputs[0], _block_indicator(graph, k)], outputs=[sums], name=f"{prefix}/BlockSum"),
+        ir.Node("", "MatMul", [sums, mins], outputs=[offsets], name=f"{prefix}/BlockMins"),
+        ir.Node("", "Add", [product, offsets], outputs=[total], name=f"{prefix}/AddMins"),
+    ]
+    return total

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["DEFAULT_ZERO_POINT", "pack_codes", "pack_zero_points", "unpack_codes", "unpack_zero_points"]
+__all__ = ["DEFAULT_ZERO_POINT", "pack_codes", "pack_onnx_4bit", "pack_zero_points", "unpack_codes",
+           "unpack_zero_points"]
 
 #: The zero point MatMulNBits assumes when the input is absent.
 DEFAULT_ZERO_POINT = {4: 8, 8: 128}
@@ -61,3 +62,16 @@ def unpack_zero_points(zp: np.ndarray | None, bits: int, n: int, k_blocks: int) 
     if bits == 8:
         return zp.reshape(n, k_blocks).astype(np.float32)
     return unpack_codes(zp.reshape(n, -1), 4)[:, :k_blocks].astype(np.float32)
+
+
+def pack_onnx_4bit(values: np.ndarray) -> np.ndarray:
+    """Integers in [-8, 15] of any shape -> the raw bytes of an ONNX INT4/UINT4 tensor of that shape.
+
+    ONNX packs 4-bit tensors over the flattened (row-major) elements, element ``2j`` in the low nibble of
+    byte ``j``, an odd count padded with a zero nibble; a negative value is stored as its two's complement
+    nibble (``-8`` -> ``0x8``). Returns uint8 ``[ceil(size / 2)]``.
+    """
+    flat = (np.asarray(values).reshape(-1).astype(np.int16) & 0x0F).astype(np.uint8)
+    if flat.size % 2:
+        flat = np.concatenate([flat, np.zeros(1, np.uint8)])
+    return pack_codes(flat, 4)

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from .base import Target
 from .ort_cpu import ORT_CPU
+from .ort_cpu_qdq import ORT_CPU_QDQ
 
-TARGETS: dict[str, Target] = {t.name: t for t in (ORT_CPU,)}
+TARGETS: dict[str, Target] = {t.name: t for t in (ORT_CPU, ORT_CPU_QDQ)}
 
 
 def get_target(name: str) -> Target:

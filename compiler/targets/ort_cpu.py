@@ -1,6 +1,7 @@
 """``ort-cpu``: onnxruntime's CPU execution provider, the default target.
 
-Lowering: ``ember.CachedAttention`` -> ``com.microsoft.GroupQueryAttention`` (in-place KV cache), then
+Lowering: ``ember.CachedAttention`` -> ``com.microsoft.GroupQueryAttention`` (in-place KV cache), or
+``ember.PagedAttention`` (PAGED) -> ScatterND into the page pool (in place) + Gather + explicit attention, then
 fusions: residual add + RMSNorm into ``SkipSimplifiedLayerNormalization``; MatMuls that share their input
 (q/k/v, gate/up) into one wide MatMul, whose q|k|v product GroupQueryAttention takes packed. The model is written as
 ``model.onnx`` with its weights in ``model.onnx.data`` (external data, 64-byte aligned so onnxruntime
@@ -13,13 +14,16 @@ from pathlib import Path
 
 import onnx_ir as ir
 
+from ember.graphs.ir.graph import BLOCKS_META, TOKEN_EMBEDDING_META
 from ember.graphs.nn.kv_cache import KVCacheStrategy
 
 from ..passes.cleanup import remove_unused
 from ..passes.fuse_parallel_matmuls import fuse_parallel_matmuls, pack_attention_qkv
 from ..passes.fuse_skip_rms_norm import fuse_skip_rms_norm
 from ..passes.lower_attention_gqa import lower_attention_to_gqa
-from ..passes.quantize_matmuls import quantize_matmuls
+from ..passes.lower_paged_attention import lower_paged_attention
+from ..passes.quantize_embedding import quantize_embedding
+from ..passes.quantize_matmuls import quantize_matmuls, weight_packer
 from ..passes.pack_encoder_tokens import pack_encoder_tokens
 from .base import Progress, Target
 
@@ -40,13 +44,34 @@ def write_onnx(model: ir.Model, rank_dir: Path, progress: Progress | None = None
     return files
 
 
+def _kept_token_embedding(keep_blocks: tuple[str, ...]):
+    def test(value) -> bool:
+        blocks = value.meta.get(BLOCKS_META)
+        return bool(value.meta.get(TOKEN_EMBEDDING_META)) and blocks is not None and blocks.qtype in keep_blocks
+    return test
+
+
+def _quantized(bits: int, keep_blocks: tuple[str, ...], symmetric: bool = True) -> tuple:
+    """The passes of one weight encoding: every weight MatMul (and the tied head) -> MatMulNBits at ``bits``.
+
+    A GGUF's own blocks of the ``keep_blocks`` types are kept as they are (``q8_0`` / ``q4_0`` keep only
+    their own type; ``q4_1`` is the GGUF's own quantization: its Q4_0, Q4_1 and Q8_0 blocks, other weights
+    asymmetric 4-bit RTN). A token-embedding table kept that way is looked up with GatherBlockQuantized
+    (exact, and a quarter of float32's bytes); an RTN table stays float, since quantizing the lookup adds
+    error (8-bit: tiny Llama's q8_0 logits 1.8e-2 -> 2.4e-2 relative) where it saves no decode time."""
+    return (quantize_matmuls(bits, keep_blocks, symmetric),
+            quantize_embedding(weight_packer(8, keep_blocks, only=_kept_token_embedding(keep_blocks))),
+            remove_unused)
+
+
 ORT_CPU = Target(
     name="ort-cpu",
     description="onnxruntime, CPU execution provider",
-    passes=(lower_attention_to_gqa, fuse_skip_rms_norm, fuse_parallel_matmuls, pack_attention_qkv, remove_unused,
-            pack_encoder_tokens),
-    kv_strategies=(KVCacheStrategy.CONTINUOUS,),
-    encodings=("float32", "q8_0", "q4_0"),
-    encoding_passes={"q8_0": (quantize_matmuls(8), remove_unused), "q4_0": (quantize_matmuls(4), remove_unused)},
+    passes=(lower_attention_to_gqa, lower_paged_attention, fuse_skip_rms_norm, fuse_parallel_matmuls,
+            pack_attention_qkv, remove_unused, pack_encoder_tokens),
+    kv_strategies=(KVCacheStrategy.CONTINUOUS, KVCacheStrategy.PAGED),
+    encodings=("float32", "q8_0", "q4_0", "q4_1"),
+    encoding_passes={"q8_0": _quantized(8, ("Q8_0",)), "q4_0": _quantized(4, ("Q4_0",)),
+                     "q4_1": _quantized(4, ("Q4_0", "Q4_1", "Q8_0"), symmetric=False)},
     write=write_onnx,
 )

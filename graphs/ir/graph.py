@@ -18,6 +18,11 @@ import onnx_ir as ir
 
 from .versions import IR_VERSION, OPSET_IMPORTS
 
+#: ``ir.Value.meta`` key of a weight's checkpoint-quantized blocks (not serialized).
+BLOCKS_META = "ember.quantized_blocks"
+#: ``ir.Value.meta`` key set on a token-embedding table (the one quantization may turn into a quantized lookup).
+TOKEN_EMBEDDING_META = "ember.token_embedding"
+
 _ACTIVE: list["Graph"] = []
 
 Dim = int | str | None
@@ -94,10 +99,12 @@ class Graph:
         return value
 
     def add_weight(self, name: str, dtype: ir.DataType, shape: Sequence[int],
-                   load: Callable[[], np.ndarray]) -> ir.Value:
+                   load: Callable[[], np.ndarray], blocks: Any = None) -> ir.Value:
         """An initializer whose data is produced by ``load`` only when the model is serialized.
 
-        The same name twice returns the same value, so tied weights are stored once.
+        The same name twice returns the same value, so tied weights are stored once. ``blocks`` (the
+        checkpoint's quantized form, a :class:`~ember.graphs.weights.adapter.QuantizedBlocks`) is kept in
+        the value's ``meta[BLOCKS_META]`` for the compiler's quantization passes.
         """
         if name in self.initializers:
             return self.initializers[name]
@@ -110,6 +117,8 @@ class Graph:
 
         tensor = ir.LazyTensor(materialize, dtype=dtype, shape=ir.Shape(list(shape)), name=name)
         value = ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(list(shape)), const_value=tensor)
+        if blocks is not None:
+            value.meta[BLOCKS_META] = blocks
         self.initializers[name] = value
         return value
 

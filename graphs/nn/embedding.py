@@ -4,6 +4,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from ..ir import ops
+from ..ir.graph import TOKEN_EMBEDDING_META
 from ..weights.adapter import WeightRef
 from .layer import Layer
 
@@ -18,4 +19,6 @@ class Embedding(Layer):
 
     def __call__(self, ids: ir.Value) -> ir.Value:
         with self.scope():
-            return ops.gather(self.weight(self.table), ids, axis=0)
+            table = self.weight(self.table)
+            table.meta[TOKEN_EMBEDDING_META] = True
+            return ops.gather(table, ids, axis=0)

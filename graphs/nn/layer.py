@@ -17,7 +17,7 @@ class Layer:
 
     def weight(self, ref: WeightRef) -> ir.Value:
         """The weight as an initializer of the active graph (loaded only when the model is written)."""
-        return current_graph().add_weight(ref.name, FLOAT, ref.shape, ref.load)
+        return current_graph().add_weight(ref.name, FLOAT, ref.shape, ref.load, ref.blocks)
 
     def scope(self):
         return current_graph().scope(self.name)

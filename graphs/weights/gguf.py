@@ -101,6 +101,21 @@ class GGUFWeights:
                              f"gguf package does not know")
         return qtype
 
+    def block_type(self, name: str) -> str | None:
+        """The GGML block type name (``Q4_1``, ``Q8_0``, ...) of a block-quantized tensor, else None.
+
+        Float (F32/F16/BF16/F64) and integer tensors are not block-quantized."""
+        qtype = self.qtype(name)
+        return None if qtype in _TYPED or qtype == GGMLQuantizationType.BF16 else qtype.name
+
+    def raw_blocks(self, name: str) -> np.ndarray:
+        """A block-quantized tensor's bytes as uint8 ``[rows, bytes_per_row]`` (zero-copy, read-only)."""
+        if self.block_type(name) is None:
+            raise ValueError(f"{self.path}: tensor {name!r} is {self.qtype(name).name}, not block-quantized")
+        shape = self.shape(name)
+        rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+        return self._data(name).reshape(rows, -1)
+
     def nbytes(self, name: str) -> int:
         """Bytes the tensor occupies in the file."""
         self.qtype(name)  # KeyError / ValueError for unknown names / types

@@ -18,7 +18,7 @@ from ember.compiler.artifact import Artifact
 from ember.compiler.hashing import HashMemo
 from ember.graphs.nn.kv_cache import KVCacheStrategy
 
-from .config import PipelineConfig
+from .config import BLOCK_ENCODINGS, NATIVE_ENCODINGS, PipelineConfig, SupportedEncoding
 from .model_source import ModelSource
 from .tokenizer import export_tokenizer
 
@@ -43,21 +43,56 @@ def source_sha256(source: ModelSource, cache_dir: Path) -> str:
     return digest.hexdigest()
 
 
+def resolve_encoding(pipeline_config: PipelineConfig, architecture: "SupportedArchitecture",
+                     source: ModelSource) -> str:
+    """The encoding asked for, else the GGUF's own (its dominant block type), else the architecture's default.
+
+    Encodings that keep a checkpoint's blocks (``q4_1``, ``q4_k``) must find such blocks in the source.
+    """
+    from ember.compiler.targets import get_target
+
+    on_target = get_target(pipeline_config.target).encodings
+    supported = [str(getattr(e, "value", e)) for e in architecture.supported_encodings]
+    supported = [e for e in supported if e in on_target]
+    block_types = source.block_types()
+    encoding = pipeline_config.encoding
+    if encoding is None:
+        native = NATIVE_ENCODINGS.get(max(block_types, key=block_types.get)) if block_types else None
+        encoding = native if native is not None and native.value in supported else architecture.default_encoding
+    encoding = SupportedEncoding(getattr(encoding, "value", encoding))
+    if encoding.value not in supported:
+        raise ValueError(f"{architecture.name} on {pipeline_config.target} does not support encoding "
+                         f"{encoding.value!r}; supported: {', '.join(supported)}")
+    needed = BLOCK_ENCODINGS.get(encoding)
+    if needed is not None and needed not in block_types:
+        have = ", ".join(sorted(block_types)) or "none (float weights)"
+        raise ValueError(f"encoding {encoding.value!r} keeps a GGUF's own {needed} blocks, but {source.path} "
+                         f"has no {needed} weights (its block types: {have}); for round-to-nearest quantization "
+                         f"use q4_0 or q8_0")
+    return encoding.value
+
+
 def compile_options(pipeline_config: PipelineConfig, architecture: "SupportedArchitecture",
                     source: ModelSource) -> CompileOptions:
-    encoding = pipeline_config.encoding or architecture.default_encoding
-    encoding = getattr(encoding, "value", encoding)
-    strategies = architecture.supported_encodings.get(encoding)
-    if strategies is None:
-        raise ValueError(f"{architecture.name} does not support encoding {encoding!r}; supported: "
-                         f"{', '.join(str(getattr(e, 'value', e)) for e in architecture.supported_encodings)}")
+    encoding = resolve_encoding(pipeline_config, architecture, source)
+    strategies = architecture.supported_encodings.get(SupportedEncoding(encoding))
     strategy = pipeline_config.kv_cache_strategy or (strategies[0] if strategies else KVCacheStrategy.CONTINUOUS)
     if strategies and strategy not in strategies:
         raise ValueError(f"{architecture.name} with {encoding} supports KV cache strategies "
                          f"{', '.join(s.value for s in strategies)}, not {KVCacheStrategy(strategy).value}")
+    if pipeline_config.kv_cache_bit_width and not strategies:
+        raise ValueError(f"{architecture.name} has no KV cache: kv_cache_bit_width applies to text-generation "
+                         f"models (supported: 0, the float cache)")
     extra = architecture.pipeline_model.graph_options(pipeline_config, source)
-    return CompileOptions(target=pipeline_config.target, encoding=encoding, kv_cache_strategy=strategy,
-                          return_logits=pipeline_config.return_logits, **extra)
+    paged = KVCacheStrategy(strategy) is KVCacheStrategy.PAGED
+    page_size = pipeline_config.kv_cache_page_size if paged else CompileOptions.kv_cache_page_size
+    options = CompileOptions(target=pipeline_config.target, encoding=encoding, kv_cache_strategy=strategy,
+                             return_logits=pipeline_config.return_logits,
+                             kv_cache_bit_width=pipeline_config.kv_cache_bit_width, kv_cache_page_size=page_size,
+                             **extra)
+    if options.kv_cache_bit_width:
+        options.validate()  # an unsupported width fails before the graph is built and calibrated
+    return options
 
 
 def ensure_artifact(pipeline_config: PipelineConfig, architecture: "SupportedArchitecture",
@@ -101,11 +136,35 @@ def compile_source(source: ModelSource, architecture: "SupportedArchitecture", o
         "pooling": {"mode": options.pooling, "normalize": options.normalize} if options.pooling else None,
     }
     if kv is not None:
+        # a paged graph records the page size it was built with
+        page_size = int(graph.graph.metadata_props.get("ember.kv_page_size", kv.page_size))
         manifest["kv_params"] = {"dtype": kv.dtype, "n_kv_heads": kv.n_kv_heads, "head_dim": kv.head_dim,
-                                 "num_layers": kv.num_layers, "page_size": kv.page_size}
+                                 "num_layers": kv.num_layers, "page_size": page_size}
 
     def write_extra_files(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(hf_config.to_dict(), indent=2, default=str))
         export_tokenizer(source, tmp / "tokenizer", hf_config)
 
-    return compile_graph(graph, directory, options, manifest, write_extra_files)
+    calibration = kv_calibration_tokens(source, hf_config, max_positions) if options.kv_cache_bit_width else None
+    return compile_graph(graph, directory, options, manifest, write_extra_files, calibration)
+
+
+def kv_calibration_tokens(source: ModelSource, hf_config: Any, max_positions: int) -> tuple[Any, str]:
+    """The KV cache calibration text in the model's own tokenizer, as a chat user message where the model has a
+    chat template (so its special tokens are calibrated too); random ids if the tokenizer does not know English."""
+    import tempfile
+
+    from ember.compiler.calibration.kv_cache import CALIBRATION_TOKENS, calibration_tokens
+
+    from .tokenizer import TextTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="ember-tokenizer-") as tmp:
+        export_tokenizer(source, Path(tmp), hf_config)
+        tokenizer = TextTokenizer(tmp)
+
+    def encode(text: str) -> list[int]:
+        if tokenizer.has_chat_template:
+            return tokenizer.apply_chat_template([{"role": "user", "content": text}])
+        return tokenizer.encode(text)
+
+    return calibration_tokens(encode, hf_config.vocab_size, min(CALIBRATION_TOKENS, max_positions))

@@ -11,15 +11,24 @@ from ember.graphs.nn.transformer import ReturnLogits
 
 
 class SupportedEncoding(str, enum.Enum):
-    """Weight encodings (the quantization issue adds the integer ones to the targets)."""
+    """Weight encodings. ``q8_0`` / ``q4_0``: 8- / 4-bit blocks of 32, from any weights (round to nearest,
+    or a GGUF's own blocks of that type); ``q4_1`` / ``q4_k``: a GGUF's own blocks of that type, kept."""
 
     float32 = "float32"
     bfloat16 = "bfloat16"
     float16 = "float16"
     q8_0 = "q8_0"
     q4_0 = "q4_0"
+    q4_1 = "q4_1"
     q4_k = "q4_k"
     gptq = "gptq"
+
+
+#: Encodings that keep a checkpoint's own GGML blocks: they apply only where the checkpoint has them.
+BLOCK_ENCODINGS = {SupportedEncoding.q4_1: "Q4_1", SupportedEncoding.q4_k: "Q4_K"}
+#: A GGUF's dominant block type -> the encoding that runs it as it is (its default encoding).
+NATIVE_ENCODINGS = {"Q4_0": SupportedEncoding.q4_0, "Q4_1": SupportedEncoding.q4_1,
+                    "Q8_0": SupportedEncoding.q8_0, "Q4_K": SupportedEncoding.q4_k}
 
 
 class WeightsFormat(str, enum.Enum):
@@ -54,6 +63,12 @@ class PipelineConfig:
     num_threads: int | None = None
     return_logits: ReturnLogits = ReturnLogits.LAST_TOKEN
     kv_cache_bytes: int | None = None
+    # PAGED: at most this many pages (besides the byte cap), and whether full pages are shared by prefix.
+    kv_cache_pages: int | None = None
+    enable_prefix_caching: bool = True
+    kv_cache_page_size: int = 16
+    # 0: float KV cache; 8: int8 with scales calibrated at compile time (ort-cpu, continuous strategy).
+    kv_cache_bit_width: int = 0
     force_compile: bool = False
     # Embeddings: pool (and normalize, as the model's sentence-transformers config says) inside the graph,
     # and truncate inputs longer than the model's maximum (False: reject them).
@@ -74,5 +89,9 @@ class PipelineConfig:
         self.cache_dir = Path(self.cache_dir) if self.cache_dir else default_cache_dir()
         if self.max_length is not None and self.max_length < 1:
             raise ValueError(f"max_length must be positive, got {self.max_length}")
+        if not isinstance(self.kv_cache_bit_width, int) or self.kv_cache_bit_width < 0:  # the target names its own
+            raise ValueError(f"kv_cache_bit_width must be 0 (float) or a bit width; got {self.kv_cache_bit_width!r}")
+        if self.kv_cache_pages is not None and self.kv_cache_pages < 1:
+            raise ValueError(f"kv_cache_pages must be positive, got {self.kv_cache_pages}")
         if self.max_batch_size is not None and self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be positive, got {self.max_batch_size}")

@@ -91,6 +91,17 @@ class ModelSource:
         from ember.graphs.weights.gguf import GGUFWeights
         return GGUFWeights(self.path)
 
+    def block_types(self) -> dict[str, int]:
+        """Bytes per GGML block type (``Q4_1``, ``Q8_0``, ...) of the block-quantized matrices in a GGUF; {} else."""
+        if self.kind != "gguf":
+            return {}
+        weights, totals = self.gguf, {}
+        for name in weights.keys():
+            qtype = weights.block_type(name)
+            if qtype is not None and len(weights.shape(name)) == 2:
+                totals[qtype] = totals.get(qtype, 0) + weights.nbytes(name)
+        return totals
+
     def open_weights(self):
         if self.kind == "gguf":
             return self.gguf

@@ -61,3 +61,24 @@ def test_quantized_last_token_graph_generates(tiny):
         tokens = pipe.generate_tokens([PROMPT, PROMPT[:5]], SamplingParams(max_new_tokens=6, ignore_eos=True))
         assert [len(t) for t in tokens] == [6, 6]
         assert pipe.pipeline_model.artifact.manifest["graph"]["outputs"][0]["name"] == "logits"
+
+
+def test_qdq_target_runs_the_same_codes_as_matmulnbits(tiny):
+    """``ort-cpu-qdq`` writes DequantizeLinear + MatMul; onnxruntime fuses it into the same MatMulNBits."""
+    directory, cache = tiny
+    results = {}
+    for target in ("ort-cpu", "ort-cpu-qdq"):
+        pipe = PIPELINE_REGISTRY.retrieve(PipelineConfig(model_path=directory, cache_dir=cache, max_batch_size=1,
+                                                         encoding="q4_0", target=target,
+                                                         return_logits=ReturnLogits.ALL))[1]
+        model = pipe.pipeline_model
+        ctx = pipe.new_context(PROMPT)
+        results[target] = model.execute(model.prepare_initial_token_inputs([ctx])).logits[0]
+        model.release(ctx.request_id)
+        ops = [n.op_type for n in onnx.load(str(model.artifact.rank_model(0)), load_external_data=False).graph.node]
+        assert ("DequantizeLinear" in ops) == (target == "ort-cpu-qdq")
+        assert ("MatMulNBits" in ops) == (target == "ort-cpu")
+    np.testing.assert_allclose(results["ort-cpu-qdq"], results["ort-cpu"], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="does not support encoding 'q4_1'"):
+        PIPELINE_REGISTRY.retrieve(PipelineConfig(model_path=directory, cache_dir=cache, target="ort-cpu-qdq",
+                                                  encoding="q4_1"))

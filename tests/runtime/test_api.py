@@ -52,8 +52,10 @@ def test_builtin_architectures():  # the text-generation ones
         if arch.task is not PipelineTask.TEXT_GENERATION:
             continue
         assert arch.task is PipelineTask.TEXT_GENERATION
-        assert arch.supported_encodings[SupportedEncoding.float32] == [KVCacheStrategy.CONTINUOUS]
-        assert set(arch.supported_encodings) == {SupportedEncoding.float32, SupportedEncoding.q8_0, SupportedEncoding.q4_0}
+        assert arch.supported_encodings[SupportedEncoding.float32] == [KVCacheStrategy.CONTINUOUS,
+                                                                        KVCacheStrategy.PAGED]
+        assert set(arch.supported_encodings) == {SupportedEncoding.float32, SupportedEncoding.q8_0, SupportedEncoding.q4_0,
+                                                SupportedEncoding.q4_1}
     assert get_pipeline_for_task(PipelineTask.TEXT_GENERATION) is TextGenerationPipeline
     assert get_pipeline_for_task(PipelineTask.EMBEDDINGS_GENERATION).__name__ == "EmbeddingsPipeline"
     with pytest.raises(ValueError, match="no pipeline"):
