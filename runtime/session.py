@@ -20,6 +20,8 @@ from ember.compiler.artifact import Artifact, verify_artifact
 
 logger = logging.getLogger(__name__)
 
+_ORT_ELEMENT_TYPES = {"float": "float32", "double": "float64"}  # onnxruntime's names that numpy spells otherwise
+
 
 @dataclass(frozen=True)
 class Device:
@@ -56,6 +58,14 @@ class LoadedModel:
         self.binding = session.io_binding()
         self._bound_buffers: dict[str, int] = {}
         self._output_order: list[str] = []  # onnxruntime returns outputs in first-bound order
+
+    def input_dtype(self, name: str) -> np.dtype:
+        """The numpy dtype the graph declares for input ``name`` (a buffer bound to it must have it)."""
+        for value in self.session.get_inputs():
+            if value.name == name:
+                element = value.type.removeprefix("tensor(").removesuffix(")")
+                return np.dtype(_ORT_ELEMENT_TYPES.get(element, element))
+        raise KeyError(f"the graph has no input {name!r}")
 
     def bind_input(self, name: str, array: np.ndarray) -> None:
         """Bind a small host array as an input (onnxruntime reads it in place)."""

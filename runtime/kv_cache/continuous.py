@@ -8,7 +8,11 @@ one sequence's tokens are copied, once), and :meth:`arrange` swaps slots when a 
 consecutive run.
 
 Buffers are created with ``np.zeros``, whose pages the OS maps lazily: untouched capacity costs address
-space, not memory.
+space, not memory. Their element type is ``params.dtype``, the type the artifact's graph declares for its
+cache: float32, or int8 for an artifact compiled with ``kv_cache_bit_width=8`` (the attention kernel
+quantizes what it writes and dequantizes what it reads; moving slots copies the int8 codes as they are,
+since the scales are the same for every slot). So a token costs ``params.bytes_per_token`` (1 byte per
+element in int8) and :attr:`bytes_per_slot` is what one sequence of ``max_seq_len`` tokens reserves.
 """
 from __future__ import annotations
 
@@ -52,6 +56,11 @@ class ContinuousKVCacheManager:
     @property
     def free_slots(self) -> int:
         return self.max_batch_size - self.num_active
+
+    @property
+    def bytes_per_slot(self) -> int:
+        """Bytes one slot (one sequence of up to ``max_seq_len`` tokens) takes over all layers, K and V."""
+        return self.max_seq_len * self.params.bytes_per_token
 
     @property
     def nbytes(self) -> int:
