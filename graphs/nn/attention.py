@@ -1,12 +1,25 @@
-"""Self-attention over the KV cache, with grouped-query heads: q/k/v projections, ``ember.CachedAttention``, o_proj."""
+"""Self-attention over the KV cache, with grouped-query heads: q/k/v projections, ``ember.CachedAttention``
+(contiguous cache) or ``ember.PagedAttention`` (page pool), o_proj."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import onnx_ir as ir
 
 from ..ir.custom import attention as attention_op
+from ..ir.custom import paged_attention as paged_attention_op
 from .linear import Linear
 from .layer import Layer
 from .rotary import RotaryEmbedding
+
+
+@dataclass(frozen=True)
+class PagedInputs:
+    """The graph inputs that locate each row's tokens in a paged cache (shared by every layer)."""
+
+    page_table: ir.Value  # int32 [batch, pages]
+    slot_mapping: ir.Value  # int64 [batch, sequence]
+    page_size: int
 
 
 class Attention(Layer):
@@ -25,14 +38,19 @@ class Attention(Layer):
         self.scale = scale
 
     def __call__(self, x: ir.Value, past_key: ir.Value, past_value: ir.Value, cache_lengths: ir.Value,
-                 input_lengths: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value]:
-        """Returns ``(output, present_key, present_value)``."""
+                 input_lengths: ir.Value, paged: PagedInputs | None = None) -> tuple[ir.Value, ir.Value, ir.Value]:
+        """Returns ``(output, present_key, present_value)``; with ``paged``, the caches are page pools."""
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         cos, sin = self.rope() if self.rope is not None else (None, None)
+        attrs = dict(num_heads=self.num_heads, kv_num_heads=self.num_kv_heads, scale=self.scale,
+                     sliding_window=self.sliding_window,
+                     rotary_interleaved=bool(self.rope is not None and self.rope.interleaved))
         with self.scope():
-            out, present_key, present_value = attention_op(
-                q, k, v, past_key, past_value, cache_lengths, input_lengths, cos, sin,
-                num_heads=self.num_heads, kv_num_heads=self.num_kv_heads, scale=self.scale,
-                sliding_window=self.sliding_window,
-                rotary_interleaved=bool(self.rope is not None and self.rope.interleaved))
+            if paged is None:
+                out, present_key, present_value = attention_op(
+                    q, k, v, past_key, past_value, cache_lengths, input_lengths, cos, sin, **attrs)
+            else:
+                out, present_key, present_value = paged_attention_op(
+                    q, k, v, past_key, past_value, paged.page_table, paged.slot_mapping, cache_lengths,
+                    input_lengths, cos, sin, page_size=paged.page_size, **attrs)
         return self.o_proj(out), present_key, present_value

@@ -23,7 +23,7 @@ class KVCacheParams:
     head_dim: int
     num_layers: int
     cache_strategy: KVCacheStrategy = KVCacheStrategy.CONTINUOUS
-    page_size: int = 128
+    page_size: int = 128  # tokens per page (PAGED only)
 
     @property
     def bytes_per_token(self) -> int:
@@ -31,7 +31,13 @@ class KVCacheParams:
         return 2 * self.num_layers * self.n_kv_heads * self.head_dim * np.dtype(self.dtype).itemsize
 
     def input_names(self, layer: int) -> tuple[str, str]:
+        """The graph inputs of one layer's cache (a slot per row, or a page pool)."""
+        if self.cache_strategy is KVCacheStrategy.PAGED:
+            return f"key_cache.{layer}", f"value_cache.{layer}"
         return f"past_key_values.{layer}.key", f"past_key_values.{layer}.value"
 
     def output_names(self, layer: int) -> tuple[str, str]:
+        """The graph outputs that the runtime binds to the same buffers as :meth:`input_names`."""
+        if self.cache_strategy is KVCacheStrategy.PAGED:
+            return f"key_cache_out.{layer}", f"value_cache_out.{layer}"
         return f"present.{layer}.key", f"present.{layer}.value"

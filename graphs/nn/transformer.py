@@ -8,6 +8,16 @@ The decoder graph's interface (what the runtime binds):
 - outputs: ``logits`` (``[batch, vocab]`` for each row's last valid token, or ``[batch, sequence, vocab]``
   with :attr:`ReturnLogits.ALL`) and per layer ``present.{i}.key`` / ``.value``, which the runtime binds to
   the same buffers as the past (the cache is updated in place).
+
+With the ``PAGED`` strategy the caches are page pools shared by all rows (``ember.PagedAttention``):
+
+- inputs: ``input_ids``, ``input_lengths``, ``cache_lengths`` as above, ``page_table`` int32 ``[batch, pages]``
+  (each row's page ids in order, padded with page 0), ``slot_mapping`` int64 ``[batch, sequence]`` (the pool
+  row ``page * page_size + offset`` of each new token; padding tokens point into page 0, a scratch page the
+  runtime never hands out), and per layer ``key_cache.{i}`` / ``value_cache.{i}`` ``[pool_rows, kv_heads,
+  head_dim]`` (``pool_rows = num_pages * page_size``);
+- outputs: ``logits`` and per layer ``key_cache_out.{i}`` / ``value_cache_out.{i}``, bound by the runtime to
+  the input pools' own buffers. The page size is in the graph metadata (``ember.kv_page_size``).
 """
 from __future__ import annotations
 
@@ -19,9 +29,9 @@ import onnx_ir as ir
 
 from ..ir import ops
 from ..ir.graph import Graph, current_graph
-from .attention import Attention
+from .attention import Attention, PagedInputs
 from .embedding import Embedding
-from .kv_cache import KVCacheParams
+from .kv_cache import KVCacheParams, KVCacheStrategy
 from .layer import Layer
 from .linear import Linear, TiedOutput
 from .mlp import MLP
@@ -45,9 +55,9 @@ class TransformerBlock(Layer):
         self.input_layernorm, self.post_attention_layernorm = attention_norm, mlp_norm
 
     def __call__(self, h: ir.Value, past_key: ir.Value, past_value: ir.Value, cache_lengths: ir.Value,
-                 input_lengths: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value]:
+                 input_lengths: ir.Value, paged: PagedInputs | None = None) -> tuple[ir.Value, ir.Value, ir.Value]:
         attn, present_key, present_value = self.self_attn(self.input_layernorm(h), past_key, past_value,
-                                                          cache_lengths, input_lengths)
+                                                          cache_lengths, input_lengths, paged)
         with self.scope():
             h = ops.add(h, attn, name="attn_residual")
         mlp = self.mlp(self.post_attention_layernorm(h))
@@ -68,7 +78,13 @@ class Transformer:
         self.kv_params, self.rope = kv_params, rope
         self.return_logits = ReturnLogits(return_logits)
 
+    @property
+    def paged(self) -> bool:
+        return self.kv_params.cache_strategy is KVCacheStrategy.PAGED
+
     def _kv_shape(self) -> list:
+        if self.paged:
+            return ["pool_rows", self.kv_params.n_kv_heads, self.kv_params.head_dim]
         return ["batch", self.kv_params.n_kv_heads, "max_length", self.kv_params.head_dim]
 
     def build(self, name: str = "model") -> ir.Model:
@@ -77,6 +93,13 @@ class Transformer:
             input_ids = graph.add_input("input_ids", ir.DataType.INT64, ["batch", "sequence"])
             input_lengths = graph.add_input("input_lengths", ir.DataType.INT32, ["batch"])
             cache_lengths = graph.add_input("cache_lengths", ir.DataType.INT32, ["batch"])
+            paged = None
+            if self.paged:
+                paged = PagedInputs(graph.add_input("page_table", ir.DataType.INT32, ["batch", "pages"]),
+                                    graph.add_input("slot_mapping", ir.DataType.INT64, ["batch", "sequence"]),
+                                    self.kv_params.page_size)
+                graph.metadata["ember.kv_cache_strategy"] = KVCacheStrategy.PAGED.value
+                graph.metadata["ember.kv_page_size"] = str(self.kv_params.page_size)
             pasts = []
             for i in range(len(self.layers)):
                 key_name, value_name = self.kv_params.input_names(i)
@@ -86,7 +109,7 @@ class Transformer:
             h = self.embedding(input_ids)
             presents = []
             for block, (past_key, past_value) in zip(self.layers, pasts):
-                h, present_key, present_value = block(h, past_key, past_value, cache_lengths, input_lengths)
+                h, present_key, present_value = block(h, past_key, past_value, cache_lengths, input_lengths, paged)
                 presents.append((present_key, present_value))
 
             logits = self._logits(h, input_lengths)

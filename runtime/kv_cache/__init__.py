@@ -1,6 +1,9 @@
 """KV cache parameters, managers and memory estimates (the runtime owns the buffers)."""
 from ember.graphs.nn.kv_cache import KVCacheParams, KVCacheStrategy
 
+from .block_pool import SCRATCH_PAGE, CachedPage, PagePool, page_hash
 from .continuous import ContinuousKVCacheManager, KVCacheExhausted
+from .paged import PagedKVCacheManager
 
-__all__ = ["KVCacheParams", "KVCacheStrategy", "ContinuousKVCacheManager", "KVCacheExhausted"]
+__all__ = ["KVCacheParams", "KVCacheStrategy", "ContinuousKVCacheManager", "KVCacheExhausted",
+           "PagedKVCacheManager", "PagePool", "CachedPage", "page_hash", "SCRATCH_PAGE"]

@@ -1,10 +1,10 @@
-"""The generic decoder ``PipelineModel`` shared by Llama-family architectures (CONTINUOUS KV cache).
+"""The generic decoder ``PipelineModel`` shared by Llama-family architectures (CONTINUOUS or PAGED KV cache).
 
-A model call processes, for each row, the context's pending tokens: the whole prompt on the first call,
-then one sampled token per call. Rows are right-padded to the longest; onnxruntime's attention kernel
-runs a batch in one of three modes (all rows new prompts; one new token per row; a single row with
-several tokens after a cached prefix), and :func:`batch_mode` says which a batch is so the pipeline can
-split any other mix.
+A model call processes, for each row, some of the context's pending tokens: the whole prompt (or a chunk
+of it) first, then one sampled token per call. Rows are right-padded to the longest. How the KV cache is
+claimed, which rows can share a call and what is bound besides the tokens depends on the KV strategy
+(:mod:`.kv_binding`). ``admit`` / ``reserve`` / ``execute_rows`` are what the scheduler drives;
+``prepare_initial_token_inputs`` / ``prepare_next_token_inputs`` / ``execute`` are MAX's step API.
 """
 from __future__ import annotations
 
@@ -21,16 +21,19 @@ from ember.graphs.nn.kv_cache import KVCacheParams, KVCacheStrategy
 from ember.graphs.nn.transformer import ReturnLogits
 
 from ..kv_cache.continuous import ContinuousKVCacheManager
+from ..kv_cache.paged import PagedKVCacheManager
 from ..session import Device, InferenceSession, LoadedModel, ortvalue
 from .artifact_cache import ResolvedArtifact, ensure_artifact
 from .config import PipelineConfig
 from .context import TextContext
 from .interfaces import KVCacheMixin, ModelInputs, ModelOutputs, PipelineModel
+from .kv_binding import ContinuousBinding, PagedBinding
 from .model_source import ModelSource
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_BATCH_SIZE = 8
+DEFAULT_MAX_BATCH_SIZE = 8  # CONTINUOUS: each slot reserves max_length tokens
+DEFAULT_MAX_PAGED_BATCH_SIZE = 32  # PAGED: requests cost only the pages they fill
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -41,19 +44,10 @@ class DecoderInputs(ModelInputs):
     input_lengths: np.ndarray
     cache_lengths: np.ndarray
     request_ids: list[str] = dataclasses.field(default_factory=list)
-    kv_start: int = 0
+    # What the KV strategy binds besides the cache: the slot offset (CONTINUOUS), page table and slot
+    # mapping (PAGED); see kv_binding.py.
+    kv_extra: dict[str, Any] = dataclasses.field(default_factory=dict)
     return_n_logits: int = 1
-
-
-def batch_mode(input_lengths: np.ndarray, cache_lengths: np.ndarray) -> str | None:
-    """``prefill``, ``decode`` or ``extend`` (one row after a prefix); None if the kernel cannot run it."""
-    if int(input_lengths.max()) == 1:
-        return "decode"
-    if not cache_lengths.any():
-        return "prefill"
-    if len(input_lengths) == 1:
-        return "extend"
-    return None
 
 
 class DecoderPipelineModel(PipelineModel, KVCacheMixin):
@@ -74,8 +68,10 @@ class DecoderPipelineModel(PipelineModel, KVCacheMixin):
         self.max_seq_len = upper_bounded_max_len(pipeline_config, self.artifact.manifest)
         self.vocab_size = int(self.artifact.manifest["limits"]["vocab_size"])
         self.model: LoadedModel = self.load_model(session)
-        self.kv_manager: ContinuousKVCacheManager = self.load_kv_manager(session, available_cache_memory)
-        self._logits = np.zeros((self.kv_manager.max_batch_size, self.vocab_size), dtype=np.float32)
+        self.kv_manager = self.load_kv_manager(session, available_cache_memory)
+        self.kv = (PagedBinding(self.kv_manager, self._paged_batch) if isinstance(self.kv_manager, PagedKVCacheManager)
+                   else ContinuousBinding(self.kv_manager))
+        self._logits = np.zeros((self.kv.max_batch_size, self.vocab_size), dtype=np.float32)
         self._logit_views: dict[int, Any] = {}
         start = time.perf_counter()
         self.warm_up()
@@ -88,7 +84,9 @@ class DecoderPipelineModel(PipelineModel, KVCacheMixin):
         head_dim = getattr(huggingface_config, "head_dim", None) or huggingface_config.hidden_size // heads
         strategy = (pipeline_config.kv_cache_strategy if pipeline_config is not None else None) or \
             KVCacheStrategy.CONTINUOUS
-        return KVCacheParams(dtype="float32", n_kv_heads=getattr(huggingface_config, "num_key_value_heads", heads) or heads,
+        int8 = pipeline_config is not None and pipeline_config.kv_cache_bit_width == 8
+        return KVCacheParams(dtype="int8" if int8 else "float32",
+                             n_kv_heads=getattr(huggingface_config, "num_key_value_heads", heads) or heads,
                              head_dim=head_dim, num_layers=cls.get_num_layers(huggingface_config),
                              cache_strategy=KVCacheStrategy(strategy))
 
@@ -109,20 +107,49 @@ class DecoderPipelineModel(PipelineModel, KVCacheMixin):
     def load_model(self, session: InferenceSession) -> LoadedModel:
         return session.load(self.artifact, verify=False)
 
-    def load_kv_manager(self, session: InferenceSession, available_cache_memory: int | None) -> ContinuousKVCacheManager:
+    def load_kv_manager(self, session: InferenceSession, available_cache_memory: int | None):
         kv = self.artifact.manifest["kv_params"]
+        strategy = KVCacheStrategy(self.artifact.manifest.get("kv_cache_strategy", KVCacheStrategy.CONTINUOUS))
         params = KVCacheParams(dtype=kv["dtype"], n_kv_heads=kv["n_kv_heads"], head_dim=kv["head_dim"],
-                               num_layers=kv["num_layers"], page_size=kv.get("page_size", 128))
+                               num_layers=kv["num_layers"], cache_strategy=strategy,
+                               page_size=kv.get("page_size", 128))
+        first_cache = "key_cache.0" if strategy is KVCacheStrategy.PAGED else params.input_names(0)[0]
+        graph_dtype = self.model.input_dtype(first_cache)
+        if graph_dtype != np.dtype(params.dtype):  # the buffers must be what the kernel reads and writes
+            raise ValueError(f"artifact {self.artifact.path}: the manifest's KV cache dtype {params.dtype} is not "
+                             f"the graph's {graph_dtype}; recompile the model")
         if available_cache_memory is None:
             available_cache_memory = psutil.virtual_memory().available // 2
         per_sequence = self.max_seq_len * params.bytes_per_token
         budget = min(available_cache_memory, self.pipeline_config.kv_cache_bytes or available_cache_memory)
+        if strategy is KVCacheStrategy.PAGED:
+            return self._paged_manager(params, budget, per_sequence)
         fits = max(1, budget // per_sequence)
         batch = self.pipeline_config.max_batch_size or min(DEFAULT_MAX_BATCH_SIZE, fits)
         if self.pipeline_config.max_batch_size and self.pipeline_config.max_batch_size > fits:
             raise ValueError(f"max_batch_size {batch} needs {batch * per_sequence / 2**30:.2f} GiB of KV cache at "
                              f"max_length {self.max_seq_len}; {budget / 2**30:.2f} GiB are allowed")
         return ContinuousKVCacheManager(params, batch, self.max_seq_len)
+
+    def _paged_manager(self, params: KVCacheParams, budget: int, per_sequence: int) -> PagedKVCacheManager:
+        """A page pool for ``max_batch_size`` full-length sequences, within the byte budget and the page cap.
+
+        Pages are taken as tokens arrive, so the pool may be smaller than the batch's worst case: requests
+        then queue, or the newest is preempted (runtime/scheduler.py)."""
+        config = self.pipeline_config
+        batch = config.max_batch_size or DEFAULT_MAX_PAGED_BATCH_SIZE
+        page_bytes = PagedKVCacheManager.page_bytes(params, params.page_size)
+        wanted = PagedKVCacheManager.required_bytes(params, params.page_size, self.max_seq_len, batch)
+        num_pages = min(wanted, budget) // page_bytes
+        if config.kv_cache_pages is not None:
+            num_pages = min(num_pages, config.kv_cache_pages + 1)  # + the scratch page
+        if (num_pages - 1) * params.page_size < self.max_seq_len:
+            raise ValueError(f"a paged KV cache of {num_pages - 1} pages of {params.page_size} tokens "
+                             f"({num_pages * page_bytes / 2**20:.1f} MiB) cannot hold one sequence of max_length "
+                             f"{self.max_seq_len}; raise --kv-cache-bytes / --kv-cache-pages or lower --max-length")
+        self._paged_batch = batch
+        return PagedKVCacheManager(params, num_pages, params.page_size, self.max_seq_len,
+                                   enable_prefix_caching=config.enable_prefix_caching)
 
     def warm_up(self) -> None:
         """One short prefill and one decode step on a scratch slot, so that onnxruntime's first-run work
@@ -138,35 +165,65 @@ class DecoderPipelineModel(PipelineModel, KVCacheMixin):
         finally:
             self.release(request_id)
 
+    # the scheduler's interface (runtime/scheduler.py) --------------------------------------------
+    @property
+    def max_batch_size(self) -> int:
+        return self.kv.max_batch_size
+
+    def admit(self, context: TextContext) -> bool:
+        """Give a new (or preempted) request its KV cache (slot, or cached prefix pages); False if no room."""
+        return self.kv.admit(context)
+
+    def reserve(self, context: TextContext, num_tokens: int) -> bool:
+        """Room for ``num_tokens`` more tokens of an admitted request; False if the cache is full."""
+        return self.kv.reserve(context, num_tokens)
+
+    def execute_rows(self, rows: Sequence[tuple[TextContext, int]]) -> np.ndarray:
+        """Compute ``count`` tokens of each context from its ``start_idx``; next-token logits per row
+        (in as many model calls as the KV strategy needs, see :mod:`.kv_binding`)."""
+        logits = np.empty((len(rows), self.vocab_size), dtype=np.float32)
+        for group in self.kv.groups(rows):
+            inputs = self.prepare_rows([rows[i][0] for i in group], [rows[i][1] for i in group])
+            out = self.execute(inputs).next_token_logits
+            row_of = {rows[i][0].request_id: i for i in group}
+            for row, request_id in enumerate(inputs.request_ids):
+                logits[row_of[request_id]] = out[row]
+        return logits
+
     # inputs -------------------------------------------------------------------------------------
     def prepare_initial_token_inputs(self, context_batch: Sequence[TextContext], kv_cache_inputs: Any = None,
                                      return_n_logits: int = 1) -> DecoderInputs:
-        by_id = {ctx.request_id: ctx for ctx in context_batch}
         for ctx in context_batch:
-            if not self.kv_manager.contains(ctx.request_id):
-                if ctx.start_idx != 0:
-                    raise ValueError(f"request {ctx.request_id} has cached tokens but no KV cache slot")
-                self.kv_manager.claim(ctx.request_id)
-        start, order = self.kv_manager.arrange([ctx.request_id for ctx in context_batch])
-        contexts = [by_id[r] for r in order]
-        pending = [ctx.pending_tokens for ctx in contexts]
+            self.kv.ensure_claimed(ctx)
+        return self.prepare_rows(context_batch, [len(ctx.pending_tokens) for ctx in context_batch],
+                                 return_n_logits)
+
+    def prepare_rows(self, context_batch: Sequence[TextContext], counts: Sequence[int],
+                     return_n_logits: int = 1) -> DecoderInputs:
+        """Inputs computing ``counts[i]`` tokens of each context from its ``start_idx`` (KV cache claimed)."""
+        by_id = {ctx.request_id: (ctx, n) for ctx, n in zip(context_batch, counts)}
+        order, extra = self.kv.order([ctx.request_id for ctx in context_batch])
+        contexts = [by_id[r][0] for r in order]
+        pending = [ctx.tokens[ctx.start_idx:ctx.start_idx + by_id[ctx.request_id][1]] for ctx in contexts]
         width = max(len(p) for p in pending)
         tokens = np.zeros((len(contexts), width), dtype=np.int64)
         for row, p in enumerate(pending):
             tokens[row, :len(p)] = p
         input_lengths = np.array([len(p) for p in pending], dtype=np.int32)
         cache_lengths = np.array([ctx.start_idx for ctx in contexts], dtype=np.int32)
-        if batch_mode(input_lengths, cache_lengths) is None:
-            raise ValueError("a batch must be all new prompts, one token per row, or a single row; split it")
+        self.kv.check(input_lengths, cache_lengths)
+        extra = {**extra, **self.kv.step_inputs(order, input_lengths, width, extra)}
         return DecoderInputs(tokens=tokens, input_lengths=input_lengths, cache_lengths=cache_lengths,
-                             request_ids=order, kv_start=start, return_n_logits=return_n_logits)
+                             request_ids=order, kv_extra=extra, return_n_logits=return_n_logits)
 
     def prepare_next_token_inputs(self, next_tokens: np.ndarray, prev_model_inputs: DecoderInputs) -> DecoderInputs:
         prev = prev_model_inputs
+        ones = np.ones_like(prev.input_lengths)
         return DecoderInputs(tokens=np.asarray(next_tokens, dtype=np.int64).reshape(-1, 1),
-                             input_lengths=np.ones_like(prev.input_lengths),
+                             input_lengths=ones,
                              cache_lengths=(prev.cache_lengths + prev.input_lengths).astype(np.int32),
-                             request_ids=prev.request_ids, kv_start=prev.kv_start,
+                             request_ids=prev.request_ids,
+                             kv_extra=self.kv.step_inputs(prev.request_ids, ones, 1, prev.kv_extra),
                              return_n_logits=prev.return_n_logits)
 
     # execution ----------------------------------------------------------------------------------
@@ -179,14 +236,7 @@ class DecoderPipelineModel(PipelineModel, KVCacheMixin):
         model.bind_input("input_ids", inputs.tokens)
         model.bind_input("input_lengths", inputs.input_lengths)
         model.bind_input("cache_lengths", inputs.cache_lengths)
-        params = self.kv_manager.params
-        for layer, (key, value) in enumerate(self.kv_manager.bindings(inputs.kv_start, batch)):
-            past_key, past_value = params.input_names(layer)
-            present_key, present_value = params.output_names(layer)
-            model.bind_buffer(past_key, key)
-            model.bind_buffer(past_value, value)
-            model.bind_buffer(present_key, key, output=True)
-            model.bind_buffer(present_value, value, output=True)
+        self.kv.bind(model, inputs.request_ids, inputs.kv_extra)
         if self.return_logits is ReturnLogits.LAST_TOKEN:
             if batch not in self._logit_views:
                 self._logit_views[batch] = ortvalue(self._logits[:batch])
@@ -201,13 +251,11 @@ class DecoderPipelineModel(PipelineModel, KVCacheMixin):
             rows = np.arange(batch)
             outputs = ModelOutputs(next_token_logits=all_logits[rows, inputs.input_lengths - 1].copy(),
                                    logits=all_logits)
-        for request_id, n in zip(inputs.request_ids, inputs.input_lengths):
-            self.kv_manager.step(request_id, int(n))
+        self.kv.commit(inputs.request_ids, inputs.tokens, inputs.input_lengths)
         return outputs
 
     def release(self, request_id: str) -> None:
-        if self.kv_manager.contains(request_id):
-            self.kv_manager.release(request_id)
+        self.kv.release(request_id)
 
 
 def upper_bounded_max_len(pipeline_config: PipelineConfig, manifest: dict) -> int:

@@ -1,24 +1,30 @@
 """TextGenerationPipeline: the token generator over a decoder PipelineModel (``max.pipelines``' shape).
 
 ``next_token(batch, num_steps)`` advances every context by up to ``num_steps`` tokens: new prompts are
-prefilled (as one batch, padded), contexts already decoding take their step, then the whole batch
-decodes together for the remaining steps. :meth:`generate` is the loop a caller usually wants: it admits
-requests as KV cache slots free up (queueing the rest, never failing for lack of room), streams each
-step's tokens and releases finished requests.
+prefilled (in as few calls as the KV strategy allows), contexts already decoding take their step, then the
+whole batch decodes together for the remaining steps, preparing each step's inputs from the last ones
+(no per-step regrouping). :meth:`generate` is the loop a caller usually wants: continuous batching through
+the scheduler (runtime/scheduler.py), which admits requests as the KV cache allows (queueing, or
+preempting when pages run out, never failing for lack of room), streams each step's tokens and releases
+finished requests.
 """
 from __future__ import annotations
 
 import logging
-from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from .config import PipelineConfig
 from .context import FinishReason, TextContext
-from .decoder import DecoderPipelineModel, batch_mode
+from .decoder import DecoderPipelineModel
 from .interfaces import ModelInputs
 from .sampling import sample
+
+
+def scheduler_finish(output) -> FinishReason | None:
+    reason = output.finish_reason
+    return reason if reason is None or isinstance(reason, FinishReason) else FinishReason(reason)
 
 logger = logging.getLogger(__name__)
 
@@ -100,13 +106,10 @@ class TextGenerationPipeline:
         return [s for s in steps if s]
 
     def _groups(self, contexts: list[TextContext]) -> list[list[TextContext]]:
-        decoding = [c for c in contexts if len(c.pending_tokens) == 1]
-        new = [c for c in contexts if len(c.pending_tokens) > 1 and c.start_idx == 0]
-        extending = [[c] for c in contexts if len(c.pending_tokens) > 1 and c.start_idx > 0]
-        return [g for g in [decoding, new] if g] + extending
+        rows = [(c, len(c.pending_tokens)) for c in contexts]
+        return [[contexts[i] for i in group] for group in self.pipeline_model.kv.groups(rows)]
 
     def _run_step(self, inputs, by_id: dict[str, TextContext], out: dict[str, TextResponse]):
-        assert batch_mode(inputs.input_lengths, inputs.cache_lengths) is not None
         outputs = self.pipeline_model.execute(inputs)
         contexts = [by_id[r] for r in inputs.request_ids]
         tokens = sample(outputs.next_token_logits, [c.sampling for c in contexts], [c.rng for c in contexts])
@@ -123,25 +126,26 @@ class TextGenerationPipeline:
         return inputs, tokens
 
     # the loop callers want ----------------------------------------------------------------------
-    def generate(self, contexts: Iterable[TextContext], num_steps: int = 1) -> Iterator[dict[str, TextResponse]]:
-        """Run contexts to completion, admitting them as KV cache slots allow; yields each step's tokens."""
-        waiting = deque(contexts)
-        active: dict[str, TextContext] = {}
-        manager = self.pipeline_model.kv_manager
+    def generate(self, contexts: Iterable[TextContext], num_steps: int = 1,
+                 scheduler_config: Any = None) -> Iterator[dict[str, TextResponse]]:
+        """Run contexts to completion with continuous batching; yields each step's tokens.
+
+        ``scheduler_config`` (a :class:`~ember.runtime.scheduler.SchedulerConfig`): by default a step may
+        take a whole prompt (no chunking: nothing else is waiting for it here)."""
+        from ..scheduler import Scheduler, SchedulerConfig
+
+        config = scheduler_config or SchedulerConfig(max_num_batched_tokens=self.max_length)
+        scheduler = Scheduler(self.pipeline_model, config)
+        for ctx in contexts:
+            scheduler.add(ctx)
         try:
-            while waiting or active:
-                unclaimed = sum(not manager.contains(r) for r in active)
-                while waiting and manager.free_slots - unclaimed > 0:
-                    ctx = waiting.popleft()
-                    active[ctx.request_id] = ctx
-                    unclaimed += 1
-                for step in self.next_token(active, num_steps):
-                    yield step
-                for request_id in [r for r, c in active.items() if c.is_done]:
-                    self.release(active.pop(request_id))
+            while scheduler.has_unfinished:
+                outputs = scheduler.step()
+                if outputs:
+                    yield {o.request_id: TextResponse(o.token, o.log_probabilities, scheduler_finish(o)) for o in outputs}
         finally:
-            for ctx in active.values():
-                self.pipeline_model.release(ctx.request_id)
+            for request_id in list(scheduler.requests):
+                scheduler.abort(request_id)
 
     def generate_tokens(self, prompts: Sequence[Sequence[int]], sampling=None, num_steps: int = 1) -> list[list[int]]:
         """Generated tokens for each prompt (a convenience over :meth:`generate`)."""

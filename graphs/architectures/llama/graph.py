@@ -9,18 +9,23 @@ from ...weights.adapter import AdaptedWeights
 from .config import LlamaArchConfig
 
 
+DEFAULT_PAGE_SIZE = KVCacheParams.page_size
+
+
 def kv_params(config: LlamaArchConfig, strategy: KVCacheStrategy = KVCacheStrategy.CONTINUOUS,
-              dtype: str = "float32") -> KVCacheParams:
+              dtype: str = "float32", page_size: int = DEFAULT_PAGE_SIZE) -> KVCacheParams:
+    if page_size < 1:
+        raise ValueError(f"page_size must be a positive number of tokens, not {page_size}")
     return KVCacheParams(dtype=dtype, n_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
-                         num_layers=config.num_layers, cache_strategy=strategy)
+                         num_layers=config.num_layers, cache_strategy=KVCacheStrategy(strategy), page_size=page_size)
 
 
 def build_transformer(config: LlamaArchConfig, weights: AdaptedWeights,
                       return_logits: ReturnLogits = ReturnLogits.LAST_TOKEN,
-                      strategy: KVCacheStrategy = KVCacheStrategy.CONTINUOUS) -> Transformer:
-    """The layers of one Llama/Mistral/Qwen2 checkpoint."""
-    if strategy is not KVCacheStrategy.CONTINUOUS:
-        raise ValueError(f"KV cache strategy {strategy.value!r} is not available yet; supported: continuous")
+                      strategy: KVCacheStrategy = KVCacheStrategy.CONTINUOUS,
+                      page_size: int = DEFAULT_PAGE_SIZE) -> Transformer:
+    """The layers of one Llama/Mistral/Qwen2 checkpoint (``page_size``: tokens per page of a PAGED cache)."""
+    params = kv_params(config, strategy, page_size=page_size)
 
     def linear(path: str, bias: bool) -> Linear:
         return Linear(path, weights[f"{path}.weight"], weights[f"{path}.bias"] if bias else None)
@@ -51,11 +56,13 @@ def build_transformer(config: LlamaArchConfig, weights: AdaptedWeights,
         output = Linear("lm_head", weights["lm_head.weight"])
     return Transformer(config.hidden_size, config.num_heads, blocks,
                        RMSNorm("model.norm", weights["model.norm.weight"], config.rms_norm_eps), output, embedding,
-                       kv_params(config, strategy), rope, return_logits)
+                       params, rope, return_logits)
 
 
 def build_graph(config: LlamaArchConfig, weights: AdaptedWeights,
                 return_logits: ReturnLogits = ReturnLogits.LAST_TOKEN,
-                strategy: KVCacheStrategy = KVCacheStrategy.CONTINUOUS) -> ir.Model:
-    """The high-level (target-independent) graph: standard ops plus ``ember.Attention``."""
-    return build_transformer(config, weights, return_logits, strategy).build(config.architecture)
+                strategy: KVCacheStrategy = KVCacheStrategy.CONTINUOUS,
+                page_size: int = DEFAULT_PAGE_SIZE) -> ir.Model:
+    """The high-level (target-independent) graph: standard ops plus ``ember.CachedAttention`` (CONTINUOUS) or
+    ``ember.PagedAttention`` (PAGED)."""
+    return build_transformer(config, weights, return_logits, strategy, page_size).build(config.architecture)

@@ -10,9 +10,11 @@ import onnx.defs
 from onnx.reference.op_run import OpRun
 
 from . import attention as _attention
+from . import paged_attention as _paged_attention
 from .attention import attention, attention_reference
+from .paged_attention import paged_attention, paged_attention_reference
 
-SCHEMAS = [_attention.SCHEMA]
+SCHEMAS = [_attention.SCHEMA, _paged_attention.SCHEMA]
 
 for _schema in SCHEMAS:
     if not onnx.defs.has(_schema.name, _schema.domain):
@@ -33,9 +35,25 @@ class _AttentionOp(OpRun):
 _AttentionOp.__name__ = "CachedAttention"
 
 
+class _PagedAttentionOp(OpRun):
+    op_domain = "ember"
+
+    def _run(self, query, key, value, key_cache, value_cache, page_table, slot_mapping, cache_lengths, input_lengths,
+             cos_cache=None, sin_cache=None, num_heads=None, kv_num_heads=None, page_size=None, scale=0.0,
+             sliding_window=0, rotary_interleaved=0):
+        return paged_attention_reference(query, key, value, key_cache, value_cache, page_table, slot_mapping,
+                                         cache_lengths, input_lengths, cos_cache, sin_cache, num_heads=num_heads,
+                                         kv_num_heads=kv_num_heads, page_size=page_size, scale=scale,
+                                         sliding_window=sliding_window, rotary_interleaved=rotary_interleaved)
+
+
+_PagedAttentionOp.__name__ = "PagedAttention"
+
+
 def reference_evaluator_ops() -> list[type[OpRun]]:
     """``new_ops`` for ``onnx.reference.ReferenceEvaluator`` covering every ember op."""
-    return [_AttentionOp]
+    return [_AttentionOp, _PagedAttentionOp]
 
 
-__all__ = ["SCHEMAS", "attention", "attention_reference", "reference_evaluator_ops"]
+__all__ = ["SCHEMAS", "attention", "attention_reference", "paged_attention", "paged_attention_reference",
+           "reference_evaluator_ops"]
