@@ -18,7 +18,8 @@ Where the weights come from:
   prepacked kernels (about 20x slower than float32 at decode). The exact path used instead is the split
   (:func:`~ember.compiler.quantization.q4_1_split`): ``MatMulNBits(A; d, q, zero point 0)`` plus
   ``(A @ S) @ mins``, where ``A @ S`` sums A by blocks of 32 (``S [K, K/32]`` of ones and zeros), added to
-  it: three small nodes more per weight.
+  it: three small nodes more per weight. **Q4_K** (256-weight super-blocks of eight 32-weight
+  sub-blocks with 6-bit scales and minima) takes the same split form, exactly (:func:`q4_k_split`).
 * Every other float weight is quantized round-to-nearest, blockwise (block 32) at ``bits``.
 """
 from __future__ import annotations
@@ -35,7 +36,7 @@ from gguf import GGMLQuantizationType
 from ember.graphs.ir.graph import BLOCKS_META
 from ember.graphs.ir.versions import MS_DOMAIN, MS_OPSET
 
-from ..quantization.matmul_nbits import PackedWeight, from_gguf_blocks, q4_1_split, quantize_rtn
+from ..quantization.matmul_nbits import PackedWeight, from_gguf_blocks, q4_1_split, q4_k_split, quantize_rtn
 from .base import Pass, nodes_of
 from .quantize_matmuls_qdq import PackSpec
 
@@ -44,7 +45,9 @@ logger = logging.getLogger(__name__)
 ACCURACY_LEVEL = 4
 BLOCK_SIZE = 32
 #: GGUF block types that can be kept as they are, and the MatMulNBits width they become.
-BLOCK_BITS = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}
+BLOCK_BITS = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8, "Q4_K": 4}
+#: Block types with a float minimum per 32-block: kept in the split form (MatMulNBits + minima term).
+SPLIT_TYPES = {"Q4_1": q4_1_split, "Q4_K": q4_k_split}
 
 
 @dataclass(frozen=True, eq=False)
@@ -85,7 +88,7 @@ class WeightPacker:
             return None
         blocks = self._kept(value)
         if blocks is not None:
-            split = blocks.qtype == "Q4_1"
+            split = blocks.qtype in SPLIT_TYPES
             return PackSpec(BLOCK_BITS[blocks.qtype], BLOCK_SIZE, "uint8" if split else None, split)
         return PackSpec(self.bits, BLOCK_SIZE, None if self.symmetric else "uint8", False)
 
@@ -95,8 +98,8 @@ class WeightPacker:
         blocks = self._kept(value)
         if blocks is not None:
             raw = blocks.load()
-            if blocks.qtype == "Q4_1":
-                return QuantizedWeight(*q4_1_split(raw, blocks.shape))
+            if blocks.qtype in SPLIT_TYPES:
+                return QuantizedWeight(*SPLIT_TYPES[blocks.qtype](raw, blocks.shape))
             return QuantizedWeight(from_gguf_blocks(raw, GGMLQuantizationType[blocks.qtype], blocks.shape))
         array = value.const_value.numpy()
         return QuantizedWeight(quantize_rtn(np.ascontiguousarray(array if transposed else array.T), self.bits,

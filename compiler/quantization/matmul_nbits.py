@@ -126,7 +126,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
 from .packing import DEFAULT_ZERO_POINT, pack_codes, pack_zero_points, unpack_codes, unpack_zero_points
 
-__all__ = ["GGUF_TYPES", "PackedWeight", "dequantize", "from_gguf_blocks", "q4_1_split", "quantize_rtn"]
+__all__ = ["GGUF_TYPES", "PackedWeight", "dequantize", "from_gguf_blocks", "q4_1_split", "q4_k_split",
+           "quantize_rtn"]
 
 #: GGUF block types :func:`from_gguf_blocks` repacks.
 GGUF_TYPES: tuple[T, ...] = (T.Q4_0, T.Q4_1, T.Q8_0)
@@ -275,6 +276,39 @@ def q4_1_split(raw: np.ndarray, shape) -> tuple[PackedWeight, np.ndarray]:
     b = pack_codes(_gguf_nibbles(blocks[:, 4:20]), 4).reshape(n, kb, 16)
     zp = pack_zero_points(np.zeros((n, kb), np.uint8), 4)
     return PackedWeight(b, _f16(blocks, 0), zp, 4, 32, n, k), _f16(blocks, 2).reshape(n, kb)
+
+
+def q4_k_split(raw: np.ndarray, shape) -> tuple[PackedWeight, np.ndarray]:
+    """A GGUF Q4_K tensor in the split form of :func:`q4_1_split`, exactly.
+
+    Q4_K is a 256-weight super-block of eight 32-weight sub-blocks, each ``w = (d * sc) * q - dmin * mn``
+    with 6-bit ``sc`` / ``mn`` and f16 ``d`` / ``dmin``: per 32-block that is Q4_1's form with scale
+    ``d * sc`` and minimum ``-(dmin * mn)``, both exact in float32 (an 11-bit mantissa times a 6-bit
+    integer). So ``packed`` (block 32, scale ``d * sc``, uint8 zero point 0, the 4-bit codes) plus
+    ``mins`` ``[N, k_blocks]`` reproduce ggml's weights bit for bit.
+    """
+    from ember.graphs.weights.gguf_quants import _k_scale_min
+
+    shape = tuple(int(s) for s in shape)
+    k, n = shape[-1], prod(shape[:-1])
+    block_size, type_size = GGML_QUANT_SIZES[T.Q4_K]
+    if k % block_size:
+        raise ValueError(f"Q4_K: row length {k} is not a multiple of {block_size}")
+    flat = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
+    supers = k // block_size
+    if flat.size != n * supers * type_size:
+        raise ValueError(f"Q4_K data has {flat.size} bytes, shape {shape} needs {n * supers * type_size}")
+    blocks = flat.reshape(n * supers, type_size)
+    sc, mn = _k_scale_min(blocks[:, 4:16])  # [n * supers, 8] each
+    scales = (_f16(blocks, 0)[:, None] * sc).astype(np.float32)
+    mins = -(_f16(blocks, 2)[:, None] * mn).astype(np.float32)
+    qs = blocks[:, 16:144].reshape(-1, 4, 32)  # group g: sub-block 2g low nibbles, 2g + 1 high nibbles
+    codes = np.stack([qs & np.uint8(0x0F), qs >> np.uint8(4)], axis=2).reshape(n, supers * 8, 32)
+    kb = supers * 8
+    zp = pack_zero_points(np.zeros((n, kb), np.uint8), 4)
+    packed = PackedWeight(pack_codes(codes.reshape(n * kb, 32), 4).reshape(n, kb, 16), scales.reshape(-1), zp,
+                          4, 32, n, k)
+    return packed, mins.reshape(n, kb)
 
 
 # --- round-to-nearest quantization ----------------------------------------------------------

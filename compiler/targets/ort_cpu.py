@@ -70,8 +70,9 @@ ORT_CPU = Target(
     passes=(lower_attention_to_gqa, lower_paged_attention, fuse_skip_rms_norm, fuse_parallel_matmuls,
             pack_attention_qkv, remove_unused, pack_encoder_tokens),
     kv_strategies=(KVCacheStrategy.CONTINUOUS, KVCacheStrategy.PAGED),
-    encodings=("float32", "q8_0", "q4_0", "q4_1"),
+    encodings=("float32", "q8_0", "q4_0", "q4_1", "q4_k"),
     encoding_passes={"q8_0": _quantized(8, ("Q8_0",)), "q4_0": _quantized(4, ("Q4_0",)),
-                     "q4_1": _quantized(4, ("Q4_0", "Q4_1", "Q8_0"), symmetric=False)},
+                     "q4_1": _quantized(4, ("Q4_0", "Q4_1", "Q8_0"), symmetric=False),
+                     "q4_k": _quantized(4, ("Q4_0", "Q4_1", "Q8_0", "Q4_K"), symmetric=False)},
     write=write_onnx,
 )

@@ -10,11 +10,12 @@ from .decoder import DecoderPipelineModel
 from .registry import PipelineRegistry, PipelineTask, RopeType, SupportedArchitecture
 from .tokenizer import TextTokenizer
 
-# q4_1 applies to GGUF files with Q4_1 blocks only (artifact_cache.resolve_encoding checks); a GGUF's
+# q4_1 / q4_k apply to GGUF files with Q4_1 / Q4_K blocks only (artifact_cache.resolve_encoding checks); a GGUF's
 # default encoding is its own block type where listed here.
 _BOTH = [KVCacheStrategy.CONTINUOUS, KVCacheStrategy.PAGED]
 _LLAMA_ENCODINGS = {SupportedEncoding.float32: list(_BOTH), SupportedEncoding.q8_0: list(_BOTH),
-                    SupportedEncoding.q4_0: list(_BOTH), SupportedEncoding.q4_1: list(_BOTH)}
+                    SupportedEncoding.q4_0: list(_BOTH), SupportedEncoding.q4_1: list(_BOTH),
+                    SupportedEncoding.q4_k: list(_BOTH)}
 
 
 def _llama_family(name: str, examples: list[str], weights_format: WeightsFormat) -> SupportedArchitecture:

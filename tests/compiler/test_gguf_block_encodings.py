@@ -23,7 +23,7 @@ from ember.graphs.nn.transformer import ReturnLogits
 from ember.runtime.pipelines import PIPELINE_REGISTRY, ModelSource, PipelineConfig
 from ember.runtime.pipelines.artifact_cache import resolve_encoding
 
-from ..reference.tiny_gguf import HEAD_DIM, KV_HEADS, LAYERS, VOCAB, write_tiny_llama_gguf
+from ..reference.tiny_gguf import DEFAULT_TYPES, HEAD_DIM, KV_HEADS, LAYERS, VOCAB, write_tiny_llama_gguf
 from ..reference.tiny_models import make_model
 
 KEEP_ALL = ("Q4_0", "Q4_1", "Q8_0")
@@ -44,9 +44,9 @@ def lowered(path, passes=()) -> ir.Model:
     return model
 
 
-def run(model: ir.Model, tokens: np.ndarray) -> np.ndarray:
+def run(model: ir.Model, tokens: np.ndarray, head_dim: int = HEAD_DIM) -> np.ndarray:
     session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
-    shape = (1, KV_HEADS, 32, HEAD_DIM)
+    shape = (1, KV_HEADS, 32, head_dim)
     feeds = {"input_ids": tokens[None], "input_lengths": np.array([len(tokens)], np.int32),
              "cache_lengths": np.array([0], np.int32)}
     for i in range(LAYERS):
@@ -107,3 +107,21 @@ def test_default_encoding_is_the_gguf_own_and_q4_1_needs_q4_1_blocks(tiny_gguf, 
     assert resolve_encoding(PipelineConfig(model_path=hf.path), architecture, hf) == "float32"
     with pytest.raises(ValueError, match="keeps a GGUF's own Q4_1 blocks.*use q4_0 or q8_0"):
         resolve_encoding(PipelineConfig(model_path=hf.path, encoding="q4_1"), architecture, hf)
+
+
+def test_q4_k_blocks_are_kept_exactly(tmp_path):
+    """Q4_K (256-weight super-blocks) as MatMulNBits + block minima, block 32: exact, and a Q4_K file's default."""
+    q4_k = {name: "Q4_K" for name in DEFAULT_TYPES[0]}
+    path = write_tiny_llama_gguf(tmp_path / "tiny-q4k.gguf", types=(q4_k, DEFAULT_TYPES[1]), hidden=256,
+                                 intermediate=256)
+    tokens = np.random.default_rng(4).integers(0, VOCAB, 9).astype(np.int64)
+    reference = run(lowered(path), tokens, head_dim=64)
+    kept = lowered(path, [quantize_matmuls(4, keep_blocks=("Q4_0", "Q4_1", "Q8_0", "Q4_K"), symmetric=False,
+                                           accuracy_level=0), remove_unused])
+    assert sum(1 for n in kept.graph if n.name.endswith("/AddMins")) == 4 + 2  # Q4_K layer 0 + Q4_1 of layer 1
+    rel = float(np.abs(run(kept, tokens, head_dim=64) - reference).max() / np.abs(reference).max())
+    print(f"kept Q4_K blocks vs dequantized float32: max relative logit error {rel:.3g}")
+    assert rel < 1e-5
+    source = ModelSource.resolve(path)
+    architecture = PIPELINE_REGISTRY.retrieve_architecture(path)
+    assert resolve_encoding(PipelineConfig(model_path=path), architecture, source) == "q4_k"

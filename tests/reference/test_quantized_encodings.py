@@ -47,8 +47,8 @@ def test_quantized_logits_stay_close_to_float32(tiny, encoding, tolerance, min_c
 
 def test_unsupported_encoding_is_a_clear_error(tiny):
     directory, cache = tiny
-    with pytest.raises(ValueError, match="does not support encoding 'q4_k'"):
-        PIPELINE_REGISTRY.retrieve(PipelineConfig(model_path=directory, cache_dir=cache, encoding="q4_k"))
+    with pytest.raises(ValueError, match="does not support encoding 'bfloat16'"):
+        PIPELINE_REGISTRY.retrieve(PipelineConfig(model_path=directory, cache_dir=cache, encoding="bfloat16"))
 
 
 def test_quantized_last_token_graph_generates(tiny):

@@ -28,16 +28,27 @@ def permute_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def write_tiny_llama_gguf(path: Path, types=DEFAULT_TYPES, embedding_type: str = "Q8_0", seed: int = 0) -> Path:
+def random_q4_k(rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """Random valid Q4_K blocks (the gguf package cannot quantize to Q4_K): small positive d and dmin."""
+    raw = rng.integers(0, 256, size=(rows * cols // 256, 144), dtype=np.uint8)
+    for offset in (0, 2):
+        raw[:, offset:offset + 2] = (rng.random(len(raw)) * 2e-3 + 1e-4).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    return raw.reshape(rows, cols // 256 * 144)
+
+
+def write_tiny_llama_gguf(path: Path, types=DEFAULT_TYPES, embedding_type: str = "Q8_0", seed: int = 0,
+                          hidden: int = HIDDEN, intermediate: int = INTERMEDIATE) -> Path:
+    """The GGUF file; ``hidden`` / ``intermediate`` must be multiples of 256 for Q4_K matrices."""
     import gguf
     from gguf import GGMLQuantizationType as T
 
     rng = np.random.default_rng(seed)
+    head_dim = hidden // HEADS
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_block_count(LAYERS)
     writer.add_context_length(256)
-    writer.add_embedding_length(HIDDEN)
-    writer.add_feed_forward_length(INTERMEDIATE)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(intermediate)
     writer.add_head_count(HEADS)
     writer.add_head_count_kv(KV_HEADS)
     writer.add_rope_freq_base(10000.0)
@@ -49,20 +60,24 @@ def write_tiny_llama_gguf(path: Path, types=DEFAULT_TYPES, embedding_type: str =
         if qtype == "F32":
             writer.add_tensor(name, array)
             return
+        if qtype == "Q4_K":  # random blocks of that shape (their values, not array's)
+            blocks = random_q4_k(*array.shape, rng)
+            writer.add_tensor(name, blocks, raw_shape=blocks.shape, raw_dtype=T.Q4_K)
+            return
         blocks = gguf.quants.quantize(array, T[qtype])
         writer.add_tensor(name, blocks, raw_shape=blocks.shape, raw_dtype=T[qtype])
 
     def matrix(rows: int, cols: int) -> np.ndarray:
         return rng.standard_normal((rows, cols)).astype(np.float32) / np.sqrt(cols)
 
-    add("token_embd.weight", rng.standard_normal((VOCAB, HIDDEN)), embedding_type)
+    add("token_embd.weight", rng.standard_normal((VOCAB, hidden)), embedding_type)
     for i, layer_types in enumerate(types):
-        shapes = {"attn_q": (HIDDEN, HIDDEN), "attn_k": (KV_HEADS * HEAD_DIM, HIDDEN),
-                  "attn_v": (KV_HEADS * HEAD_DIM, HIDDEN), "attn_output": (HIDDEN, HIDDEN),
-                  "ffn_gate": (INTERMEDIATE, HIDDEN), "ffn_up": (INTERMEDIATE, HIDDEN),
-                  "ffn_down": (HIDDEN, INTERMEDIATE)}
-        add(f"blk.{i}.attn_norm.weight", 1 + 0.1 * rng.standard_normal(HIDDEN), "F32")
-        add(f"blk.{i}.ffn_norm.weight", 1 + 0.1 * rng.standard_normal(HIDDEN), "F32")
+        shapes = {"attn_q": (hidden, hidden), "attn_k": (KV_HEADS * head_dim, hidden),
+                  "attn_v": (KV_HEADS * head_dim, hidden), "attn_output": (hidden, hidden),
+                  "ffn_gate": (intermediate, hidden), "ffn_up": (intermediate, hidden),
+                  "ffn_down": (hidden, intermediate)}
+        add(f"blk.{i}.attn_norm.weight", 1 + 0.1 * rng.standard_normal(hidden), "F32")
+        add(f"blk.{i}.ffn_norm.weight", 1 + 0.1 * rng.standard_normal(hidden), "F32")
         for name, shape in shapes.items():
             w = matrix(*shape)
             if name == "attn_q":
@@ -70,7 +85,7 @@ def write_tiny_llama_gguf(path: Path, types=DEFAULT_TYPES, embedding_type: str =
             elif name == "attn_k":
                 w = permute_rows(w, KV_HEADS)
             add(f"blk.{i}.{name}.weight", w, layer_types[name])
-    add("output_norm.weight", 1 + 0.1 * rng.standard_normal(HIDDEN), "F32")
+    add("output_norm.weight", 1 + 0.1 * rng.standard_normal(hidden), "F32")
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

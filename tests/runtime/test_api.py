@@ -55,7 +55,7 @@ def test_builtin_architectures():  # the text-generation ones
         assert arch.supported_encodings[SupportedEncoding.float32] == [KVCacheStrategy.CONTINUOUS,
                                                                         KVCacheStrategy.PAGED]
         assert set(arch.supported_encodings) == {SupportedEncoding.float32, SupportedEncoding.q8_0, SupportedEncoding.q4_0,
-                                                SupportedEncoding.q4_1}
+                                                SupportedEncoding.q4_1, SupportedEncoding.q4_k}
     assert get_pipeline_for_task(PipelineTask.TEXT_GENERATION) is TextGenerationPipeline
     assert get_pipeline_for_task(PipelineTask.EMBEDDINGS_GENERATION).__name__ == "EmbeddingsPipeline"
     with pytest.raises(ValueError, match="no pipeline"):

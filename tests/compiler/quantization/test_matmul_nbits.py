@@ -284,3 +284,19 @@ def test_packed_weight_validates_shapes():
     with pytest.raises(ValueError, match="zero_points"):
         PackedWeight(packed.b, packed.scales, np.zeros(4 * 3, np.uint8), 4, 32, 4, 80)
     PackedWeight(packed.b, packed.scales, np.zeros(4 * 3, np.float32), 4, 32, 4, 80)  # float: one per block
+
+
+def test_q4_k_split_is_exact():
+    """Random (valid) Q4_K super-blocks: d * sc * q - dmin * mn per 32-block, bit for bit as the gguf package."""
+    from ember.compiler.quantization import q4_k_split
+
+    from ...graphs.gguf_helpers import random_blocks
+
+    n, k = 16, 512
+    raw = random_blocks(T.Q4_K, (n, k), seed=5)
+    w_ggml = gguf.quants.dequantize(raw, T.Q4_K).reshape(n, k)
+    packed, mins = q4_k_split(raw, (n, k))
+    assert packed.block_size == 32 and mins.shape == (n, k // 32)
+    assert np.array_equal(dequantize(packed) + np.repeat(mins, 32, axis=1), w_ggml)
+    a = rng(9).standard_normal((3, k)).astype(np.float32)
+    assert_product(run(q4_1_split_model(packed, mins), a), a, w_ggml, rtol=2e-5)
