@@ -61,8 +61,19 @@ class HFRunner:
         self.pad_token_id = config.pad_token_id if config.pad_token_id is not None else (
             eos[0] if isinstance(eos, list) else eos)
         self.info = {"source": str(source.path), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                     "transformers": transformers.__version__, "attn_implementation": "eager", "dtype": "float32"}
+                     "transformers": transformers.__version__, "attn_implementation": "eager", "dtype": "float32",
+                     "weight_bytes_per_step": self._linear_weight_bytes()}
         logger.info("loaded %s in transformers with %d threads", source.path, torch.get_num_threads())
+
+    def _linear_weight_bytes(self) -> int:
+        """Bytes of the ``nn.Linear`` weights (a decode step reads each once; a tied output head is the
+        embedding table, counted once), as ``bench_bandwidth.weight_bytes_per_step`` counts ember's."""
+        seen: dict[int, int] = {}
+        for module in self.model.modules():
+            if isinstance(module, self.torch.nn.Linear):
+                for p in module.parameters(recurse=False):
+                    seen[p.data_ptr()] = p.numel() * p.element_size()
+        return sum(seen.values())
 
     def _generate(self, input_ids: Any, new_tokens: int) -> Any:
         from transformers import GenerationConfig
@@ -72,9 +83,10 @@ class HFRunner:
         attention_mask = self.torch.ones_like(input_ids)
         return self.model.generate(input_ids, attention_mask=attention_mask, generation_config=config)
 
-    def run(self, prompt_ids: list[int], new_tokens: int) -> RunSample:
+    def run(self, prompt_ids: list[int], new_tokens: int, batch_size: int = 1) -> RunSample:
+        """TTFT is a one-token ``generate`` of the batch; the decode rate comes from a full one after it."""
         torch = self.torch
-        input_ids = torch.tensor([prompt_ids], dtype=torch.long)
+        input_ids = torch.tensor([prompt_ids] * batch_size, dtype=torch.long)
         stats = GenerationStats(prompt_tokens=len(prompt_ids))
         with torch.inference_mode():
             start = time.perf_counter()
@@ -83,7 +95,15 @@ class HFRunner:
             start = time.perf_counter()
             output = self._generate(input_ids, new_tokens)
             stats.total_seconds = time.perf_counter() - start
-        tokens = output[0, len(prompt_ids):].tolist()
-        stats.generated_tokens = len(tokens)
+        rows = output[:, len(prompt_ids):].tolist()
+        stats.generated_tokens = len(rows[0])
         stats.finish_reason = "length"
-        return RunSample(stats, tokens)
+        return RunSample(stats, rows[0], batch_size, all(r == rows[0] for r in rows))
+
+    def forced_argmax(self, prompt_ids: list[int], tokens: list[int]) -> list[int]:
+        """The argmax at each step of ``prompt + tokens`` in one forward pass (teacher forcing)."""
+        torch = self.torch
+        ids = torch.tensor([list(prompt_ids) + list(tokens[:-1])], dtype=torch.long)
+        with torch.inference_mode():
+            logits = self.model(ids).logits[0, len(prompt_ids) - 1:]
+        return logits.argmax(-1).tolist()

@@ -25,7 +25,7 @@ def _metric_table(rows: list[tuple[str, dict[str, Any]]],
     return lines
 
 
-def _rows(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+def _rows(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:  # the embeddings report's
     rows = [("ember", report["ember"])]
     if "peer" in report:
         rows.append((report["peer"]["name"], report["peer"]))
@@ -56,29 +56,128 @@ def _format(report: dict[str, Any], workload: str, metrics: tuple[tuple[str, str
     return "\n".join(lines)
 
 
-_GENERATION_METRICS = (("TTFT (ms)", "ttft_s", 1000.0, 1), ("decode (tok/s)", "decode_tok_s", 1.0, 1))
 _EMBEDDINGS_METRICS = (("throughput (sentences/s)", "sentences_per_s", 1.0, 1),
                        ("latency (ms)", "latency_s", 1000.0, 2))
 
 
-def _generation_peer_lines(report: dict[str, Any]) -> list[str]:
-    ratios, peer = report["ratios"], report["peer"]
-    return [f"peer:     {peer['name']}: transformers {peer.get('transformers', '?')}, torch {peer.get('torch', '?')}, "
-            f"{peer.get('dtype', '?')}, {peer.get('attn_implementation', '?')} attention, "
-            f"{peer.get('threads', '?')} threads, loaded in {report['peer_setup_s']:.1f} s",
+# text generation ----------------------------------------------------------------------------------------
+def _spread(s: dict[str, Any], scale: float = 1.0) -> str:
+    """``median (min-max)`` of a summary."""
+    return f"{_num(s['median'], scale)} ({_num(s['min'], scale)}-{_num(s['max'], scale)})"
+
+
+def _generation_rows(report: dict[str, Any]) -> list[tuple[str, dict[str, Any], dict[str, Any] | None]]:
+    """(runner label, its data, its ratios to the peer) for each encoding, then the peer."""
+    ratios = report.get("ratios", {})
+    rows = [(f"ember {enc}", data, ratios.get(enc)) for enc, data in report["encodings"].items()]
+    if "peer" in report:
+        peer = report["peer"]
+        kind = peer.get("precision") or peer.get("dtype")
+        rows.append((f"{peer['name']} {kind}" if kind else peer["name"], peer, None))
+    return rows
+
+
+def _generation_table(report: dict[str, Any]) -> list[str]:
+    """One line per runner: TTFT and decode rate (median, min-max), the weight bytes a decode step reads,
+    the bytes/s its decode rate streams, the share of the measured bandwidth, and ratios to the peer."""
+    peer = report.get("peer", {}).get("name")
+    header = (f"{'runner':<16} {'TTFT (ms)':>23} {'decode (tok/s)':>23} {'per seq':>8} {'weights/step':>13}"
+              f" {'GB/s':>6} {'of bw':>6}" + (f"  ember/{peer} decode, TTFT: of medians (paired)" if peer else ""))
+    lines = [header, "-" * len(header)]
+    for label, data, ratios in _generation_rows(report):
+        per_step, per_seq = data.get("weight_bytes_per_step"), data["decode_tok_s_per_seq"]["median"]
+        streamed = per_step * per_seq if per_step and per_seq else None
+        fraction = data.get("bandwidth_fraction")
+        weights = f"{_num(per_step, 1e-6)} MB" if per_step else "n/a"
+        share = f"{_num(fraction, 100.0, 0)} %" if fraction is not None else "n/a"
+        ratio = (f"  {_num(ratios['decode_tok_s'], digits=2)}x ({_num(ratios.get('decode_tok_s_paired'), digits=2)}x), "
+                 f"{_num(ratios['ttft'], digits=2)}x ({_num(ratios.get('ttft_paired'), digits=2)}x)" if ratios else "")
+        lines.append(f"{label:<16} {_spread(data['ttft_s'], 1000.0):>23} {_spread(data['decode_tok_s']):>23} "
+                     f"{_num(per_seq):>8} {weights:>13} {_num(streamed, 1e-9):>6} {share:>6}{ratio}")
+    return lines
+
+
+def _generation_notes(report: dict[str, Any]) -> list[str]:
+    """What the columns mean, the bandwidth, the greedy agreement, the peer and the batch's consistency."""
+    bw = report["bandwidth"]
+    lines = ["columns:  decode = tokens/s over the batch, per seq = one sequence's (= decode steps/s); "
+             "weights/step = initializer bytes the matrix products of a decode step read (an embedding table "
+             "only gathered is not counted); GB/s = weights/step x steps/s; of bw = GB/s over the bandwidth; "
+             "paired = median over the rounds of the ratio within a round",
+             f"bandwidth: {_num(bw['gb_s'])} GB/s median ({_num(bw['min'])}-{_num(bw['max'])}) of {bw['copies']} "
+             f"numpy copies of {bw['source_mib']} MiB, {bw['threads']} thread(s), read + write bytes counted, "
+             f"measured just before and after the runs"]
+    agree = report["greedy_agreement"]
+    for name, a in agree["runners"].items():
+        forced = (f"; fed {agree['reference']}'s tokens, the same choice at {a['teacher_forced_equal']} of "
+                  f"{a['teacher_forced_of']} steps" if "teacher_forced_equal" in a else "")
+        lines.append(f"greedy:   {name} vs {agree['reference']}: the first {a['matching_prefix']} of {a['of']} "
+                     f"tokens agree ({a['equal_positions']} positions equal){forced}")
+    if "peer" in report:
+        peer = report["peer"]
+        keys = ("onnxruntime_genai", "transformers", "torch", "precision", "dtype", "attn_implementation")
+        what = ", ".join(f"{k.replace('_', '-')} {peer[k]}" for k in keys if peer.get(k))
+        lines.append(f"peer:     {peer['name']}: {what}, {peer.get('threads', '?')} threads, set up in "
+                     f"{report['peer_setup_s']:.1f} s" + (f" ({peer['model_dir']})" if peer.get("model_dir") else ""))
+    if report["batch_size"] > 1:
+        diverging = [label for label, data, _ in _generation_rows(report) if not data.get("batch_rows_agree", True)]
+        lines.append(f"batch:    sequences of one batch differ in {', '.join(diverging)}" if diverging else
+                     "batch:    every sequence of each batch produced the same tokens")
+    return lines
+
+
+def _generation_memory(report: dict[str, Any]) -> list[str]:
+    memory = report["memory"]
+    lines = [f"memory:   peak RSS {memory['ember']['peak_rss_mib']:.0f} MiB, current RSS "
+             f"{memory['ember']['rss_mib']:.0f} MiB with every encoding loaded (before any peer)"]
+    after = [f"{enc} {data['memory_after_load']['rss_mib']:.0f}" for enc, data in report["encodings"].items()
+             if "memory_after_load" in data]
+    if len(after) > 1:
+        lines.append(f"          current RSS after loading each encoding, MiB: {', '.join(after)}")
+    if "with_peer" in memory:
+        lines.append(f"          with {report['peer']['name']} loaded: peak RSS {memory['with_peer']['peak_rss_mib']:.0f}"
+                     f" MiB, current RSS {memory['with_peer']['rss_mib']:.0f} MiB")
+    lines.append(f"          at the end: peak RSS {memory['final']['peak_rss_mib']:.0f} MiB (including the bandwidth "
+                 f"copy's {2 * report['bandwidth']['source_mib']} MiB)")
+    return lines
+
+
+_SINGLE_RUNNER_METRICS = (("TTFT (ms)", "ttft_s", 1000.0, 1), ("decode (tok/s)", "decode_tok_s", 1.0, 1))
+
+
+def _single_runner_peer_lines(report: dict[str, Any]) -> list[str]:
+    ratios, peer, agree = report["ratios"], report["peer"], report["greedy_agreement"]
+    return [f"peer:     {peer['name']}, {peer.get('threads', '?')} threads, loaded in {report['peer_setup_s']:.1f} s",
             f"ratios:   decode tok/s ember/{peer['name']} = {_num(ratios['decode_tok_s'], digits=2)}x, "
             f"TTFT ember/{peer['name']} = {_num(ratios['ttft'], digits=2)}x",
-            f"greedy:   the first {report['greedy_agreement']['matching_prefix']} of "
-            f"{report['greedy_agreement']['of']} tokens agree"]
+            f"greedy:   the first {agree['matching_prefix']} of {agree['of']} tokens agree"]
 
 
-def format_report(report: dict[str, Any]) -> str:
+def _format_single_runner(report: dict[str, Any]) -> str:
+    """A report of the shape ``run_benchmark`` wrote before encodings could be compared (batch 1, one
+    ember runner, no bandwidth): JSON saved then still prints, in the table the embeddings report shares."""
     workload = (f"batch 1, prompt {report['prompt_tokens']} tokens, {report['new_tokens']} new tokens (greedy, "
                 f"EOS ignored), {report['threads']} threads, median of {report['runs']} runs after "
                 f"{report['warmup']} warmup")
-    return _format(report, workload, _GENERATION_METRICS, _generation_peer_lines)
+    return _format(report, workload, _SINGLE_RUNNER_METRICS, _single_runner_peer_lines)
 
 
+def format_report(report: dict[str, Any]) -> str:
+    if "encodings" not in report:
+        return _format_single_runner(report)
+    batch = report["batch_size"]
+    workload = (f"batch {batch}{' (the same prompt in every sequence)' if batch > 1 else ''}, prompt "
+                f"{report['prompt_tokens']} tokens, {report['new_tokens']} new tokens (greedy, EOS ignored), "
+                f"{report['threads']} threads, median of {report['runs']} runs after {report['warmup']} warmup, "
+                f"runners alternating")
+    lines = [f"model:    {report.get('model') or report['artifact']}"]
+    lines += [f"setup:    {enc}: {data['setup']}, {data['artifact']}" for enc, data in report["encodings"].items()]
+    lines += [f"workload: {workload}", "", *_generation_table(report), "", *_generation_notes(report),
+              *_generation_memory(report)]
+    return "\n".join(lines)
+
+
+# embeddings ---------------------------------------------------------------------------------------------
 def _embeddings_peer_lines(report: dict[str, Any]) -> list[str]:
     ratios, peer, agreement = report["ratios"], report["peer"], report["agreement"]
     name = peer["name"]
@@ -99,3 +198,26 @@ def format_embeddings_report(report: dict[str, Any]) -> str:
                 f"{report['latency_encodes']} single-sentence encodes; {report['threads']} threads, "
                 f"median of {report['runs']} runs after {report['warmup']} warmup")
     return _format(report, workload, _EMBEDDINGS_METRICS, _embeddings_peer_lines)
+
+
+def format_serving_report(report: dict[str, Any]) -> str:
+    """``ember bench --concurrency`` / ``--prefix-cache``: one row per concurrency level, the prefix-cache line."""
+    lines = [f"model: {report['model']}, encoding {report['encoding']}, {report['kv_cache_strategy']} KV cache, "
+             f"{report['threads']} threads"]
+    concurrency = report.get("concurrency")
+    if concurrency:
+        lines.append(f"{concurrency['prompt_tokens']}-token prompts, {concurrency['new_tokens']} new tokens each, "
+                     f"medians of {concurrency['runs']} runs")
+        lines.append(f"{'concurrency':>11}  {'output tok/s':>12}  {'x lowest':>8}  {'TTFT med ms':>11}  "
+                     f"{'TTFT p90 ms':>11}  {'ITL med ms':>10}  {'ITL p90 ms':>10}  {'preempt':>7}")
+        for level, row in concurrency["levels"].items():
+            lines.append(f"{level:>11}  {row['output_tok_s']:>12.1f}  {row['speedup_vs_lowest']:>8.2f}  "
+                         f"{_num(row['ttft_median_s'], 1e3):>11}  {_num(row['ttft_p90_s'], 1e3):>11}  "
+                         f"{_num(row['itl_median_s'], 1e3):>10}  {_num(row['itl_p90_s'], 1e3):>10}  "
+                         f"{row['scheduler']['preemptions']:>7}")
+    prefix = report.get("prefix_cache")
+    if prefix:
+        lines.append(f"prefix cache: {prefix['prompt_tokens']}-token prompt sharing {prefix['shared_tokens']} tokens: "
+                     f"TTFT miss {prefix['ttft_miss_s'] * 1e3:.1f} ms, hit {prefix['ttft_hit_s'] * 1e3:.1f} ms "
+                     f"({prefix['speedup']:.2f}x faster; medians of {prefix['runs']})")
+    return "\n".join(lines)

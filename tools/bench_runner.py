@@ -1,6 +1,6 @@
 """What the text-generation and the embeddings benchmarks share: loading the peer, alternating the runs of
-ember and the peer in the same process (so both see the same machine state), and the summaries, memory
-snapshots and ember/peer ratios of the report."""
+ember (one runner per encoding) and the peer in the same process (so all see the same machine state), and
+the summaries, memory snapshots and ember/peer ratios of the report."""
 from __future__ import annotations
 
 import os
@@ -32,8 +32,32 @@ def summarize(values: Sequence[float | None]) -> dict[str, float | None]:
     return {"median": statistics.median(present), "min": min(present), "max": max(present)}
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
+def ratio_of(a: float | None, b: float | None) -> float | None:
+    """``a / b``, or None when either is missing (or ``b`` is 0)."""
     return a / b if a is not None and b else None
+
+
+def load_peer(report: dict[str, Any], peer_factory: Callable[[], Any], *, warmup: int,
+              warm: Callable[[Any], Any]) -> Any:
+    """Build the peer, recording its setup time and the memory with it loaded, and warm it up."""
+    start = time.perf_counter()
+    peer = peer_factory()
+    report["peer_setup_s"] = time.perf_counter() - start
+    report["memory"]["with_peer"] = memory_snapshot()
+    for _ in range(warmup):
+        warm(peer)
+    return peer
+
+
+def alternate(runners: Sequence[Any], runs: int, measure: Callable[[Any, int], Any],
+              progress: bool = True) -> dict[str, list[Any]]:
+    """``runs`` rounds of one measured run per runner, in turn (a, b, c, a, b, c, ...), so that every
+    runner sees the same machine state; the samples by runner name."""
+    samples: dict[str, list[Any]] = {r.name: [] for r in runners}
+    for run in tqdm(range(runs), desc="bench", unit="run", disable=not progress, file=sys.stderr, leave=False):
+        for runner in runners:
+            samples[runner.name].append(measure(runner, run))
+    return samples
 
 
 def run_alternating(report: dict[str, Any], ember: Any, peer_factory: Callable[[], Any] | None, *,
@@ -50,22 +74,14 @@ def run_alternating(report: dict[str, Any], ember: Any, peer_factory: Callable[[
     """
     runners = [ember]
     if peer_factory is not None:
-        start = time.perf_counter()
-        peer = peer_factory()
-        report["peer_setup_s"] = time.perf_counter() - start
-        report["memory"]["with_peer"] = memory_snapshot()
-        for _ in range(warmup):
-            warm(peer)
-        runners.append(peer)
-    samples: dict[str, list[Any]] = {r.name: [] for r in runners}
-    for run in tqdm(range(runs), desc="bench", unit="run", disable=not progress, file=sys.stderr, leave=False):
-        for runner in runners:  # alternate: ember, peer, ember, peer, ...
-            samples[runner.name].append(measure(runner, run))
+        runners.append(load_peer(report, peer_factory, warmup=warmup, warm=warm))
+    samples = alternate(runners, runs, measure, progress)
     report["ember"].update(summary(samples[ember.name]))
     report["memory"]["final"] = memory_snapshot()
     if peer_factory is not None:
         name = runners[1].name
         report["peer"] = {"name": name, **getattr(runners[1], "info", {}), **summary(samples[name])}
         ours, theirs = report["ember"], report["peer"]
-        report["ratios"] = {ratio: _ratio(ours[key]["median"], theirs[key]["median"]) for ratio, key in ratios.items()}
+        report["ratios"] = {ratio: ratio_of(ours[key]["median"], theirs[key]["median"])
+                            for ratio, key in ratios.items()}
     return samples

@@ -2,7 +2,8 @@
 ``bench``).
 
 Heavy imports (onnxruntime, onnx_ir, transformers) happen inside the commands, so ``ember --help`` and
-``ember --version`` are quick; torch is imported only by ``ember bench --compare hf`` and ``--compare st``.
+``ember --version`` are quick; torch is imported only by ``ember bench --compare hf``, ``--compare st`` and
+``--compare ort-genai``.
 Expected errors (a bad path, an unsupported model, an invalid option) print ``ember: error: ...`` and exit
 with 1 (2 for usage errors) instead of a traceback; ``-vv`` shows the traceback too.
 """
@@ -64,11 +65,72 @@ def _integer_at_least(minimum: int, what: str):
 _positive, _non_negative = _integer_at_least(1, "positive"), _integer_at_least(0, "non-negative")
 
 
+def _positive_list(value: str) -> list[int]:
+    """``--concurrency 1,4,16``: positive integers, in the order given, duplicates dropped."""
+    check = _positive
+    parts = [part.strip() for part in value.split(",")]
+    if not all(parts):
+        raise argparse.ArgumentTypeError(f"empty value in {value!r}")
+    return list(dict.fromkeys(check(part) for part in parts))
+
+
+def _encoding_list(value: str) -> list[str]:
+    """``--encoding`` of ``ember bench``: one encoding or a comma-separated list, each checked like
+    ``--encoding`` elsewhere, duplicates dropped (the order is kept: the first is the report's ``ember``)."""
+    check = _lazy_choice("encoding")
+    names = [part.strip() for part in value.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"empty encoding in {value!r}")
+    return list(dict.fromkeys(check(name) for name in names))
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--encoding", type=_lazy_choice("encoding"), default=None,
                         help="weight encoding (default: the architecture's; `ember list` shows the supported ones)")
     parser.add_argument("--max-length", type=_positive, default=None, metavar="N",
                         help="maximum sequence length (default: the model's)")
+
+
+def _add_kv_cache_bit_width(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kv-cache-bit-width", type=_non_negative, default=None, metavar="BITS",
+                        help="KV cache element width: 0 keeps it float (default); 8 stores it in int8 with scales "
+                             "calibrated at compile time (ort-cpu, continuous KV cache)")
+
+
+def _byte_size(value: str) -> int:
+    """``--kv-cache-bytes``: an integer with an optional K/M/G/T suffix (powers of 1024): 512M, 2G."""
+    text = value.strip().upper().removesuffix("B").removesuffix("I")
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}.get(text[-1:], 1)
+    try:
+        number = float(text[:-1] if scale > 1 else text) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a byte count such as 512M or 2G, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive byte count, got {value!r}")
+    return int(number)
+
+
+def _add_kv_cache_options(parser: argparse.ArgumentParser, default_strategy: str = "the encoding's first") -> None:
+    parser.add_argument("--kv-cache-strategy", type=_lazy_choice("kv cache strategy"), default=None,
+                        help=f"continuous or paged (default: {default_strategy})")
+    parser.add_argument("--kv-cache-bytes", type=_byte_size, default=None, metavar="BYTES",
+                        help="cap on KV cache memory, e.g. 512M or 2G (default: half the available memory)")
+    parser.add_argument("--kv-cache-pages", type=_positive, default=None, metavar="N",
+                        help="paged: cap on the number of KV cache pages")
+    parser.add_argument("--kv-cache-page-size", type=_positive, default=None, metavar="TOKENS",
+                        help="paged: tokens per page (default: 16)")
+    parser.add_argument("--no-prefix-caching", action="store_true",
+                        help="paged: do not share the pages of common prompt prefixes between requests")
+
+
+def _kv_cache_config(args: argparse.Namespace) -> dict:
+    """The PipelineConfig fields of the KV cache options."""
+    config = {"kv_cache_strategy": args.kv_cache_strategy, "kv_cache_bytes": args.kv_cache_bytes,
+              "kv_cache_pages": args.kv_cache_pages, "enable_prefix_caching": not args.no_prefix_caching,
+              "kv_cache_bit_width": args.kv_cache_bit_width or 0}
+    if args.kv_cache_page_size is not None:
+        config["kv_cache_page_size"] = args.kv_cache_page_size
+    return config
 
 
 def _add_threads(parser: argparse.ArgumentParser) -> None:
@@ -109,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     p.add_argument("--kv-cache-strategy", type=_lazy_choice("kv cache strategy"), default=None,
                    help="continuous or paged (default: the first the encoding supports)")
+    _add_kv_cache_bit_width(p)
     p.add_argument("--force", action="store_true", help="recompile even if cached; replace an artifact in DIR")
     p.set_defaults(handler=cmd_compile)
 
@@ -125,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
     p.add_argument("--no-chat-template", action="store_true", help="encode PROMPT as is, without the chat template")
     p.add_argument("--system", default=None, metavar="TEXT", help="a system message (with a chat template)")
+    _add_kv_cache_bit_width(p)
+    _add_kv_cache_options(p)
     _add_run_options(p, cmd_generate)
 
     p = commands.add_parser("embed", parents=[verbose], help="embed texts into vectors",
@@ -144,9 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p, cmd_embed)
 
     p = commands.add_parser("bench", parents=[verbose], help="measure latency, throughput and memory",
-                            description="Benchmark a text-generation model at batch 1 (TTFT for a prompt of "
-                                        "--prompt-tokens tokens, decode tokens/s over --new-tokens greedy tokens) "
-                                        "or an embeddings model (sentences/s for --sentences sentences of about 30 "
+                            description="Benchmark a text-generation model (TTFT for --batch-size prompts of "
+                                        "--prompt-tokens tokens, decode tokens/s over --new-tokens greedy tokens, "
+                                        "for each of the --encoding list, with the weight bytes a decode step reads "
+                                        "and the share of the memory bandwidth measured in the same run) or an "
+                                        "embeddings model (sentences/s for --sentences sentences of about 30 "
                                         "tokens at --batch-size, single-sentence latency); peak RSS. The model's "
                                         "architecture decides which.")
     p.add_argument("model", metavar="MODEL", nargs="?", default=None,
@@ -161,14 +228,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sentences", type=_positive, default=None, metavar="N",
                    help="embeddings: sentences per throughput run (default: 1024)")
     p.add_argument("--batch-size", type=_positive, default=None, metavar="N",
-                   help="embeddings: sentences per model call in the throughput runs (default: 32)")
+                   help="text generation: sequences decoded together, same prompt (default: 1); embeddings: "
+                        "sentences per model call in the throughput runs (default: 32)")
     p.add_argument("--latency-encodes", type=_positive, default=None, metavar="N", help=argparse.SUPPRESS)
+    p.add_argument("--bandwidth-mib", type=_positive, default=None, metavar="N", help=argparse.SUPPRESS)
     p.add_argument("--runs", type=_positive, default=5, metavar="N", help="measured runs (default: 5)")
     p.add_argument("--warmup", type=_non_negative, default=1, metavar="N", help="unmeasured runs first (default: 1)")
-    p.add_argument("--compare", choices=["hf", "st"], default=None,
-                   help="also run the same weights in PyTorch and print ratios: hf (transformers) for a "
-                        "text-generation model, st (sentence-transformers) for an embeddings model")
-    p.add_argument("--encoding", type=_lazy_choice("encoding"), default=None, help="weight encoding")
+    p.add_argument("--compare", choices=["hf", "st", "ort-genai"], default=None,
+                   help="also run the same weights in a peer and print ratios: hf (transformers) or ort-genai "
+                        "(onnxruntime-genai, int4 model built by its builder; pip install 'ember[bench]') for "
+                        "a text-generation model, st (sentence-transformers) for an embeddings model")
+    p.add_argument("--encoding", type=_encoding_list, default=None, metavar="E[,E...]",
+                   help="weight encoding; for text generation a comma-separated list is measured in one run, "
+                        "e.g. float32,q8_0,q4_0 (default: the architecture's)")
+    p.add_argument("--concurrency", type=_positive_list, default=None, metavar="N[,N...]",
+                   help="text generation: serve N concurrent requests through the engine (continuous batching; "
+                        "--prompt-tokens / --new-tokens each) and report total output tokens/s, time to first "
+                        "token and inter-token latency per level, e.g. 1,4,16 (default strategy: paged)")
+    p.add_argument("--prefix-cache", action="store_true",
+                   help="text generation: time to first token of a 512-token prompt sharing 448 tokens with a "
+                        "finished request (prefix-cache hit) against a cold one (paged KV cache)")
+    _add_kv_cache_bit_width(p)
+    _add_kv_cache_options(p, "continuous; paged with --concurrency / --prefix-cache")
     _add_threads(p)
     p.add_argument("--json", metavar="PATH", default=None, help="also write the report as JSON to PATH")
     p.set_defaults(handler=cmd_bench)
@@ -199,7 +280,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from .compile_model import compile_model
 
     result = compile_model(args.model, args.output, target=args.target, encoding=args.encoding,
-                           kv_cache_strategy=args.kv_cache_strategy, max_length=args.max_length, force=args.force)
+                           kv_cache_strategy=args.kv_cache_strategy, max_length=args.max_length, force=args.force,
+                           kv_cache_bit_width=args.kv_cache_bit_width or 0)
     if result.compiled:
         _eprint(f"compiled {result.architecture} for {args.target} in {result.seconds:.2f} s")
     else:
@@ -217,7 +299,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                               max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos)
     loaded = load_pipeline(pipeline_config(args.model, encoding=args.encoding, max_length=args.max_length,
-                                           num_threads=args.threads))
+                                           num_threads=args.threads, **_kv_cache_config(args)))
     prompt_ids = build_prompt(loaded.tokenizer, args.prompt, system=args.system,
                               chat_template=not args.no_chat_template)
     stats = GenerationStats()
@@ -276,37 +358,102 @@ def _bench_embeddings(args: argparse.Namespace) -> bool:
         if args.embeddings and task not in (None, PipelineTask.EMBEDDINGS_GENERATION):
             raise UsageError(f"--embeddings: {args.model} serves {task.value}, not embeddings")
         embeddings = embeddings or task == PipelineTask.EMBEDDINGS_GENERATION
-    kind, other = ("an embeddings", ("--prompt-tokens", "--new-tokens")) if embeddings else \
-        ("a text-generation", ("--sentences", "--batch-size"))
+    kind, other = ("an embeddings", ("--prompt-tokens", "--new-tokens", "--kv-cache-bit-width")) if embeddings else \
+        ("a text-generation", ("--sentences",))
     for option in other:
         if getattr(args, option[2:].replace("-", "_")) is not None:
             raise UsageError(f"{option} does not apply to {kind} model")
-    peer = "st" if embeddings else "hf"
-    if args.compare not in (None, peer):
-        raise UsageError(f"--compare {args.compare} does not apply to {kind} model; use --compare {peer}")
+    peers = ("st",) if embeddings else ("hf", "ort-genai")
+    if args.compare not in (None, *peers):
+        raise UsageError(f"--compare {args.compare} does not apply to {kind} model; use --compare "
+                         + " or ".join(peers))
+    if embeddings and args.encoding and len(args.encoding) > 1:
+        raise UsageError("an embeddings benchmark takes one --encoding")
     return embeddings
+
+
+def _generation_peer(args: argparse.Namespace, threads: int, cache_dir) -> Callable[[], object] | None:
+    """The factory of the ``--compare`` peer of a text-generation benchmark (None without one)."""
+    def hf():
+        from .bench_hf import HFRunner  # with bench_st / bench_ort_genai, where the CLI brings in torch
+        _eprint("ember: loading the same weights in transformers for --compare hf ...")
+        return HFRunner(args.model, threads)
+
+    def ort_genai():
+        from .bench_ort_genai import OrtGenaiRunner
+        _eprint("ember: preparing the onnxruntime-genai int4 model for --compare ort-genai (built once, "
+                "then cached) ...")
+        return OrtGenaiRunner(args.model, threads, cache_dir)
+
+    return {"hf": hf, "ort-genai": ort_genai}.get(args.compare)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     if _bench_embeddings(args):
         return _cmd_bench_embeddings(args)
-    from .bench import run_benchmark
+    from .bench import BANDWIDTH_MIB, check_encodings, load_encodings, run_benchmark
     from .bench_report import format_report
-    from .loading import load_pipeline, pipeline_config
 
+    build_errors: tuple[type[BaseException], ...] = ()
+    if args.compare == "ort-genai":  # before minutes of loading: a missing package fails at once
+        from .bench_ort_genai import OrtGenaiBuildError, require_ort_genai
+        require_ort_genai()
+        build_errors = (OrtGenaiBuildError,)
     args.prompt_tokens = 64 if args.prompt_tokens is None else args.prompt_tokens
     args.new_tokens = 128 if args.new_tokens is None else args.new_tokens
-    loaded = load_pipeline(pipeline_config(args.model, encoding=args.encoding, num_threads=args.threads))
-    peer_factory = None
-    if args.compare == "hf":
-        def peer_factory():
-            from .bench_hf import HFRunner  # the only place the CLI brings in torch
-            _eprint("ember: loading the same weights in transformers for --compare hf ...")
-            return HFRunner(args.model, loaded.num_threads)
-    report = run_benchmark(loaded, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, runs=args.runs,
-                           warmup=args.warmup, peer_factory=peer_factory, progress=True)
+    if args.concurrency or args.prefix_cache:
+        return _cmd_bench_serving(args)
+    batch_size = args.batch_size or 1
+    encodings = check_encodings(args.model, args.encoding)
+    pipelines, memory = load_encodings(args.model, encodings, num_threads=args.threads, batch_size=batch_size,
+                                       max_length=args.prompt_tokens + args.new_tokens,
+                                       announce=lambda text: _eprint(f"ember: {text}"),
+                                       kv_cache_bit_width=args.kv_cache_bit_width or 0)
+    peer_factory = _generation_peer(args, pipelines[0].num_threads, pipelines[0].pipeline.pipeline_config.cache_dir)
+    try:
+        report = run_benchmark(pipelines, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                               batch_size=batch_size, runs=args.runs, warmup=args.warmup, peer_factory=peer_factory,
+                               bandwidth_mib=args.bandwidth_mib or BANDWIDTH_MIB, load_memory=memory, progress=True)
+    except build_errors as error:  # the ort-genai builder's failure: its message names the log
+        _eprint(f"ember: error: {error}")
+        return EXIT_RUNTIME_ERROR
     report["model"] = args.model or "SmolLM2-135M-Instruct (embedded default)"
     print(format_report(report), flush=True)
+    _write_json(args.json, report)
+    return 0
+
+
+def _cmd_bench_serving(args: argparse.Namespace) -> int:
+    """``ember bench --concurrency`` / ``--prefix-cache``: requests through the engine (runtime/engine.py)."""
+    from .bench_report import format_serving_report
+    from .bench_serving import run_concurrency_benchmark, run_prefix_cache_benchmark
+    from .loading import load_pipeline, pipeline_config
+
+    if args.compare:
+        raise UsageError("--compare does not apply to --concurrency / --prefix-cache")
+    if args.encoding and len(args.encoding) > 1:
+        raise UsageError("--concurrency / --prefix-cache measure one encoding at a time")
+    kv = _kv_cache_config(args)
+    kv["kv_cache_strategy"] = kv["kv_cache_strategy"] or "paged"
+    if args.prefix_cache and kv["kv_cache_strategy"] != "paged":
+        raise UsageError("--prefix-cache needs the paged KV cache")
+    levels = args.concurrency or []
+    prompt_tokens = max([args.prompt_tokens + args.new_tokens] + ([512 + 2] if args.prefix_cache else []))
+    config = pipeline_config(args.model, encoding=args.encoding[0] if args.encoding else None,
+                             num_threads=args.threads, max_batch_size=max(levels + [1]),
+                             max_length=max(prompt_tokens, 1024), **kv)
+    loaded = load_pipeline(config)
+    _eprint(f"ember: {loaded.describe()}")
+    report = {"model": args.model or "SmolLM2-135M-Instruct (embedded default)",
+              "encoding": loaded.pipeline.pipeline_model.artifact.manifest["encoding"],
+              "kv_cache_strategy": kv["kv_cache_strategy"], "threads": loaded.num_threads}
+    if levels:
+        report["concurrency"] = run_concurrency_benchmark(loaded.pipeline, loaded.tokenizer, levels,
+                                                          prompt_tokens=args.prompt_tokens,
+                                                          new_tokens=args.new_tokens, runs=args.runs)
+    if args.prefix_cache:
+        report["prefix_cache"] = run_prefix_cache_benchmark(loaded.pipeline, loaded.tokenizer, runs=args.runs)
+    print(format_serving_report(report), flush=True)
     _write_json(args.json, report)
     return 0
 
@@ -320,14 +467,15 @@ def _cmd_bench_embeddings(args: argparse.Namespace) -> int:
 
     model = embeddings_model(args.model)
     batch_size = args.batch_size or BATCH_SIZE
-    loaded = load_pipeline(pipeline_config(model, encoding=args.encoding, num_threads=args.threads,
+    encoding = args.encoding[0] if args.encoding else None
+    loaded = load_pipeline(pipeline_config(model, encoding=encoding, num_threads=args.threads,
                                            max_batch_size=batch_size), task=PipelineTask.EMBEDDINGS_GENERATION)
-    peer_factory = None
-    if args.compare == "st":
-        def peer_factory():
-            from .bench_st import STRunner  # with bench_hf, the only places the CLI brings in torch
-            _eprint("ember: loading the same weights in sentence-transformers for --compare st ...")
-            return STRunner(model, loaded.num_threads)
+    def st_peer():
+        from .bench_st import STRunner  # with bench_hf / bench_ort_genai, where the CLI brings in torch
+        _eprint("ember: loading the same weights in sentence-transformers for --compare st ...")
+        return STRunner(model, loaded.num_threads)
+
+    peer_factory = st_peer if args.compare == "st" else None
     report = run_embeddings_benchmark(loaded, sentences=args.sentences or SENTENCES, batch_size=batch_size,
                                       latency_encodes=args.latency_encodes or LATENCY_ENCODES, runs=args.runs,
                                       warmup=args.warmup, peer_factory=peer_factory, progress=True)

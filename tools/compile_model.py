@@ -51,10 +51,12 @@ def _check_output_dir(directory: Path, force: bool) -> None:
 
 def compile_model(model: str | Path, output_dir: str | Path | None = None, *, target: str = "ort-cpu",
                   encoding: str | None = None, kv_cache_strategy: str | None = None, max_length: int | None = None,
-                  force: bool = False, cache_dir: str | Path | None = None) -> CompileResult:
+                  force: bool = False, cache_dir: str | Path | None = None,
+                  kv_cache_bit_width: int = 0) -> CompileResult:
     """Compile ``model`` (an HF directory or a .gguf file) into ``output_dir``, or into the compile cache."""
     config = PipelineConfig(model_path=model, target=target, encoding=encoding, kv_cache_strategy=kv_cache_strategy,
-                            max_length=max_length, cache_dir=cache_dir, force_compile=force)
+                            max_length=max_length, cache_dir=cache_dir, force_compile=force,
+                            kv_cache_bit_width=kv_cache_bit_width)
     source = ModelSource.resolve(model)
     architecture = architecture_for(source)
     options = compile_options(config, architecture, source)  # with the encoders' pooling options

@@ -1,0 +1,125 @@
+"""Serving benchmark: N concurrent requests through the engine (continuous batching).
+
+``concurrency`` requests (``prompt_tokens``-token prompts cut at different offsets of ``bench_text.txt``, so
+no two share a prefix, ``new_tokens`` greedy tokens each, EOS ignored) are all submitted at once to an
+:class:`~ember.runtime.engine.LLMEngine`. Reported: total output tokens/s over the wall time, time to
+first token per request (median, p90) and inter-token latency (the gaps between a request's consecutive
+tokens, median and p90 over all requests).
+
+The prefix-cache scenario times the first token of a ``prefix_prompt_tokens``-token prompt twice: once
+cold (a miss) and once after another request with the same first ``shared_tokens`` tokens has finished
+(a hit: only the rest is computed).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ember.runtime.engine import LLMEngine
+from ember.runtime.pipelines import SamplingParams
+from ember.runtime.scheduler import SchedulerConfig, describe
+
+from .bench import bench_text
+
+logger = logging.getLogger(__name__)
+
+
+def distinct_prompts(tokenizer: Any, count: int, length: int) -> list[list[int]]:
+    """``count`` prompts of ``length`` tokens, each starting at a different offset of the bench text."""
+    body = tokenizer.encode(bench_text(), add_special_tokens=False)
+    while len(body) < length + 7 * count:
+        body = body + body
+    return [body[7 * i:7 * i + length] for i in range(count)]
+
+
+def _percentile(values: Sequence[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if len(values) else None
+
+
+def run_concurrent(engine: LLMEngine, prompts: Sequence[Sequence[int]], new_tokens: int) -> dict[str, Any]:
+    """Submit every prompt at once, step to completion; throughput, TTFT and inter-token latency."""
+    sampling = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    start = time.perf_counter()
+    submitted = {engine.add_request(p, sampling): start for p in prompts}
+    stamps: dict[str, list[float]] = {r: [] for r in submitted}
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+        now = time.perf_counter()
+        for out in outputs:
+            if out.token is not None:
+                stamps[out.request_id].append(now)
+    wall = time.perf_counter() - start
+    ttft = [s[0] - submitted[r] for r, s in stamps.items()]
+    gaps = [b - a for s in stamps.values() for a, b in zip(s, s[1:])]
+    total = sum(len(s) for s in stamps.values())
+    return {"requests": len(prompts), "output_tokens": total, "wall_s": wall, "output_tok_s": total / wall,
+            "ttft_s": {"median": _percentile(ttft, 50), "p90": _percentile(ttft, 90)},
+            "itl_s": {"median": _percentile(gaps, 50), "p90": _percentile(gaps, 90)}}
+
+
+def run_concurrency_benchmark(pipeline: Any, tokenizer: Any, levels: Sequence[int], *, prompt_tokens: int = 64,
+                              new_tokens: int = 128, runs: int = 3,
+                              scheduler: SchedulerConfig | None = None) -> dict[str, Any]:
+    """Each concurrency level ``runs`` times (levels interleaved per round); medians per level."""
+    max_level = max(levels)
+    if max_level > pipeline.pipeline_model.max_batch_size:
+        raise ValueError(f"concurrency {max_level} exceeds the pipeline's batch limit "
+                         f"{pipeline.pipeline_model.max_batch_size}; load it with --max-batch-size {max_level}")
+    prompts = distinct_prompts(tokenizer, max_level, prompt_tokens)
+    samples: dict[int, list[dict[str, Any]]] = {n: [] for n in levels}
+    stats: dict[int, dict[str, Any]] = {}
+    run_concurrent(LLMEngine(pipeline, scheduler), prompts[:1], 4)  # warm-up
+    for _ in range(runs):
+        for n in levels:
+            engine = LLMEngine(pipeline, scheduler)
+            samples[n].append(run_concurrent(engine, prompts[:n], new_tokens))
+            stats[n] = describe(engine.scheduler.stats)
+    report: dict[str, Any] = {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "runs": runs, "levels": {}}
+    for n in levels:
+        s = samples[n]
+        report["levels"][n] = {
+            "output_tok_s": float(np.median([x["output_tok_s"] for x in s])),
+            "ttft_median_s": float(np.median([x["ttft_s"]["median"] for x in s])),
+            "ttft_p90_s": float(np.median([x["ttft_s"]["p90"] for x in s])),
+            "itl_median_s": float(np.median([x["itl_s"]["median"] for x in s if x["itl_s"]["median"] is not None])),
+            "itl_p90_s": float(np.median([x["itl_s"]["p90"] for x in s if x["itl_s"]["p90"] is not None])),
+            "scheduler": stats[n], "samples": s}
+    base = report["levels"][min(levels)]["output_tok_s"]
+    for n in levels:
+        report["levels"][n]["speedup_vs_lowest"] = report["levels"][n]["output_tok_s"] / base
+    return report
+
+
+def time_first_token(engine: LLMEngine, prompt: Sequence[int]) -> float:
+    """Seconds from submitting ``prompt`` to its first token (the engine otherwise idle); then finishes it."""
+    start = time.perf_counter()
+    request_id = engine.add_request(prompt, SamplingParams(max_new_tokens=1, ignore_eos=True))
+    while True:
+        if any(o.request_id == request_id and o.token is not None for o in engine.step()):
+            return time.perf_counter() - start
+
+
+def run_prefix_cache_benchmark(pipeline: Any, tokenizer: Any, *, prompt_tokens: int = 512, shared_tokens: int = 448,
+                               runs: int = 3) -> dict[str, Any]:
+    """TTFT of a prompt whose first ``shared_tokens`` tokens are cached (hit) against a cold one (miss)."""
+    body = tokenizer.encode(bench_text(), add_special_tokens=False)
+    while len(body) < 2 * prompt_tokens * (runs + 1):
+        body = body + body
+    misses, hits = [], []
+    for run in range(runs + 1):  # the first round warms up
+        offset = 2 * prompt_tokens * run
+        base = body[offset:offset + prompt_tokens]
+        other = base[:shared_tokens] + body[offset + prompt_tokens:offset + 2 * prompt_tokens - shared_tokens]
+        engine = LLMEngine(pipeline, SchedulerConfig(max_num_batched_tokens=prompt_tokens))
+        miss = time_first_token(engine, base)  # cold: nothing of it is cached
+        hit = time_first_token(engine, other)  # shares base's first shared_tokens tokens
+        if run:
+            misses.append(miss)
+            hits.append(hit)
+    miss, hit = float(np.median(misses)), float(np.median(hits))
+    return {"prompt_tokens": prompt_tokens, "shared_tokens": shared_tokens, "runs": runs,
+            "ttft_miss_s": miss, "ttft_hit_s": hit, "speedup": miss / hit, "samples": {"miss": misses, "hit": hits}}
