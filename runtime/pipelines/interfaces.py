@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ember.graphs.nn.kv_cache import KVCacheParams
+from ember.graphs.nn.kv_cache import KVCacheParams, KVCacheStrategy
 from ember.graphs.nn.transformer import ReturnLogits
 
 from ..session import Device, InferenceSession
@@ -135,6 +135,12 @@ class KVCacheMixin(abc.ABC):
         batch = pipeline_config.max_batch_size or cls.infer_optimal_batch_size(
             pipeline_config, available_cache_memory, huggingface_config=hf)
         wanted = batch * max_len * params.bytes_per_token
+        if params.cache_strategy == KVCacheStrategy.PAGED:  # whole pages, plus the scratch page
+            page_bytes = pipeline_config.kv_cache_page_size * params.bytes_per_token
+            pages = batch * -(-max_len // pipeline_config.kv_cache_page_size) + 1
+            if pipeline_config.kv_cache_pages is not None:
+                pages = min(pages, pipeline_config.kv_cache_pages + 1)
+            wanted = pages * page_bytes
         cap = min(available_cache_memory, pipeline_config.kv_cache_bytes or wanted)
         return int(min(wanted, cap))
 
@@ -144,8 +150,15 @@ class KVCacheMixin(abc.ABC):
         """The largest batch whose full-length KV cache fits the memory (and the user's cap), at least 1."""
         hf = huggingface_config if huggingface_config is not None else cls._hf_config(pipeline_config)
         params = cls.get_kv_params(hf, pipeline_config)
-        per_sequence = cls.calculate_max_seq_len(pipeline_config, hf) * params.bytes_per_token
+        max_len = cls.calculate_max_seq_len(pipeline_config, hf)
+        per_sequence = max_len * params.bytes_per_token
         budget = min(available_cache_memory, pipeline_config.kv_cache_bytes or available_cache_memory)
+        if params.cache_strategy == KVCacheStrategy.PAGED:
+            page_size = pipeline_config.kv_cache_page_size
+            pages_per_sequence = -(-max_len // page_size)
+            per_sequence = pages_per_sequence * page_size * params.bytes_per_token
+            if pipeline_config.kv_cache_pages is not None:
+                budget = min(budget, pipeline_config.kv_cache_pages * page_size * params.bytes_per_token)
         return max(1, int(budget // per_sequence))
 
     @classmethod

@@ -94,8 +94,11 @@ class TextGenerationPipeline:
         for group in self._groups(contexts):
             inputs, _, _ = self.prepare_batch(group, 1)
             last_inputs = self._run_step(inputs, {c.request_id: c for c in group}, steps[0])
-        # Later steps: the whole batch, one token per row.
+        # Later steps: the whole batch, one token per row. The KV cache room for all of them is taken once
+        # here (pages, for a paged cache), so a step's bookkeeping is only its slot mapping.
         if num_steps > 1:
+            for ctx in contexts:
+                self.pipeline_model.reserve(ctx, num_steps - 1)
             inputs = self.pipeline_model.prepare_initial_token_inputs(contexts)
             by_id = {c.request_id: c for c in contexts}
             for step in range(1, num_steps):

@@ -89,6 +89,14 @@ def test_sizing_classmethods(tmp_path):
     assert DecoderPipelineModel.estimate_kv_cache_size(
         PipelineConfig(model_path=tmp_path, max_length=128, max_batch_size=2), 10 * per_sequence, [],
         huggingface_config=hf) == 2 * per_sequence
+    paged = dict(model_path=tmp_path, max_length=128, kv_cache_strategy="paged", kv_cache_page_size=16)
+    page = 16 * params.bytes_per_token  # 128 tokens = 8 pages per sequence, plus one scratch page in all
+    assert DecoderPipelineModel.estimate_kv_cache_size(PipelineConfig(**paged, max_batch_size=2), 10 * per_sequence,
+                                                       [], huggingface_config=hf) == (2 * 8 + 1) * page
+    assert DecoderPipelineModel.estimate_kv_cache_size(PipelineConfig(**paged, max_batch_size=2, kv_cache_pages=5),
+                                                       10 * per_sequence, [], huggingface_config=hf) == 6 * page
+    assert DecoderPipelineModel.infer_optimal_batch_size(PipelineConfig(**paged, kv_cache_pages=20), 10 * per_sequence,
+                                                         huggingface_config=hf) == 2
     weights = DecoderPipelineModel.estimate_weights_size(config)
     import safetensors.numpy
     tensors = safetensors.numpy.load_file(tmp_path / "model.safetensors")

@@ -132,7 +132,9 @@ def test_decodes_keep_running_while_a_long_prompt_is_chunked(pipeline):
     list(engine.stream())
 
 
-def test_cancelling_frees_the_cache_at_once(pipeline):
+@pytest.mark.parametrize("strategy", ["continuous", "paged"])
+def test_cancelling_frees_the_cache_at_once(pipeline, paged, strategy):
+    pipeline = paged if strategy == "paged" else pipeline
     engine = LLMEngine(pipeline)
     kept = engine.add_request(PROMPTS[0], SamplingParams(max_new_tokens=6, ignore_eos=True))
     dropped = engine.add_request(PROMPTS[1], SamplingParams(max_new_tokens=50, ignore_eos=True))
@@ -143,6 +145,9 @@ def test_cancelling_frees_the_cache_at_once(pipeline):
     assert not engine.abort_request(dropped)
     outputs = [o for o in engine.stream()]
     assert {o.request_id for o in outputs} == {kept} and manager.num_active == 0
+    if strategy == "paged":  # every page is free again (or cached for a later prefix hit)
+        assert manager.free_pages == manager.pool.num_usable
+        manager.check_invariants()
 
 
 def test_async_engine_streams_and_cancels(pipeline, alone):
@@ -166,3 +171,18 @@ def test_async_engine_streams_and_cancels(pipeline, alone):
     a, b, first, c = asyncio.run(main())
     assert (a, b, c) == (alone[0], alone[5], alone[9]) and first.token is not None
     assert pipeline.pipeline_model.kv_manager.num_active == 0
+
+
+@pytest.mark.parametrize("strategy", ["continuous", "paged"])
+def test_next_token_multi_step_on_both_strategies(pipeline, paged, alone, strategy):
+    """MAX's step API: a batch of prompts, then several decode steps per call, on either KV cache."""
+    pipe = paged if strategy == "paged" else pipeline
+    contexts = {c.request_id: c for c in (pipe.new_context(PROMPTS[i], SamplingParams(max_new_tokens=NEW_TOKENS[i],
+                                                                                      ignore_eos=True))
+                                          for i in (0, 4, 9))}
+    while any(not c.is_done for c in contexts.values()):
+        pipe.next_token(contexts, num_steps=4)
+    for ctx in contexts.values():
+        pipe.release(ctx)
+    assert [c.generated for c in contexts.values()] == [alone[0], alone[4], alone[9]]
+    assert pipe.pipeline_model.kv_manager.num_active == 0
