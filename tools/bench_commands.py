@@ -1,0 +1,156 @@
+"""``ember bench``: which benchmark the arguments ask for (text generation, serving, embeddings), running it,
+printing its report and writing the JSON. The options themselves are declared with the others in cli.py."""
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+
+from .cli import EXIT_RUNTIME_ERROR, UsageError, _eprint, _kv_cache_config
+
+
+def _bench_embeddings(args: argparse.Namespace) -> bool:
+    """Whether ``ember bench`` measures an embeddings model: MODEL's task decides, ``--embeddings`` without
+    MODEL picks the embedded embeddings model; options of the other kind are refused."""
+    from ember.runtime.pipelines import PipelineTask
+
+    from .loading import model_task
+
+    embeddings = args.embeddings
+    if args.model is not None:
+        task = model_task(args.model)
+        if args.embeddings and task not in (None, PipelineTask.EMBEDDINGS_GENERATION):
+            raise UsageError(f"--embeddings: {args.model} serves {task.value}, not embeddings")
+        embeddings = embeddings or task == PipelineTask.EMBEDDINGS_GENERATION
+    kind, other = ("an embeddings", ("--prompt-tokens", "--new-tokens", "--kv-cache-bit-width")) if embeddings else \
+        ("a text-generation", ("--sentences",))
+    for option in other:
+        if getattr(args, option[2:].replace("-", "_")) is not None:
+            raise UsageError(f"{option} does not apply to {kind} model")
+    peers = ("st",) if embeddings else ("hf", "ort-genai")
+    if args.compare not in (None, *peers):
+        raise UsageError(f"--compare {args.compare} does not apply to {kind} model; use --compare "
+                         + " or ".join(peers))
+    if embeddings and args.encoding and len(args.encoding) > 1:
+        raise UsageError("an embeddings benchmark takes one --encoding")
+    return embeddings
+
+
+def _generation_peer(args: argparse.Namespace, threads: int, cache_dir) -> Callable[[], object] | None:
+    """The factory of the ``--compare`` peer of a text-generation benchmark (None without one)."""
+    def hf():
+        from .bench_hf import HFRunner  # with bench_st / bench_ort_genai, where the CLI brings in torch
+        _eprint("ember: loading the same weights in transformers for --compare hf ...")
+        return HFRunner(args.model, threads)
+
+    def ort_genai():
+        from .bench_ort_genai import OrtGenaiRunner
+        _eprint("ember: preparing the onnxruntime-genai int4 model for --compare ort-genai (built once, "
+                "then cached) ...")
+        return OrtGenaiRunner(args.model, threads, cache_dir)
+
+    return {"hf": hf, "ort-genai": ort_genai}.get(args.compare)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    if _bench_embeddings(args):
+        return _cmd_bench_embeddings(args)
+    from .bench import BANDWIDTH_MIB, check_encodings, load_encodings, run_benchmark
+    from .bench_report import format_report
+
+    build_errors: tuple[type[BaseException], ...] = ()
+    if args.compare == "ort-genai":  # before minutes of loading: a missing package fails at once
+        from .bench_ort_genai import OrtGenaiBuildError, require_ort_genai
+        require_ort_genai()
+        build_errors = (OrtGenaiBuildError,)
+    args.prompt_tokens = 64 if args.prompt_tokens is None else args.prompt_tokens
+    args.new_tokens = 128 if args.new_tokens is None else args.new_tokens
+    if args.concurrency or args.prefix_cache:
+        return _cmd_bench_serving(args)
+    batch_size = args.batch_size or 1
+    encodings = check_encodings(args.model, args.encoding)
+    pipelines, memory = load_encodings(args.model, encodings, num_threads=args.threads, batch_size=batch_size,
+                                       max_length=args.prompt_tokens + args.new_tokens,
+                                       announce=lambda text: _eprint(f"ember: {text}"),
+                                       kv_cache_bit_width=args.kv_cache_bit_width or 0)
+    peer_factory = _generation_peer(args, pipelines[0].num_threads, pipelines[0].pipeline.pipeline_config.cache_dir)
+    try:
+        report = run_benchmark(pipelines, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                               batch_size=batch_size, runs=args.runs, warmup=args.warmup, peer_factory=peer_factory,
+                               bandwidth_mib=args.bandwidth_mib or BANDWIDTH_MIB, load_memory=memory, progress=True)
+    except build_errors as error:  # the ort-genai builder's failure: its message names the log
+        _eprint(f"ember: error: {error}")
+        return EXIT_RUNTIME_ERROR
+    report["model"] = args.model or "SmolLM2-135M-Instruct (embedded default)"
+    print(format_report(report), flush=True)
+    _write_json(args.json, report)
+    return 0
+
+
+def _cmd_bench_serving(args: argparse.Namespace) -> int:
+    """``ember bench --concurrency`` / ``--prefix-cache``: requests through the engine (runtime/engine.py)."""
+    from .bench_report import format_serving_report
+    from .bench_serving import run_concurrency_benchmark, run_prefix_cache_benchmark
+    from .loading import load_pipeline, pipeline_config
+
+    if args.compare:
+        raise UsageError("--compare does not apply to --concurrency / --prefix-cache")
+    if args.encoding and len(args.encoding) > 1:
+        raise UsageError("--concurrency / --prefix-cache measure one encoding at a time")
+    kv = _kv_cache_config(args)
+    kv["kv_cache_strategy"] = kv["kv_cache_strategy"] or "paged"
+    if args.prefix_cache and kv["kv_cache_strategy"] != "paged":
+        raise UsageError("--prefix-cache needs the paged KV cache")
+    levels = args.concurrency or []
+    prompt_tokens = max([args.prompt_tokens + args.new_tokens] + ([512 + 2] if args.prefix_cache else []))
+    config = pipeline_config(args.model, encoding=args.encoding[0] if args.encoding else None,
+                             num_threads=args.threads, max_batch_size=max(levels + [1]),
+                             max_length=max(prompt_tokens, 1024), **kv)
+    loaded = load_pipeline(config)
+    _eprint(f"ember: {loaded.describe()}")
+    report = {"model": args.model or "SmolLM2-135M-Instruct (embedded default)",
+              "encoding": loaded.pipeline.pipeline_model.artifact.manifest["encoding"],
+              "kv_cache_strategy": kv["kv_cache_strategy"], "threads": loaded.num_threads}
+    if levels:
+        report["concurrency"] = run_concurrency_benchmark(loaded.pipeline, loaded.tokenizer, levels,
+                                                          prompt_tokens=args.prompt_tokens,
+                                                          new_tokens=args.new_tokens, runs=args.runs)
+    if args.prefix_cache:
+        report["prefix_cache"] = run_prefix_cache_benchmark(loaded.pipeline, loaded.tokenizer, runs=args.runs)
+    print(format_serving_report(report), flush=True)
+    _write_json(args.json, report)
+    return 0
+
+
+def _cmd_bench_embeddings(args: argparse.Namespace) -> int:
+    from ember.runtime.pipelines import PipelineTask
+
+    from .bench_embeddings import BATCH_SIZE, LATENCY_ENCODES, SENTENCES, run_embeddings_benchmark
+    from .bench_report import format_embeddings_report
+    from .loading import embeddings_model, load_pipeline, pipeline_config
+
+    model = embeddings_model(args.model)
+    batch_size = args.batch_size or BATCH_SIZE
+    encoding = args.encoding[0] if args.encoding else None
+    loaded = load_pipeline(pipeline_config(model, encoding=encoding, num_threads=args.threads,
+                                           max_batch_size=batch_size), task=PipelineTask.EMBEDDINGS_GENERATION)
+    def st_peer():
+        from .bench_st import STRunner  # with bench_hf / bench_ort_genai, where the CLI brings in torch
+        _eprint("ember: loading the same weights in sentence-transformers for --compare st ...")
+        return STRunner(model, loaded.num_threads)
+
+    peer_factory = st_peer if args.compare == "st" else None
+    report = run_embeddings_benchmark(loaded, sentences=args.sentences or SENTENCES, batch_size=batch_size,
+                                      latency_encodes=args.latency_encodes or LATENCY_ENCODES, runs=args.runs,
+                                      warmup=args.warmup, peer_factory=peer_factory, progress=True)
+    report["model"] = args.model or "all-MiniLM-L6-v2 (embedded default)"
+    print(format_embeddings_report(report), flush=True)
+    _write_json(args.json, report)
+    return 0
+
+
+def _write_json(path: str | None, report: dict) -> None:
+    if path:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+        _eprint(f"wrote {path}")
