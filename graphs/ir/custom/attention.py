@@ -24,34 +24,52 @@ from ..versions import EMBER_DOMAIN, EMBER_OPSET
 
 _OPTIONAL = OpSchema.FormalParameterOption.Optional
 
+# What every cached-attention op (this one, PagedAttention) shares: the new tokens, the lengths, the rotary
+# tables and the attributes.
+NEW_TOKEN_INPUTS = [
+    OpSchema.FormalParameter("query", "T", "[batch, seq, num_heads * head_dim]"),
+    OpSchema.FormalParameter("key", "T", "[batch, seq, kv_num_heads * head_dim]"),
+    OpSchema.FormalParameter("value", "T", "[batch, seq, kv_num_heads * head_dim]"),
+]
+LENGTH_INPUTS = [
+    OpSchema.FormalParameter("cache_lengths", "I", "[batch]: tokens already cached per row"),
+    OpSchema.FormalParameter("input_lengths", "I", "[batch]: valid new tokens per row"),
+]
+ROTARY_INPUTS = [
+    OpSchema.FormalParameter("cos_cache", "T", "[max_positions, rotary_dim / 2]", param_option=_OPTIONAL),
+    OpSchema.FormalParameter("sin_cache", "T", "[max_positions, rotary_dim / 2]", param_option=_OPTIONAL),
+]
+OUTPUT = OpSchema.FormalParameter("output", "T", "[batch, seq, num_heads * head_dim]")
+ACTIVATION_TYPES = ("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "activations")
+HEAD_ATTRIBUTES = [
+    OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, "query heads", required=True),
+    OpSchema.Attribute("kv_num_heads", OpSchema.AttrType.INT, "key/value heads", required=True),
+]
+OPTION_ATTRIBUTES = [
+    OpSchema.Attribute("scale", make_attribute("scale", 0.0), "softmax scale; 0 means 1/sqrt(head_dim)"),
+    OpSchema.Attribute("sliding_window", make_attribute("sliding_window", 0),
+                       "attend to at most this many positions (itself included); 0: all"),
+    OpSchema.Attribute("rotary_interleaved", make_attribute("rotary_interleaved", 0),
+                       "1: rotate pairs (x0,x1); 0: rotate halves (HF rotate_half)"),
+]
+
 SCHEMA = OpSchema(
     "CachedAttention", EMBER_DOMAIN, EMBER_OPSET,
     doc=__doc__,
     inputs=[
-        OpSchema.FormalParameter("query", "T", "[batch, seq, num_heads * head_dim]"),
-        OpSchema.FormalParameter("key", "T", "[batch, seq, kv_num_heads * head_dim]"),
-        OpSchema.FormalParameter("value", "T", "[batch, seq, kv_num_heads * head_dim]"),
+        *NEW_TOKEN_INPUTS,
         OpSchema.FormalParameter("past_key", "T", "[batch, kv_num_heads, max_len, head_dim]"),
         OpSchema.FormalParameter("past_value", "T", "[batch, kv_num_heads, max_len, head_dim]"),
-        OpSchema.FormalParameter("cache_lengths", "I", "[batch]: tokens already cached per row"),
-        OpSchema.FormalParameter("input_lengths", "I", "[batch]: valid new tokens per row"),
-        OpSchema.FormalParameter("cos_cache", "T", "[max_positions, rotary_dim / 2]", param_option=_OPTIONAL),
-        OpSchema.FormalParameter("sin_cache", "T", "[max_positions, rotary_dim / 2]", param_option=_OPTIONAL),
+        *LENGTH_INPUTS,
+        *ROTARY_INPUTS,
     ],
     outputs=[
-        OpSchema.FormalParameter("output", "T", "[batch, seq, num_heads * head_dim]"),
+        OUTPUT,
         OpSchema.FormalParameter("present_key", "T", "past_key with the new keys written"),
         OpSchema.FormalParameter("present_value", "T", "past_value with the new values written"),
     ],
-    type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "activations"),
-                      ("I", ["tensor(int32)"], "lengths")],
-    attributes=[
-        OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, "query heads", required=True),
-        OpSchema.Attribute("kv_num_heads", OpSchema.AttrType.INT, "key/value heads", required=True),
-        OpSchema.Attribute("scale", make_attribute("scale", 0.0), "softmax scale; 0 means 1/sqrt(head_dim)"),
-        OpSchema.Attribute("sliding_window", make_attribute("sliding_window", 0), "attend to at most this many positions (itself included); 0: all"),
-        OpSchema.Attribute("rotary_interleaved", make_attribute("rotary_interleaved", 0), "1: rotate pairs (x0,x1); 0: rotate halves (HF rotate_half)"),
-    ],
+    type_constraints=[ACTIVATION_TYPES, ("I", ["tensor(int32)"], "lengths")],
+    attributes=[*HEAD_ATTRIBUTES, *OPTION_ATTRIBUTES],
 )
 
 

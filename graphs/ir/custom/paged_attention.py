@@ -23,47 +23,35 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 from onnx.defs import OpSchema
-from onnx.helper import make_attribute
 
 from ..graph import current_graph
 from ..ops import dims
 from ..versions import EMBER_DOMAIN, EMBER_OPSET
-from .attention import attention_reference
-
-_OPTIONAL = OpSchema.FormalParameterOption.Optional
+from .attention import (ACTIVATION_TYPES, HEAD_ATTRIBUTES, LENGTH_INPUTS, NEW_TOKEN_INPUTS, OPTION_ATTRIBUTES,
+                        OUTPUT, ROTARY_INPUTS, attention_reference)
 
 SCHEMA = OpSchema(
     "PagedAttention", EMBER_DOMAIN, EMBER_OPSET,
     doc=__doc__,
     inputs=[
-        OpSchema.FormalParameter("query", "T", "[batch, seq, num_heads * head_dim]"),
-        OpSchema.FormalParameter("key", "T", "[batch, seq, kv_num_heads * head_dim]"),
-        OpSchema.FormalParameter("value", "T", "[batch, seq, kv_num_heads * head_dim]"),
+        *NEW_TOKEN_INPUTS,
         OpSchema.FormalParameter("key_cache", "T", "[num_pages * page_size, kv_num_heads, head_dim]"),
         OpSchema.FormalParameter("value_cache", "T", "[num_pages * page_size, kv_num_heads, head_dim]"),
         OpSchema.FormalParameter("page_table", "I", "[batch, pages]: page ids of each row, in order; padded with 0"),
         OpSchema.FormalParameter("slot_mapping", "L", "[batch, seq]: pool row of each new token; padding -> page 0"),
-        OpSchema.FormalParameter("cache_lengths", "I", "[batch]: tokens already cached per row"),
-        OpSchema.FormalParameter("input_lengths", "I", "[batch]: valid new tokens per row"),
-        OpSchema.FormalParameter("cos_cache", "T", "[max_positions, rotary_dim / 2]", param_option=_OPTIONAL),
-        OpSchema.FormalParameter("sin_cache", "T", "[max_positions, rotary_dim / 2]", param_option=_OPTIONAL),
+        *LENGTH_INPUTS,
+        *ROTARY_INPUTS,
     ],
     outputs=[
-        OpSchema.FormalParameter("output", "T", "[batch, seq, num_heads * head_dim]"),
+        OUTPUT,
         OpSchema.FormalParameter("key_cache_out", "T", "key_cache with the new keys written"),
         OpSchema.FormalParameter("value_cache_out", "T", "value_cache with the new values written"),
     ],
-    type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "activations"),
-                      ("I", ["tensor(int32)"], "lengths and page ids"),
+    type_constraints=[ACTIVATION_TYPES, ("I", ["tensor(int32)"], "lengths and page ids"),
                       ("L", ["tensor(int64)"], "pool rows")],
-    attributes=[
-        OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, "query heads", required=True),
-        OpSchema.Attribute("kv_num_heads", OpSchema.AttrType.INT, "key/value heads", required=True),
-        OpSchema.Attribute("page_size", OpSchema.AttrType.INT, "tokens per page", required=True),
-        OpSchema.Attribute("scale", make_attribute("scale", 0.0), "softmax scale; 0 means 1/sqrt(head_dim)"),
-        OpSchema.Attribute("sliding_window", make_attribute("sliding_window", 0), "attend to at most this many positions (itself included); 0: all"),
-        OpSchema.Attribute("rotary_interleaved", make_attribute("rotary_interleaved", 0), "1: rotate pairs (x0,x1); 0: rotate halves (HF rotate_half)"),
-    ],
+    attributes=[*HEAD_ATTRIBUTES,
+                OpSchema.Attribute("page_size", OpSchema.AttrType.INT, "tokens per page", required=True),
+                *OPTION_ATTRIBUTES],
 )
 
 
