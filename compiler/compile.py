@@ -130,6 +130,7 @@ def compile_graph(graph: ir.Model, output_dir: str | Path, options: CompileOptio
             "toolchain": toolchain_versions(),
             "options": options.to_json(),
             "target": target.name,
+            "session": dict(target.session),
             "devices": ["cpu"],
             "ranks": [{"rank": 0, "device": "cpu", "model": "rank0/model.onnx"}],
             "graph": {"inputs": describe_values(lowered.graph.inputs),

@@ -128,8 +128,10 @@ class InferenceSession:
         elif verify:
             artifact = verify_artifact(artifact.path)
         start = time.perf_counter()
+        # The target's load settings (e.g. onnxruntime fusions it measured as slower); older manifests have none.
+        disabled = artifact.manifest.get("session", {}).get("disabled_optimizers", [])
         session = ort.InferenceSession(str(artifact.rank_model(rank)), sess_options=self.session_options(),
-                                       providers=["CPUExecutionProvider"])
+                                       providers=["CPUExecutionProvider"], disabled_optimizers=list(disabled))
         seconds = time.perf_counter() - start
         logger.info("loaded %s (rank %d) in %.2f s with %d threads", artifact.path, rank, seconds, self.num_threads)
         return LoadedModel(session, artifact, seconds)

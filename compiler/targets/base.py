@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import onnx_ir as ir
 
@@ -26,6 +27,9 @@ class Target:
     write: Callable[[ir.Model, Path, Progress | None], list[Path]]
     # Passes that run after ``passes`` for one encoding (quantization), by encoding name.
     encoding_passes: dict[str, tuple[Pass, ...]] = field(default_factory=dict)
+    # How the engine should load what this target writes (recorded in the manifest as ``"session"``, read by
+    # ``ember.runtime.session.InferenceSession``): e.g. ``{"disabled_optimizers": [...]}`` for onnxruntime.
+    session: dict[str, Any] = field(default_factory=dict)
 
     def lower(self, model: ir.Model, encoding: str = "float32") -> ir.Model:
         if encoding not in self.encodings:

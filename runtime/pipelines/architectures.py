@@ -44,7 +44,7 @@ def _bert_family(name: str, examples: list[str]) -> SupportedArchitecture:
         name=name,
         example_repo_ids=examples,
         default_encoding=SupportedEncoding.float32,
-        supported_encodings={SupportedEncoding.float32: []},  # no KV cache
+        supported_encodings={SupportedEncoding.float32: [], SupportedEncoding.w8a8: []},  # no KV cache
         pipeline_model=BertPipelineModel,
         task=PipelineTask.EMBEDDINGS_GENERATION,
         tokenizer=TextTokenizer,

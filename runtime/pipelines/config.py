@@ -12,7 +12,9 @@ from ember.graphs.nn.transformer import ReturnLogits
 
 class SupportedEncoding(str, enum.Enum):
     """Weight encodings. ``q8_0`` / ``q4_0``: 8- / 4-bit blocks of 32, from any weights (round to nearest,
-    or a GGUF's own blocks of that type); ``q4_1`` / ``q4_k``: a GGUF's own blocks of that type, kept."""
+    or a GGUF's own blocks of that type); ``q4_1`` / ``q4_k``: a GGUF's own blocks of that type, kept;
+    ``w8a8``: int8 weights (one scale per output channel) times activations quantized to 8 bits at run
+    time, for compute-bound encoders."""
 
     float32 = "float32"
     bfloat16 = "bfloat16"
@@ -22,6 +24,7 @@ class SupportedEncoding(str, enum.Enum):
     q4_1 = "q4_1"
     q4_k = "q4_k"
     gptq = "gptq"
+    w8a8 = "w8a8"
 
 
 #: Encodings that keep a checkpoint's own GGML blocks: they apply only where the checkpoint has them.

@@ -49,6 +49,9 @@ def test_unsupported_encoding_is_a_clear_error(tiny):
     directory, cache = tiny
     with pytest.raises(ValueError, match="does not support encoding 'bfloat16'"):
         PIPELINE_REGISTRY.retrieve(PipelineConfig(model_path=directory, cache_dir=cache, encoding="bfloat16"))
+    # w8a8 (int8 activations) is for compute-bound encoders; a decoder lists what it supports instead
+    with pytest.raises(ValueError, match="does not support encoding 'w8a8'; supported: float32, q8_0"):
+        PIPELINE_REGISTRY.retrieve(PipelineConfig(model_path=directory, cache_dir=cache, encoding="w8a8"))
 
 
 def test_quantized_last_token_graph_generates(tiny):
