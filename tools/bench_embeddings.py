@@ -126,6 +126,7 @@ def run_embeddings_benchmark(loaded: LoadedPipeline, *, sentences: int = SENTENC
         measure(ember, texts, batch_size, min(latency_encodes, 5))
     report: dict[str, Any] = {
         "task": "embeddings", "artifact": str(loaded.artifact_path), "setup": loaded.describe(),
+        "encoding": loaded.pipeline.pipeline_model.artifact.manifest["encoding"],
         "threads": loaded.num_threads, "sentences": sentences, "batch_size": batch_size,
         "sentence_tokens": {"target": sentence_tokens, "mean": statistics.fmean(lengths), "min": min(lengths),
                             "max": max(lengths)},

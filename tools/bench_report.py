@@ -193,8 +193,8 @@ def _embeddings_peer_lines(report: dict[str, Any]) -> list[str]:
 
 def format_embeddings_report(report: dict[str, Any]) -> str:
     tokens = report["sentence_tokens"]
-    workload = (f"{report['sentences']} sentences of {tokens['min']}-{tokens['max']} tokens (mean "
-                f"{tokens['mean']:.1f}) at batch {report['batch_size']}; latency: median of "
+    workload = (f"encoding {report['encoding']}; {report['sentences']} sentences of {tokens['min']}-{tokens['max']} "
+                f"tokens (mean {tokens['mean']:.1f}) at batch {report['batch_size']}; latency: median of "
                 f"{report['latency_encodes']} single-sentence encodes; {report['threads']} threads, "
                 f"median of {report['runs']} runs after {report['warmup']} warmup")
     return _format(report, workload, _EMBEDDINGS_METRICS, _embeddings_peer_lines)

@@ -95,15 +95,17 @@ def test_no_truncation_rejects_a_long_line(env, tmp_path):
     assert "maximum of 256 tokens" in result.stderr and "line 2 of" in result.stderr
 
 
-def test_bench_embeddings_prints_throughput_and_latency(env, tmp_path):
+@pytest.mark.parametrize("encoding", ["float32", "w8a8"])
+def test_bench_embeddings_prints_throughput_and_latency(env, tmp_path, encoding):
     report_path = tmp_path / "bench.json"
-    result = ember("bench", "--embeddings", "--runs", "1", "--sentences", "64", "--latency-encodes", "10",
-                   "--json", str(report_path), env=env)
+    result = ember("bench", "--embeddings", "--encoding", encoding, "--runs", "1", "--sentences", "64",
+                   "--latency-encodes", "10", "--json", str(report_path), env=env)
     assert result.returncode == 0, result.stderr
-    for text in ("throughput (sentences/s)", "latency (ms)", "peak RSS", "64 sentences of", "at batch 32"):
+    for text in ("throughput (sentences/s)", "latency (ms)", "peak RSS", "64 sentences of", "at batch 32",
+                 f"encoding {encoding};"):
         assert text in result.stdout, result.stdout
     report = json.loads(report_path.read_text())
-    assert report["task"] == "embeddings" and report["sentences"] == 64
+    assert report["task"] == "embeddings" and report["sentences"] == 64 and report["encoding"] == encoding
     assert report["ember"]["sentences_per_s"]["median"] > 0
     assert report["ember"]["latency_s"]["median"] > 0
     assert report["ember"]["dim"] == DIM

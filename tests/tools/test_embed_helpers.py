@@ -91,12 +91,12 @@ def _summary(value):
 
 
 def test_embeddings_report_and_text_report_share_the_table():
-    report = {"artifact": "/a", "setup": "loaded", "threads": 2, "sentences": 64, "batch_size": 32,
+    report = {"artifact": "/a", "setup": "loaded", "encoding": "w8a8", "threads": 2, "sentences": 64, "batch_size": 32,
               "sentence_tokens": {"target": 30, "mean": 29.9, "min": 27, "max": 33}, "latency_encodes": 50,
               "runs": 1, "warmup": 1, "ember": {"sentences_per_s": _summary(500.0), "latency_s": _summary(0.004)},
               "memory": {"ember": {"peak_rss_mib": 300.0, "rss_mib": 290.0}}}
     text = format_embeddings_report(report)
-    assert "64 sentences of 27-33 tokens (mean 29.9) at batch 32" in text
+    assert "encoding w8a8; 64 sentences of 27-33 tokens (mean 29.9) at batch 32" in text
     assert "throughput (sentences/s)" in text and "4.00" in text and "500.0" in text
     text_report = {"artifact": "/a", "setup": "loaded", "threads": 2, "prompt_tokens": 8, "new_tokens": 8,
                    "runs": 1, "warmup": 0, "ember": {"ttft_s": _summary(0.01), "decode_tok_s": _summary(50.0)},
