@@ -16,9 +16,9 @@ Where the weights come from:
   Q4_0 and Q8_0 exactly, at their own width. **Q4_1** (``w = d * q + m``) has a float minimum per block
   that MatMulNBits' integer zero points cannot express, and its float zero points disable onnxruntime's
   prepacked kernels (about 20x slower than float32 at decode). The exact path used instead is the split
-  (:func:`~ember.compiler.quantization.q4_1_split`): ``MatMulNBits(A; d, q, zero point 0)`` plus
-  ``(A @ S) @ mins``, where ``A @ S`` sums A by blocks of 32 (``S [K, K/32]`` of ones and zeros), added to
-  it: three small nodes more per weight. **Q4_K** (256-weight super-blocks of eight 32-weight
+  (:func:`~ember.compiler.quantization.q4_1_split`): ``MatMulNBits(A; d, q)`` at its default zero point 8
+  plus ``(A @ S) @ (m + 8 d)``, where ``A @ S`` sums A by blocks of 32 (``S [K, K/32]`` of ones and zeros),
+  added to it: three small nodes more per weight. **Q4_K** (256-weight super-blocks of eight 32-weight
   sub-blocks with 6-bit scales and minima) takes the same split form, exactly (:func:`q4_k_split`).
 * Every other float weight is quantized round-to-nearest, blockwise (block 32) at ``bits``.
 """
@@ -68,11 +68,14 @@ class WeightPacker:
     """
 
     def __init__(self, bits: int, keep_blocks: tuple[str, ...] = (), symmetric: bool = True,
-                 only: Callable[[ir.Value], bool] | None = None):
+                 only: Callable[[ir.Value], bool] | None = None, exact_rows: bool = False):
         unknown = set(keep_blocks) - set(BLOCK_BITS)
         if unknown:
             raise ValueError(f"cannot keep {', '.join(sorted(unknown))} blocks; supported: {', '.join(BLOCK_BITS)}")
         self.bits, self.keep_blocks, self.symmetric, self.only = bits, tuple(keep_blocks), symmetric, only
+        # Split forms (Q4_1 / Q4_K): zero point 0 reproduces ggml's rows bit for bit (lookups); without a
+        # zero-point input MatMulNBits runs its faster default kernel (products). See q4_1_split.
+        self.exact_rows = exact_rows
 
     def _kept(self, value: ir.Value):
         blocks = value.meta.get(BLOCKS_META)
@@ -89,7 +92,8 @@ class WeightPacker:
         blocks = self._kept(value)
         if blocks is not None:
             split = blocks.qtype in SPLIT_TYPES
-            return PackSpec(BLOCK_BITS[blocks.qtype], BLOCK_SIZE, "uint8" if split else None, split)
+            return PackSpec(BLOCK_BITS[blocks.qtype], BLOCK_SIZE, "uint8" if split and self.exact_rows else None,
+                            split)
         return PackSpec(self.bits, BLOCK_SIZE, None if self.symmetric else "uint8", False)
 
     def __call__(self, value: ir.Value, transposed: bool) -> QuantizedWeight | None:
@@ -99,7 +103,7 @@ class WeightPacker:
         if blocks is not None:
             raw = blocks.load()
             if blocks.qtype in SPLIT_TYPES:
-                return QuantizedWeight(*SPLIT_TYPES[blocks.qtype](raw, blocks.shape))
+                return QuantizedWeight(*SPLIT_TYPES[blocks.qtype](raw, blocks.shape, exact_rows=self.exact_rows))
             return QuantizedWeight(from_gguf_blocks(raw, GGMLQuantizationType[blocks.qtype], blocks.shape))
         array = value.const_value.numpy()
         return QuantizedWeight(quantize_rtn(np.ascontiguousarray(array if transposed else array.T), self.bits,
@@ -107,8 +111,8 @@ class WeightPacker:
 
 
 def weight_packer(bits: int, keep_blocks: tuple[str, ...] = (), symmetric: bool = True,
-                  only: Callable[[ir.Value], bool] | None = None) -> WeightPacker:
-    return WeightPacker(bits, keep_blocks, symmetric, only)
+                  only: Callable[[ir.Value], bool] | None = None, exact_rows: bool = False) -> WeightPacker:
+    return WeightPacker(bits, keep_blocks, symmetric, only, exact_rows)
 
 
 def _lazy(name: str, dtype: ir.DataType, shape: tuple[int, ...], make) -> ir.Value:

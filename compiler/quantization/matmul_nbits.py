@@ -43,10 +43,16 @@ GGUF blocks, repacked as they are by :func:`from_gguf_blocks` (no dequantize/req
   Cost: onnxruntime cannot prepack B with float zero points, so every call dequantizes all of B
   with a scalar loop and then runs an SGEMM (about 20x slower than float32 at decode, 2-4x at
   prefill, see below).
-  :func:`q4_1_split` gives the exact, fast alternative: ``MatMulNBits`` with scale ``d`` and uint8
-  zero point 0 (``w = d * q``, prepacked) plus ``blocksum(A) @ mins.T``, a ``[M, k_blocks] x
-  [k_blocks, N]`` MatMul (:func:`.onnx_models.q4_1_split_model`); the graph rewrite is a compiler
-  pass's job.
+  :func:`q4_1_split` gives the exact, fast alternative: ``MatMulNBits`` with scale ``d`` and the
+  default zero point 8 (``d * (q - 8)``, prepacked, the same kernel as Q4_0) plus ``blocksum(A) @
+  mins.T`` with ``mins = m + 8 d``, a ``[M, k_blocks] x [k_blocks, N]`` MatMul
+  (:func:`.onnx_models.q4_1_split_model`); the graph rewrite is a compiler pass's job. An explicit
+  zero-point input (``d * q`` with uint8 zero point 0, the ``exact_rows=True`` form) costs
+  MatMulNBits 10-25 % more at decode (onnxruntime 1.31, M = 1, accuracy level 4: 3072 x 576
+  101 -> 126 µs, 576 x 1536 58 -> 73 µs, one thread), so products take the default form; ``m + 8 d``
+  is rounded once to float32 (exact unless the exponents of ``m`` and ``8 d`` are far apart), so a
+  product stays within float32 rounding of ggml's. A table *looked up* (GatherBlockQuantized) takes
+  the zero-point-0 form, whose rows are ggml's bit for bit.
 
 Round-to-nearest quantization of float weights (:func:`quantize_rtn`):
 
@@ -263,29 +269,39 @@ def from_gguf_blocks(raw: np.ndarray, qtype, shape) -> PackedWeight:
     return PackedWeight(pack_codes(codes, 4).reshape(n, kb, 16), scales, zp, 4, 32, n, k)
 
 
-def q4_1_split(raw: np.ndarray, shape) -> tuple[PackedWeight, np.ndarray]:
-    """A GGUF Q4_1 tensor as ``d * q`` (for the fast, prepacked MatMulNBits path) plus its block minima.
+def _split(b: np.ndarray, scales: np.ndarray, mins: np.ndarray, n: int, k: int, kb: int,
+           exact_rows: bool) -> tuple[PackedWeight, np.ndarray]:
+    """``w = scale * q + min`` per 32-block as MatMulNBits inputs plus minima (see :func:`q4_1_split`)."""
+    if exact_rows:
+        zp = pack_zero_points(np.zeros((n, kb), np.uint8), 4)
+        return PackedWeight(b, scales, zp, 4, 32, n, k), mins.reshape(n, kb)
+    shifted = (mins.astype(np.float64) + 8.0 * scales.astype(np.float64)).astype(np.float32)
+    return PackedWeight(b, scales, None, 4, 32, n, k), shifted.reshape(n, kb)
 
-    Returns ``(packed, mins)``: ``packed`` has scale ``d``, uint8 zero points 0 and the repacked codes
-    (``w = d * q``, exact); ``mins`` is float32 ``[N, k_blocks]``. Then
-    ``A @ W.T = MatMulNBits(A; packed) + blocksum(A) @ mins.T`` with ``blocksum(A)[..., j] =
-    A[..., 32j:32j+32].sum(-1)``, exact in real arithmetic (d == 0 blocks need nothing special).
-    See :func:`.onnx_models.q4_1_split_model`.
+
+def q4_1_split(raw: np.ndarray, shape, exact_rows: bool = False) -> tuple[PackedWeight, np.ndarray]:
+    """A GGUF Q4_1 tensor (``w = d * q + m``) as a prepacked MatMulNBits weight plus its block minima.
+
+    Returns ``(packed, mins)``, ``mins`` float32 ``[N, k_blocks]``, with ``A @ W.T = MatMulNBits(A;
+    packed) + blocksum(A) @ mins.T``, ``blocksum(A)[..., j] = A[..., 32j:32j+32].sum(-1)``, exact in
+    real arithmetic (d == 0 blocks need nothing special). By default ``packed`` has scale ``d`` and no
+    zero-point input (MatMulNBits' default 8: ``d * (q - 8)``, its fastest kernel) and ``mins = m + 8 d``
+    (rounded once to float32). ``exact_rows``: zero points 0 (``d * q``) and ``mins = m``, so that each
+    dequantized weight is ggml's bit for bit (for lookups). See :func:`.onnx_models.q4_1_split_model`.
     """
     blocks, n, k, kb = _gguf_blocks(raw, T.Q4_1, shape)
     b = pack_codes(_gguf_nibbles(blocks[:, 4:20]), 4).reshape(n, kb, 16)
-    zp = pack_zero_points(np.zeros((n, kb), np.uint8), 4)
-    return PackedWeight(b, _f16(blocks, 0), zp, 4, 32, n, k), _f16(blocks, 2).reshape(n, kb)
+    return _split(b, _f16(blocks, 0), _f16(blocks, 2), n, k, kb, exact_rows)
 
 
-def q4_k_split(raw: np.ndarray, shape) -> tuple[PackedWeight, np.ndarray]:
-    """A GGUF Q4_K tensor in the split form of :func:`q4_1_split`, exactly.
+def q4_k_split(raw: np.ndarray, shape, exact_rows: bool = False) -> tuple[PackedWeight, np.ndarray]:
+    """A GGUF Q4_K tensor in the split form of :func:`q4_1_split`.
 
     Q4_K is a 256-weight super-block of eight 32-weight sub-blocks, each ``w = (d * sc) * q - dmin * mn``
     with 6-bit ``sc`` / ``mn`` and f16 ``d`` / ``dmin``: per 32-block that is Q4_1's form with scale
     ``d * sc`` and minimum ``-(dmin * mn)``, both exact in float32 (an 11-bit mantissa times a 6-bit
-    integer). So ``packed`` (block 32, scale ``d * sc``, uint8 zero point 0, the 4-bit codes) plus
-    ``mins`` ``[N, k_blocks]`` reproduce ggml's weights bit for bit.
+    integer). With ``exact_rows`` (uint8 zero point 0) ``packed`` plus ``mins`` reproduce ggml's weights
+    bit for bit; by default (no zero-point input) the minima absorb ``8 * d * sc``, as for Q4_1.
     """
     from ember.graphs.weights.gguf_quants import _k_scale_min
 
@@ -305,10 +321,8 @@ def q4_k_split(raw: np.ndarray, shape) -> tuple[PackedWeight, np.ndarray]:
     qs = blocks[:, 16:144].reshape(-1, 4, 32)  # group g: sub-block 2g low nibbles, 2g + 1 high nibbles
     codes = np.stack([qs & np.uint8(0x0F), qs >> np.uint8(4)], axis=2).reshape(n, supers * 8, 32)
     kb = supers * 8
-    zp = pack_zero_points(np.zeros((n, kb), np.uint8), 4)
-    packed = PackedWeight(pack_codes(codes.reshape(n * kb, 32), 4).reshape(n, kb, 16), scales.reshape(-1), zp,
-                          4, 32, n, k)
-    return packed, mins.reshape(n, kb)
+    b = pack_codes(codes.reshape(n * kb, 32), 4).reshape(n, kb, 16)
+    return _split(b, scales.reshape(-1), mins.reshape(-1), n, k, kb, exact_rows)
 
 
 # --- round-to-nearest quantization ----------------------------------------------------------

@@ -70,7 +70,8 @@ def _quantized(bits: int, keep_blocks: tuple[str, ...], symmetric: bool = True) 
     (exact, and a quarter of float32's bytes); an RTN table stays float, since quantizing the lookup adds
     error (8-bit: tiny Llama's q8_0 logits 1.8e-2 -> 2.4e-2 relative) where it saves no decode time."""
     return (quantize_matmuls(bits, keep_blocks, symmetric),
-            quantize_embedding(weight_packer(8, keep_blocks, only=_kept_token_embedding(keep_blocks))),
+            quantize_embedding(weight_packer(8, keep_blocks, only=_kept_token_embedding(keep_blocks),
+                                             exact_rows=True)),
             remove_unused)
 
 

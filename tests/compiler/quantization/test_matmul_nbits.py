@@ -155,12 +155,24 @@ def test_q4_1_zero_points_reproduce_m():
     assert (np.abs(c - m) <= np.spacing(np.abs(m))).all()
 
 
-def test_q4_1_split_is_exact_in_real_arithmetic():
+def assert_split_rows(packed, mins, w_ggml, exact_rows: bool) -> None:
+    """``exact_rows``: zero points 0, ggml's weights bit for bit; else no zero-point input (MatMulNBits'
+    faster default 8) and minima shifted by 8 scales, within one float32 ulp of the largest weight."""
+    rows = dequantize(packed) + np.repeat(mins, 32, axis=1)
+    if exact_rows:
+        assert packed.zero_points is not None and not packed.zero_points.any()
+        assert np.array_equal(rows, w_ggml)
+    else:
+        assert packed.zero_points is None
+        assert np.abs(rows - w_ggml).max() <= np.spacing(np.abs(w_ggml).max())
+
+
+@pytest.mark.parametrize("exact_rows", [False, True])
+def test_q4_1_split_is_exact_in_real_arithmetic(exact_rows):
     raw, w_ggml = gguf_weight(T.Q4_1, seed=3)
-    packed, mins = q4_1_split(raw, (N, K))
+    packed, mins = q4_1_split(raw, (N, K), exact_rows=exact_rows)
     assert mins.shape == (N, 3)
-    d_times_q = dequantize(packed)
-    assert np.array_equal(d_times_q + np.repeat(mins, 32, axis=1), w_ggml)
+    assert_split_rows(packed, mins, w_ggml, exact_rows)
     a = rng(8).standard_normal((4, K)).astype(np.float32)
     assert_product(run(q4_1_split_model(packed, mins), a), a, w_ggml, rtol=2e-5)
 
@@ -286,8 +298,9 @@ def test_packed_weight_validates_shapes():
     PackedWeight(packed.b, packed.scales, np.zeros(4 * 3, np.float32), 4, 32, 4, 80)  # float: one per block
 
 
-def test_q4_k_split_is_exact():
-    """Random (valid) Q4_K super-blocks: d * sc * q - dmin * mn per 32-block, bit for bit as the gguf package."""
+@pytest.mark.parametrize("exact_rows", [False, True])
+def test_q4_k_split_is_exact(exact_rows):
+    """Random (valid) Q4_K super-blocks: d * sc * q - dmin * mn per 32-block, as the gguf package."""
     from ember.compiler.quantization import q4_k_split
 
     from ...graphs.gguf_helpers import random_blocks
@@ -295,8 +308,8 @@ def test_q4_k_split_is_exact():
     n, k = 16, 512
     raw = random_blocks(T.Q4_K, (n, k), seed=5)
     w_ggml = gguf.quants.dequantize(raw, T.Q4_K).reshape(n, k)
-    packed, mins = q4_k_split(raw, (n, k))
+    packed, mins = q4_k_split(raw, (n, k), exact_rows=exact_rows)
     assert packed.block_size == 32 and mins.shape == (n, k // 32)
-    assert np.array_equal(dequantize(packed) + np.repeat(mins, 32, axis=1), w_ggml)
+    assert_split_rows(packed, mins, w_ggml, exact_rows)
     a = rng(9).standard_normal((3, k)).astype(np.float32)
     assert_product(run(q4_1_split_model(packed, mins), a), a, w_ggml, rtol=2e-5)
