@@ -30,7 +30,7 @@ from ember.graphs.ir.versions import MS_DOMAIN, MS_OPSET
 
 from ..quantization.int8_channels import quantize_per_channel
 from .base import nodes_of
-from .quantize_matmuls import _lazy
+from .quantize_matmuls_qdq import lazy_initializer
 
 logger = logging.getLogger(__name__)
 
@@ -60,10 +60,9 @@ def quantize_matmuls_w8a8(model: ir.Model) -> ir.Model:
             continue
         k, n = int(weight.shape[0]), int(weight.shape[1])
         quantized = functools.cache(lambda w=weight: quantize_per_channel(w.numpy()))
-        codes = _lazy(f"{weight_value.name}.w8", ir.DataType.INT8, (k, n), lambda q=quantized: q()[0])
-        scales = _lazy(f"{weight_value.name}.w8_scales", ir.DataType.FLOAT, (n,), lambda q=quantized: q()[1])
-        for value in (codes, scales):
-            graph.register_initializer(value)
+        codes = lazy_initializer(graph, f"{weight_value.name}.w8", ir.DataType.INT8, (k, n), lambda q=quantized: q()[0])
+        scales = lazy_initializer(graph, f"{weight_value.name}.w8_scales", ir.DataType.FLOAT, (n,),
+                                  lambda q=quantized: q()[1])
         inputs = [node.inputs[0], codes, scales]
         bias_add = _bias_add(node, n)
         if bias_add is not None:  # the kernel adds the bias: one node less on the whole batch

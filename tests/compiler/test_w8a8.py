@@ -83,6 +83,10 @@ def test_last_hidden_state_close_to_transformers(tiny):
     assert errors["w8a8"] < 0.2 and cosine.min() > 0.98
 
 
+def ops_in(path) -> collections.Counter:
+    return collections.Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
+
+
 class _DumpingSession(InferenceSession):
     """Writes the graph onnxruntime optimized at load to ``path``, to see which fusions it applied."""
 
@@ -105,11 +109,11 @@ def test_ort_cpu_artifacts_load_without_the_skip_layer_norm_fusion(tmp_path):
     assert artifact.manifest["session"] == {"disabled_optimizers": ["SkipLayerNormFusion"]}
     optimized = tmp_path / "optimized.onnx"
     _DumpingSession(optimized).load(artifact)
-    loaded_ops = collections.Counter(n.op_type for n in onnx.load(str(optimized), load_external_data=False).graph.node)
+    loaded_ops = ops_in(optimized)
     assert loaded_ops["SkipLayerNormalization"] == 0 and loaded_ops["LayerNormalization"] >= 4
     # the control: onnxruntime left to itself fuses them (so the setting is what keeps them apart)
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "fused.onnx")
     ort.InferenceSession(str(artifact.rank_model(0)), options, providers=["CPUExecutionProvider"])
-    fused_ops = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "fused.onnx"), load_external_data=False).graph.node)
+    fused_ops = ops_in(tmp_path / "fused.onnx")
     assert fused_ops["SkipLayerNormalization"] == 2 * config.num_hidden_layers
