@@ -85,7 +85,7 @@ ORT_CPU = Target(
     encoding_passes={"q8_0": _quantized(8, ("Q8_0",)), "q4_0": _quantized(4, ("Q4_0",)),
                      "q4_1": _quantized(4, ("Q4_0", "Q4_1", "Q8_0"), symmetric=False),
                      "q4_k": _quantized(4, ("Q4_0", "Q4_1", "Q8_0", "Q4_K"), symmetric=False),
-                    "w8a8": (quantize_matmuls_w8a8, remove_unused)},
+                     "w8a8": (quantize_matmuls_w8a8, remove_unused)},
     write=write_onnx,
     session={"disabled_optimizers": list(SLOWER_FUSIONS)},
 )
