@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from ..conftest import run_without_torch
+
 TOOLS = Path(__file__).resolve().parents[2] / "tools"
 
 
@@ -124,12 +126,12 @@ def test_generate_compiles_then_loads_from_cache(tiny_llama, env):
     assert second.stdout == first.stdout  # greedy: the same text both times
 
 
-def test_generate_does_not_import_torch(tiny_llama, env):
-    """Deployments have no torch: only ``bench --compare hf`` may import it."""
+def test_generate_does_not_import_torch(tiny_llama, env, tmp_path):
+    """Deployments have no torch (only ``bench --compare hf`` needs it): the command runs where torch is not installed."""
     code = ("import sys; from ember.tools.cli import main; assert main(['list']) == 0; "
             f"assert main(['generate', '--model', {str(tiny_llama)!r}, 'hello', '--max-new-tokens', '2', "
             "'--no-chat-template']) == 0; assert 'torch' not in sys.modules, 'torch imported'")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    result = run_without_torch(code, tmp_path, env)
     assert result.returncode == 0, result.stderr
 
 

