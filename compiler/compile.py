@@ -20,6 +20,7 @@ from ember.graphs.nn.kv_cache import KVCacheStrategy
 from ember.graphs.nn.transformer import ReturnLogits
 
 from .artifact import Artifact, write_artifact
+from .passes.lowering_record import summarize
 from .targets import get_target
 
 logger = logging.getLogger(__name__)
@@ -135,6 +136,7 @@ def compile_graph(graph: ir.Model, output_dir: str | Path, options: CompileOptio
             "ranks": [{"rank": 0, "device": "cpu", "model": "rank0/model.onnx"}],
             "graph": {"inputs": describe_values(lowered.graph.inputs),
                       "outputs": describe_values(lowered.graph.outputs)},
+            "lowerings": [lowering.to_json() for lowering in summarize(lowered)],
         }
 
     artifact = write_artifact(Path(output_dir), populate)
@@ -147,7 +149,13 @@ def _quantize_kv_cache(lowered: ir.Model, options: CompileOptions, manifest: dic
                        calibration_tokens: tuple[list[np.ndarray], str] | None) -> tuple[ir.Model, dict[str, Any]]:
     """Calibrate and quantize the KV cache; the manifest's ``kv_params.dtype`` is then the graph's cache type."""
     from .calibration.kv_cache import calibrate_kv_cache
-    from .passes.lower_attention_gqa import gqa_kv_caches
+    from .passes.lower_attention_gqa import GQA_FORM, gqa_kv_caches
+
+    others = [lowering for lowering in summarize(lowered) if lowering.op == "CachedAttention"
+              and lowering.form != GQA_FORM]
+    if others:
+        raise ValueError(f"a {options.kv_cache_bit_width}-bit KV cache needs {GQA_FORM} with its rotary in the "
+                         f"kernel for every layer; {others[0].describe()}")
 
     tokens, source = calibration_tokens if calibration_tokens is not None else (None, "random")
     limits = manifest.get("limits", {})

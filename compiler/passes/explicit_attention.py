@@ -48,20 +48,28 @@ class SharedValues:
         self.total_lengths = op("Add", [self.cache_lengths, op("Cast", [input_lengths], {"to": i64})],
                                 name=f"{prefix}/total_lengths")
 
-    def start(self, seq: ir.Value, max_len: ir.Value) -> None:
-        """Build the positions and the base mask once ``seq`` and ``max_len`` are known."""
-        op, prefix = self.op, self.prefix
-        # positions of the new tokens [batch, seq] (and [batch, seq, 1]) and of the keys [1, 1, max_len]
+    def start(self, seq: ir.Value, max_len: ir.Value | None = None) -> None:
+        """Build the new tokens' positions once ``seq`` is known; the masks also need ``max_len``."""
+        op = self.op
         new = op("Range", [self.zero, seq, self.one])
         self.positions = op("Add", [op("Unsqueeze", [self.cache_lengths, self.const(np.array([1]))]),
                                     op("Unsqueeze", [new, self.const(np.array([0]))])],
-                            name=f"{prefix}/positions")  # [batch, seq]
-        self.query_positions = op("Unsqueeze", [self.positions, self.const(np.array([2]))])
-        self.key_positions = op("Unsqueeze", [op("Range", [self.zero, max_len, self.one]),
-                                              self.const(np.array([0, 1]))])
-        visible = op("Less", [self.key_positions, op("Unsqueeze", [self.total_lengths, self.const(np.array([1, 2]))])])
-        causal = op("LessOrEqual", [self.key_positions, self.query_positions])
-        self.base_mask = op("And", [causal, visible], name=f"{prefix}/mask")  # [batch, seq, max_len]
+                            name=f"{self.prefix}/positions")  # [batch, seq]
+        self.max_len = max_len
+        self._base_mask: ir.Value | None = None
+
+    def base_mask(self) -> ir.Value:
+        """``[batch, seq, max_len]``: causal and within each row's total length."""
+        if self._base_mask is None:
+            op = self.op
+            self.query_positions = op("Unsqueeze", [self.positions, self.const(np.array([2]))])
+            self.key_positions = op("Unsqueeze", [op("Range", [self.zero, self.max_len, self.one]),
+                                                  self.const(np.array([0, 1]))])  # [1, 1, max_len]
+            visible = op("Less", [self.key_positions,
+                                  op("Unsqueeze", [self.total_lengths, self.const(np.array([1, 2]))])])
+            causal = op("LessOrEqual", [self.key_positions, self.query_positions])
+            self._base_mask = op("And", [causal, visible], name=f"{self.prefix}/mask")
+        return self._base_mask
 
     def op(self, *args, **kwargs) -> ir.Value:
         """Add a node to the tape of the layer being lowered (values made for one layer serve the next)."""
@@ -79,7 +87,7 @@ class SharedValues:
         """``[batch, 1, group * seq, max_len]``: which keys each (query head in the group, token) sees."""
         if (window, group) not in self._masks:
             op = self.op
-            mask = self.base_mask
+            mask = self.base_mask()
             if window > 0:
                 lowest = op("Sub", [self.query_positions, self.const(np.array(window, np.int64))])
                 mask = op("And", [mask, op("Greater", [self.key_positions, lowest])],

@@ -1,5 +1,9 @@
 """Lower ``ember.CachedAttention`` to ``com.microsoft.GroupQueryAttention`` (onnxruntime CPU and CUDA).
 
+Where the kernel can take the node (:func:`gqa_rejection`): head sizes that are multiples of 16 run rotary inside
+it; multiples of 8 only get a ``RotaryEmbedding`` before it (the kernel's rotary needs 16); others stay
+``CachedAttention`` with the reason recorded, for ``lower_cached_attention_explicit`` to take.
+
 GroupQueryAttention takes the total length minus one per row (``seqlens_k``) and the longest total length
 (``total_sequence_length``); both are computed once per graph from ember's ``cache_lengths`` and
 ``input_lengths`` and shared by every layer. Rotary embedding moves into the kernel (``do_rotary`` with the
@@ -38,14 +42,60 @@ import onnx_ir as ir
 from ember.graphs.ir.versions import EMBER_DOMAIN, MS_DOMAIN, MS_OPSET
 
 from .base import nodes_of, replace_node
+from .explicit_attention import SharedValues, rotate
+from .lowering_record import Lowering, record_lowering, record_rejection
+
+
+GQA_FORM = "GroupQueryAttention"
+EXTERNAL_ROTARY_FORM = "RotaryEmbedding + GroupQueryAttention"
+
+
+def gqa_rejection(node: ir.Node, *, rotary_in_kernel: bool = True) -> str | None:
+    """Why onnxruntime's CPU GroupQueryAttention cannot run ``node`` (an ``ember.CachedAttention``), or None.
+
+    The kernel's checks (``contrib_ops/cpu/bert/group_query_attention_helper.h``, ``CheckInputs``): the query
+    heads a multiple of the kv heads; the head size a multiple of 8; with rotary in the kernel, the head size a
+    multiple of 16 and the cos/sin tables' width (half the rotary dimension) a multiple of 8 and at most
+    ``(head_size // 16) * 8``. ``tests/compiler/test_gqa_limits.py`` runs the kernel on a grid of shapes to keep
+    this function and the installed onnxruntime in agreement."""
+    attrs = {name: attr.value for name, attr in node.attributes.items()}
+    heads, kv_heads = int(attrs["num_heads"]), int(attrs["kv_num_heads"])
+    head_dim = node.inputs[3].shape[3] if node.inputs[3].shape is not None else None
+    if not isinstance(head_dim, int):
+        return "the KV cache's head_dim is not static"
+    if heads % kv_heads:
+        return f"num_heads ({heads}) must be a multiple of kv_num_heads ({kv_heads})"
+    if head_dim % 8:
+        return f"head_dim must be a multiple of 8, not {head_dim}"
+    cos = node.inputs[7] if len(node.inputs) > 7 else None
+    if cos is not None and rotary_in_kernel:
+        if head_dim % 16:
+            return f"rotary in the kernel needs head_dim a multiple of 16, not {head_dim}"
+        half = cos.shape[1] if cos.shape is not None else None
+        if not isinstance(half, int) or half % 8 or half > (head_dim // 16) * 8:
+            return (f"rotary in the kernel needs rotary_dim a multiple of 16 and at most {(head_dim // 16) * 16}, "
+                    f"not {2 * half if isinstance(half, int) else half}")
+    return None
 
 
 def lower_attention_to_gqa(model: ir.Model) -> ir.Model:
+    """Each ``ember.CachedAttention`` the kernel accepts becomes GroupQueryAttention (rotary inside it where it
+    can, else a ``RotaryEmbedding`` before it); the others stay, with the reason recorded, for the next lowering."""
     shared: dict[tuple[str, str], tuple[ir.Value, ir.Value]] = {}
+    rotary: dict[tuple[str, str], SharedValues] = {}
     lowered = False
     for node in nodes_of(model, "CachedAttention", EMBER_DOMAIN):
-        query, key, value, past_key, past_value, cache_lengths, input_lengths, *rotary = node.inputs
+        query, key, value, past_key, past_value, cache_lengths, input_lengths, *tables = node.inputs
         attrs = {name: attr.value for name, attr in node.attributes.items()}
+        cos, sin = (tables + [None, None])[:2]
+        rejected: tuple[str, ...] = ()
+        in_kernel = gqa_rejection(node)
+        if in_kernel is not None:
+            without_rotary = gqa_rejection(node, rotary_in_kernel=False) if cos is not None else in_kernel
+            if without_rotary is not None:
+                record_rejection(model, node, GQA_FORM, without_rotary)
+                continue
+            rejected = (f"{GQA_FORM} with rotary in the kernel: {in_kernel}",)
         tape = ir.tape.Tape()
         lengths_key = (cache_lengths.name, input_lengths.name)
         if lengths_key not in shared:
@@ -57,7 +107,16 @@ def lower_attention_to_gqa(model: ir.Model) -> ir.Model:
             total_len = tape.op("ReduceMax", [total], {"keepdims": 0}, name=f"{node.name}/total_sequence_length")
             shared[lengths_key] = (seqlens_k, total_len)
         seqlens_k, total_len = shared[lengths_key]
-        cos, sin = (rotary + [None, None])[:2]
+        if rejected:  # rotate q and k before the kernel, which then runs without its rotary
+            if lengths_key not in rotary:
+                rotary[lengths_key] = SharedValues(model, tape, f"/model/rotary_{len(rotary)}", cache_lengths,
+                                                   input_lengths)
+                op = rotary[lengths_key].op
+                rotary[lengths_key].start(op("Squeeze", [op("Shape", [query], {"start": 1, "end": 2}),
+                                                         rotary[lengths_key].const(np.array([0]))]))
+            rotary[lengths_key].tape = tape
+            query, key = rotate(rotary[lengths_key], node, query, key, cos, sin, int(past_key.shape[3]))
+            cos = sin = None
         window = int(attrs.get("sliding_window", 0))
         gqa_attrs = {
             "num_heads": int(attrs["num_heads"]),
@@ -72,6 +131,8 @@ def lower_attention_to_gqa(model: ir.Model) -> ir.Model:
             [query, key, value, past_key, past_value, seqlens_k, total_len, cos, sin],
             gqa_attrs, num_outputs=3, domain=MS_DOMAIN, name=f"{node.name}/GroupQueryAttention")
         replace_node(model, node, list(tape.nodes), list(outputs))
+        record_lowering(model, Lowering(node.name or "", "CachedAttention",
+                                        EXTERNAL_ROTARY_FORM if rejected else GQA_FORM, rejected))
         lowered = True
     if lowered:
         model.graph.opset_imports[MS_DOMAIN] = MS_OPSET

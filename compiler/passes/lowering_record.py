@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 
 import onnx_ir as ir
 
+from ember.graphs.ir.versions import EMBER_DOMAIN
+
 LOWERINGS_META = "ember.lowerings"
 
 
@@ -64,3 +66,16 @@ def summarize(model: ir.Model) -> list[Lowering]:
         form = lowering.form or (before.form if before else "")
         merged[lowering.node] = Lowering(lowering.node, lowering.op, form, rejected)
     return list(merged.values())
+
+
+def refuse_unlowered(model: ir.Model, target: str) -> None:
+    """A ValueError naming every ``ember`` op that no lowering of ``target`` took, with the limits that refused it."""
+    left = [node for node in model.graph if node.domain == EMBER_DOMAIN]
+    if not left:
+        return
+    reasons = {lowering.node: lowering.rejected for lowering in summarize(model)}
+    lines = [f"{node.name} ({node.op_type}): " + ("; ".join(reasons.get(node.name or "", ())) or "no lowering")
+             for node in left[:4]]
+    more = f" (and {len(left) - 4} more)" if len(left) > 4 else ""
+    raise ValueError(f"target {target} cannot run this model: no lowering accepts {len(left)} node(s){more}: "
+                     + " | ".join(lines))

@@ -11,6 +11,7 @@ import onnx_ir as ir
 from ember.graphs.nn.kv_cache import KVCacheStrategy
 
 from ..passes.base import Pass
+from ..passes.lowering_record import refuse_unlowered
 
 Progress = Callable[[int], None]
 
@@ -37,4 +38,5 @@ class Target:
                              f"supported: {', '.join(self.encodings)}")
         for compiler_pass in self.passes + self.encoding_passes.get(encoding, ()):
             model = compiler_pass(model)
+        refuse_unlowered(model, self.name)
         return model

@@ -35,9 +35,9 @@ VARIANTS = {
 }
 
 
-def save_tokenizer(directory: Path) -> None:
+def save_tokenizer(directory: Path, size: int = VOCAB) -> None:
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    for i in range(4, VOCAB):
+    for i in range(4, size):
         vocab[f"w{i}"] = i
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
