@@ -41,5 +41,5 @@ def format_architectures(rows: list[dict[str, Any]]) -> str:
         out.append(line.format(*cells).rstrip())
         if row["example_repo_ids"]:
             out.append(f"    examples: {', '.join(row['example_repo_ids'])}")
-    out.append("(* default encoding; a GGUF file defaults to its own quantization where listed: q4_1, q4_k, q4_0, q8_0)")
+    out.append("(* default encoding; a model under 1B parameters defaults to float32, exact; a larger GGUF file to its own quantization where listed: q4_1, q4_k, q4_0, q8_0)")
     return "\n".join(out)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from ember.compiler import ArtifactError, CompileOptions, cache_key, compile_graph, verify_artifact
 from ember.compiler.artifact import Artifact
 from ember.compiler.hashing import HashMemo
@@ -43,9 +45,24 @@ def source_sha256(source: ModelSource, cache_dir: Path) -> str:
     return digest.hexdigest()
 
 
+#: Models with fewer parameters than this default to float32, even from a quantized GGUF: the weights of the file
+#: dequantized, exactly, on every CPU. Quantized kernels quantize activations too (int8, per CPU instruction set),
+#: which flips the near-tied tokens of small models: SmolLM2-135M answers the README's prompt wrongly in q4_1 and
+#: q8_0 (AVX2 here, AVX-512 VNNI in the issue), rightly in float32, whose decode of so small a model is already
+#: fast. Measured agreement and speed per encoding: BENCHMARKS.md, "Default encoding".
+EXACT_DEFAULT_PARAMETERS = 1_000_000_000
+
+
+def parameter_count(source: ModelSource) -> int:
+    """Elements of every tensor in the checkpoint (read from its header; no weight is loaded)."""
+    weights = source.open_weights()
+    return sum(int(np.prod(weights.shape(name), dtype=np.int64)) for name in weights.keys())
+
+
 def resolve_encoding(pipeline_config: PipelineConfig, architecture: "SupportedArchitecture",
-                     source: ModelSource) -> str:
-    """The encoding asked for, else the GGUF's own (its dominant block type), else the architecture's default.
+                     source: ModelSource, exact_below: int = EXACT_DEFAULT_PARAMETERS) -> str:
+    """The encoding asked for; else float32 for a model of fewer than ``exact_below`` parameters; else the GGUF's
+    own (its dominant block type); else the architecture's default.
 
     Encodings that keep a checkpoint's blocks (``q4_1``, ``q4_k``) must find such blocks in the source.
     """
@@ -56,6 +73,8 @@ def resolve_encoding(pipeline_config: PipelineConfig, architecture: "SupportedAr
     supported = [e for e in supported if e in on_target]
     block_types = source.block_types()
     encoding = pipeline_config.encoding
+    if encoding is None and "float32" in supported and parameter_count(source) < exact_below:
+        encoding = SupportedEncoding.float32
     if encoding is None:
         native = NATIVE_ENCODINGS.get(max(block_types, key=block_types.get)) if block_types else None
         encoding = native if native is not None and native.value in supported else architecture.default_encoding

@@ -24,6 +24,8 @@ import torch
 from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
                           Qwen2ForCausalLM)
 
+from ember.compiler.passes.lower_attention_gqa import EXTERNAL_ROTARY_FORM, GQA_FORM
+from ember.compiler.passes.lower_cached_attention_explicit import FORM as EXPLICIT_FORM
 from ember.compiler.quantization.matmul_nbits import dequantize, quantize_rtn
 from ember.runtime.pipelines import PIPELINE_REGISTRY, PipelineConfig, ReturnLogits
 
@@ -122,6 +124,12 @@ def test_float32_matches_transformers(checkpoint, strategy):
     assert tokens == [int(t) for t in reference[len(PROMPT) - 1:].argmax(-1)], "greedy tokens differ"
     forms = {lowering["form"] for lowering in manifest["lowerings"]}
     assert len(manifest["lowerings"]) == 2 and all(forms), manifest["lowerings"]  # one record per layer
+    if strategy == "continuous":  # the manifest says, per node, which form GroupQueryAttention's limits left
+        expected = (EXPLICIT_FORM if shape.head_dim % 8 else EXTERNAL_ROTARY_FORM if shape.head_dim % 16
+                    else GQA_FORM)
+        for lowering in manifest["lowerings"]:
+            assert lowering["form"] == expected, lowering
+            assert (f"not {shape.head_dim}" in " ".join(lowering["rejected"])) == (expected != GQA_FORM), lowering
 
 
 def with_quantized_weights(model: torch.nn.Module, bits: int) -> torch.nn.Module:
