@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .pipelines.context import FinishReason, TextContext
-from .pipelines.sampling import log_softmax, sample
+from .pipelines.sampling import log_softmax, sample_contexts
 
 logger = logging.getLogger(__name__)
 
@@ -241,8 +241,7 @@ class Scheduler:
         self.stats.scheduled_tokens += sum(count for _, count in rows)
         self.stats.batch_sizes.append(len(rows))
         finishing = [i for i, (request, count) in enumerate(rows) if count == request.num_pending]
-        tokens = sample(logits[finishing], [rows[i][0].context.sampling for i in finishing],
-                        [rows[i][0].context.rng for i in finishing]) if finishing else []
+        tokens = sample_contexts(logits[finishing], [rows[i][0].context for i in finishing]) if finishing else []
         sampled = dict(zip(finishing, (int(t) for t in tokens)))
         outputs = []
         for i, (request, count) in enumerate(rows):

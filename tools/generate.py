@@ -1,6 +1,13 @@
-"""Generating text for one prompt, streamed as text deltas, with timing statistics."""
+"""Generating text for one prompt, streamed as text deltas, with timing statistics.
+
+:func:`stream_text` is the one generation loop of the command line (``ember generate`` and ``ember chat``):
+it yields text as tokens are made, never a partial UTF-8 character (the incremental detokenizer holds one
+back until the next token completes it), and stopping early (Ctrl-C, a closed pipe) frees the request's KV
+cache at once.
+"""
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Iterator
@@ -56,18 +63,21 @@ def stream_text(pipeline: Any, tokenizer: Any, prompt_ids: list[int], sampling: 
     context = pipeline.new_context(prompt_ids, sampling)
     detokenizer = tokenizer.detokenizer()
     start = time.perf_counter()
-    for step in pipeline.generate([context], num_steps=1):
-        response = step.get(context.request_id)
-        if response is None:
-            continue
-        now = time.perf_counter() - start
-        if stats.first_token_seconds is None:
-            stats.first_token_seconds = now
-        stats.generated_tokens += 1
-        stats.total_seconds = now
-        delta = detokenizer.add([response.token])
-        if delta:
-            yield delta
+    # closing(): if the caller stops early, the generator's cleanup (which releases the KV cache) runs now,
+    # not whenever the exception's traceback is dropped.
+    with contextlib.closing(pipeline.generate([context], num_steps=1)) as steps:
+        for step in steps:
+            response = step.get(context.request_id)
+            if response is None:
+                continue
+            now = time.perf_counter() - start
+            if stats.first_token_seconds is None:
+                stats.first_token_seconds = now
+            stats.generated_tokens += 1
+            stats.total_seconds = now
+            delta = detokenizer.add([response.token])
+            if delta:
+                yield delta
     tail = detokenizer.flush()
     if tail:
         yield tail

@@ -20,6 +20,13 @@ class SamplingParams:
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()
     top_logprobs: int = 0
+    # Penalties against repeating (vLLM's / OpenAI's names and meanings; sampling.apply_penalties applies them).
+    # repetition_penalty: HF's, on every token of the prompt and output: a logit l becomes l / r if l > 0, else
+    # l * r (1.0 is off; above 1 discourages repeats). frequency_penalty / presence_penalty: OpenAI's, on the
+    # output so far: l -= frequency * count(token) + presence * (count(token) > 0) (0.0 is off).
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -30,10 +37,64 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.repetition_penalty > 0:  # also rejects NaN
+            raise ValueError(f"repetition_penalty must be > 0 (1.0 is off, above 1 discourages repeats), "
+                             f"got {self.repetition_penalty}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if not -2.0 <= value <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2] (0 is off, positive discourages repeats), got {value}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+    @property
+    def penalized(self) -> bool:
+        """Whether any penalty is on (only then does a request keep :class:`TokenCounts`)."""
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
+
+class TokenCounts:
+    """A request's distinct tokens (prompt and output) and how many times the output holds each.
+
+    This is what the penalties read. It is kept incrementally in two aligned arrays (``ids``,
+    ``output_counts``), so that applying the penalties costs O(distinct tokens) per step and never walks the
+    history; appending a token is a dict look-up. Only requests with a penalty on keep one.
+    """
+
+    def __init__(self, prompt_tokens: list[int]):
+        self._slots: dict[int, int] = {}
+        capacity = 16
+        self._ids = np.empty(capacity, np.int64)
+        self._output = np.zeros(capacity, np.int64)
+        for token in prompt_tokens:
+            self._slot(int(token))
+
+    def _slot(self, token: int) -> int:
+        slot = self._slots.get(token)
+        if slot is None:
+            slot = len(self._slots)
+            if slot == len(self._ids):  # doubling: amortized O(1) per new token
+                self._ids = np.concatenate([self._ids, np.empty_like(self._ids)])
+                self._output = np.concatenate([self._output, np.zeros_like(self._output)])
+            self._ids[slot], self._output[slot] = token, 0
+            self._slots[token] = slot
+        return slot
+
+    def add_output(self, token: int) -> None:
+        slot = self._slot(int(token))  # first: it may replace the arrays
+        self._output[slot] += 1
+
+    @property
+    def ids(self) -> np.ndarray:
+        """Each distinct token of the prompt and output once (a view)."""
+        return self._ids[:len(self._slots)]
+
+    @property
+    def output_counts(self) -> np.ndarray:
+        """How many times the output holds each of :attr:`ids` (0 for prompt-only tokens; a view)."""
+        return self._output[:len(self._slots)]
 
 
 class FinishReason(str, enum.Enum):
@@ -66,6 +127,7 @@ class TextContext:
         self.generated: list[int] = []
         self.finish_reason: FinishReason | None = None
         self.rng = np.random.default_rng(self.sampling.seed)
+        self.token_counts = TokenCounts(self.prompt_tokens) if self.sampling.penalized else None
 
     @property
     def active_idx(self) -> int:
@@ -91,6 +153,8 @@ class TextContext:
         """Record a sampled token and whether it ends the request."""
         self.tokens.append(int(token))
         self.generated.append(int(token))
+        if self.token_counts is not None:
+            self.token_counts.add_output(token)
         stops = set(self.sampling.stop_token_ids)
         if not self.sampling.ignore_eos:
             stops |= self.eos_token_ids

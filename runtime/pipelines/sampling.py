@@ -1,11 +1,17 @@
-"""Choosing next tokens from logits on the host: greedy, temperature, top-k, top-p, seeded per request."""
+"""Choosing next tokens from logits on the host: penalties, then greedy or temperature, top-k, top-p, seeded
+per request.
+
+Both stepping paths (``TextGenerationPipeline.next_token`` and the scheduler) call :func:`sample_contexts`,
+so a sampling rule lives here once. Penalties change a copy of the rows that ask for them (the logits that
+log probabilities report stay the model's), before the greedy choice or the temperature.
+"""
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import numpy as np
 
-from .context import SamplingParams
+from .context import SamplingParams, TextContext, TokenCounts
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -30,10 +36,42 @@ def sample_row(logits: np.ndarray, params: SamplingParams, rng: np.random.Genera
     return int(order[rng.choice(len(order), p=probs)])
 
 
-def sample(logits: np.ndarray, params: Sequence[SamplingParams], rngs: Sequence[np.random.Generator]) -> np.ndarray:
-    """Next tokens for a batch ``[batch, vocab]``; greedy rows take one vectorized argmax."""
+def apply_penalties(logits: np.ndarray, params: SamplingParams, counts: TokenCounts) -> np.ndarray:
+    """A copy of one row of logits with ``params``' penalties applied (see :class:`SamplingParams`).
+
+    Repetition (HF's ``RepetitionPenaltyLogitsProcessor``) on every token of the prompt and output, then
+    frequency and presence (OpenAI's) from the output counts. Touches only ``counts.ids``: O(distinct
+    tokens), in the logits' own dtype as transformers computes it.
+    """
+    row = np.array(logits, copy=True)
+    ids = counts.ids
+    if params.repetition_penalty != 1.0:
+        seen = row[ids]
+        row[ids] = np.where(seen < 0, seen * params.repetition_penalty, seen / params.repetition_penalty)
+    if params.frequency_penalty != 0.0 or params.presence_penalty != 0.0:
+        output = counts.output_counts
+        row[ids] -= (params.frequency_penalty * output + params.presence_penalty * (output > 0)).astype(row.dtype)
+    return row
+
+
+def sample(logits: np.ndarray, params: Sequence[SamplingParams], rngs: Sequence[np.random.Generator],
+           token_counts: Sequence[TokenCounts | None] | None = None) -> np.ndarray:
+    """Next tokens for a batch ``[batch, vocab]``; greedy rows without penalties take one vectorized argmax.
+
+    ``token_counts`` (per row, None where no penalty applies) is what the penalties need; without it rows
+    are sampled unpenalized."""
     tokens = np.argmax(logits, axis=-1).astype(np.int64)
     for row, (p, rng) in enumerate(zip(params, rngs)):
-        if not p.greedy:
+        counts = token_counts[row] if token_counts is not None else None
+        if counts is not None and p.penalized:
+            tokens[row] = sample_row(apply_penalties(logits[row], p, counts), p, rng)
+        elif not p.greedy:
             tokens[row] = sample_row(logits[row], p, rng)
     return tokens
+
+
+def sample_contexts(logits: np.ndarray, contexts: Sequence[TextContext]) -> np.ndarray:
+    """Next tokens for rows ``[len(contexts), vocab]``, each by its context's sampling parameters, seeded
+    generator and token counts: the one sampling entry point of both stepping paths."""
+    return sample(logits, [c.sampling for c in contexts], [c.rng for c in contexts],
+                  [c.token_counts for c in contexts])

@@ -19,7 +19,7 @@ from .config import PipelineConfig
 from .context import FinishReason, TextContext
 from .decoder import DecoderPipelineModel
 from .interfaces import ModelInputs
-from .sampling import sample
+from .sampling import sample_contexts
 
 
 def scheduler_finish(output) -> FinishReason | None:
@@ -115,7 +115,7 @@ class TextGenerationPipeline:
     def _run_step(self, inputs, by_id: dict[str, TextContext], out: dict[str, TextResponse]):
         outputs = self.pipeline_model.execute(inputs)
         contexts = [by_id[r] for r in inputs.request_ids]
-        tokens = sample(outputs.next_token_logits, [c.sampling for c in contexts], [c.rng for c in contexts])
+        tokens = sample_contexts(outputs.next_token_logits, contexts)
         top_n = [c.sampling.top_logprobs for c in contexts]
         logprobs = (self.pipeline_model.compute_log_probabilities(inputs, outputs, tokens, top_n,
                                                                  [False] * len(contexts))
