@@ -40,15 +40,19 @@ Cost of the lookup (one thread, CPU time, same table): 1 id 12 us float Gather, 
 
 Codes come from the same packers as :mod:`.quantize_matmuls_qdq` (``pack(table_value, True)``, the table
 being the logical ``[N, K] = [vocab, hidden]`` weight; a plan keeps packing until the model is
-written). Float zero points (GGUF Q4_1 repacked) have no GatherBlockQuantized form (its zero points
-have the data's type): ``ValueError`` naming the table. The Q4_1 split (``mins``: ``w = d * q + m``,
-stored as scale ``d`` and zero point 0) becomes the lookup plus ``Gather(mins, ids)`` added per block,
-exact; its head is then left to ``quantize_matmuls`` (which adds the minima term there).
+written). The Q4_1 split (``mins``: ``w = d * q + m``, stored as scale ``d`` and zero point 0) becomes
+the lookup plus ``Gather(mins, ids)`` added per block, exact; its head is then left to ``quantize_matmuls``
+(which adds the minima term there).
+
+Any shape: the vocabulary (N) is free, and so is K (B's last block padded, the output sliced; K below the
+block size is one partial block), as run on vocabularies of 161 and 1001 and K = 8, 20, 72, 100 by
+``tests/compiler/quantization/test_any_shape.py``. What the kernel rejects (float zero points, GGUF Q4_1
+repacked, among them) is :func:`gather_block_quantized_rejection`'s: that lookup stays a float ``Gather``,
+recorded in the lowering record.
 """
 from __future__ import annotations
 
 import functools
-import logging
 
 import numpy as np
 import onnx_ir as ir
@@ -57,12 +61,33 @@ from ember.graphs.ir.versions import MS_DOMAIN, MS_OPSET
 
 from ..quantization.packing import unpack_zero_points
 from .base import Pass, replace_node
-from .quantize_matmuls import ACCURACY_LEVEL
-from .quantize_matmuls_qdq import Deferred, Packer, Plan, defer, float_matrix, lazy_initializer, tied_head
+from .quantize_matmuls import ACCURACY_LEVEL, matmul_nbits_rejection
+from .quantize_matmuls_qdq import (Deferred, Packer, PackSpec, Plan, defer, float_matrix, keep_float, lazy_initializer,
+                                   tied_head)
 
-__all__ = ["quantize_embedding"]
+__all__ = ["gather_block_quantized_rejection", "quantize_embedding"]
 
-logger = logging.getLogger(__name__)
+FORM = "GatherBlockQuantized"
+
+
+def gather_block_quantized_rejection(spec: PackSpec, ids: ir.Value) -> str | None:
+    """Why onnxruntime's CPU GatherBlockQuantized cannot look up a table packed as ``spec`` by ``ids``, or None.
+
+    The kernel's checks for uint8 data (onnxruntime 1.32, ``gather_block_quantized.cc``; each tried by the
+    tests): ``bits`` 2, 4 or 8; ``block_size`` a power of two >= 16; zero points of the data's type (uint8:
+    float zero points, a GGUF Q4_1 table repacked, have no form); indices int32 or int64 (its kernel types).
+    The vocabulary and K are free. Besides the kernel, this lowering needs the indices' rank (its Reshape)."""
+    if spec.bits not in (2, 4, 8):
+        return f"bits must be 2, 4 or 8 for uint8 data, not {spec.bits}"
+    if spec.block_size < 16 or spec.block_size & (spec.block_size - 1):
+        return f"block_size must be a power of two >= 16, not {spec.block_size}"
+    if spec.zero_points == "float":
+        return "float zero points (GGUF Q4_1 repacked) have no form: its zero points have the data's type, uint8"
+    if ids.dtype not in (ir.DataType.INT32, ir.DataType.INT64):
+        return f"indices must be int32 or int64, not {ids.dtype}"
+    if ids.shape is None:
+        return "the indices' rank is unknown (the lookup's Reshape needs it)"
+    return None
 
 
 def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
@@ -73,10 +98,7 @@ class _Table:
     """The initializers of one quantized table: MatMulNBits' B, scales and zero points in both layouts."""
 
     def __init__(self, graph: ir.Graph, table: Deferred, suffix: str):
-        spec, name = table.spec, table.name
-        if spec.zero_points == "float":
-            raise ValueError(f"{name}: float zero points (GGUF Q4_1) have no GatherBlockQuantized form "
-                             "(its zero points have the data's uint8 type)")
+        spec = table.spec
         self.graph, self.table, self.suffix = graph, table, suffix
         n, kb, bits, bs = table.n, table.k_blocks, spec.bits, spec.block_size
 
@@ -108,7 +130,8 @@ class _Table:
                              lambda: table.get()[0].scales.astype(np.float32).reshape(-1))]
         if table.spec.zero_points == "uint8":
             size = n * (-(-kb // 2) if bits == 4 else kb)
-            inputs.append(self._lazy("head_zero_points", ir.DataType.UINT8, (size,), lambda: table.get()[0].zero_points))
+            inputs.append(self._lazy("head_zero_points", ir.DataType.UINT8, (size,),
+                                     lambda: table.get()[0].zero_points))
         return inputs
 
 
@@ -170,27 +193,33 @@ def quantize_embedding(pack: Packer, *, plan: Plan | None = None, tied_head_too:
 
     def run(model: ir.Model) -> ir.Model:
         graph = model.graph
-        tables: dict[int, tuple[ir.Value, _Table | None]] = {}  # id(table) -> (table, its initializers)
+        # id(table) -> (table: kept alive so the id stays its own, its packing or None, its initializers)
+        tables: dict[int, tuple[ir.Value, Deferred | None, _Table | None]] = {}
         gathers = [n for n in graph if n.op_type == "Gather" and n.domain == ""
                    and (n.attributes.get("axis") is None or n.attributes["axis"].value == 0)
                    and float_matrix(n.inputs[0])]
         for node in gathers:
             table, ids = node.inputs
-            if ids.shape is None:
-                logger.warning("%s: indices of unknown rank, the lookup stays float", node.name)
-                continue
             if id(table) not in tables:
-                deferred = defer(pack, plan, table, True)
-                tables[id(table)] = (table, None if deferred is None else _Table(graph, deferred, name_suffix))
-            t = tables[id(table)][1]
-            if t is None:
+                tables[id(table)] = (table, defer(pack, plan, table, True), None)
+            _, deferred, t = tables[id(table)]
+            if deferred is None:
                 continue
+            reason = gather_block_quantized_rejection(deferred.spec, ids)
+            if reason is not None:
+                keep_float(model, node, FORM, reason)
+                continue
+            if t is None:
+                t = _Table(graph, deferred, name_suffix)
+                tables[id(table)] = (table, deferred, t)
             _lookup(model, node, t)
-            if tied_head_too and not t.table.spec.mins:
+            if tied_head_too and not deferred.spec.mins:
+                # What the lookup takes, the head's MatMulNBits takes: its limits are a subset of the lookup's.
+                assert matmul_nbits_rejection(deferred.spec) is None
                 for user, _ in list(table.uses()):
                     if user.graph is graph and tied_head(user) and user.inputs[1] is table:
                         _head(model, user, t, accuracy_level)
-        if any(t is not None for _, t in tables.values()):
+        if any(t is not None for _, _, t in tables.values()):
             graph.opset_imports[MS_DOMAIN] = MS_OPSET
         return model
 

@@ -21,6 +21,13 @@ Where the weights come from:
   added to it: three small nodes more per weight. **Q4_K** (256-weight super-blocks of eight 32-weight
   sub-blocks with 6-bit scales and minima) takes the same split form, exactly (:func:`q4_k_split`).
 * Every other float weight is quantized round-to-nearest, blockwise (block 32) at ``bits``.
+
+Any shape: MatMulNBits cuts K into ``ceil(K / 32)`` blocks and puts no other limit on K or N (onnxruntime
+1.32's ``matmul_nbits_helper.h``; run on K = 1..40 and 63..257 with odd N, both widths, both accuracy levels,
+and ``tests/compiler/quantization/test_any_shape.py`` keeps issue 10's cases). The packers fill the last block's
+padding with the zero-point code, so it dequantizes to 0 and contributes nothing: nothing else is padded, and
+no weight stays float for its shape. What the kernel does reject is :func:`matmul_nbits_rejection`'s: such a
+weight stays float32, recorded in the lowering record.
 """
 from __future__ import annotations
 
@@ -38,7 +45,7 @@ from ember.graphs.ir.versions import MS_DOMAIN, MS_OPSET
 
 from ..quantization.matmul_nbits import PackedWeight, from_gguf_blocks, q4_1_split, q4_k_split, quantize_rtn
 from .base import Pass, nodes_of
-from .quantize_matmuls_qdq import PackSpec
+from .quantize_matmuls_qdq import PackSpec, keep_float, tied_head
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +55,24 @@ BLOCK_SIZE = 32
 BLOCK_BITS = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8, "Q4_K": 4}
 #: Block types with a float minimum per 32-block: kept in the split form (MatMulNBits + minima term).
 SPLIT_TYPES = {"Q4_1": q4_1_split, "Q4_K": q4_k_split}
+FORM = "MatMulNBits"
+
+
+def matmul_nbits_rejection(spec: PackSpec) -> str | None:
+    """Why onnxruntime's CPU MatMulNBits cannot take a weight packed as ``spec``, or None.
+
+    The kernel's checks (onnxruntime 1.32, ``contrib_ops/cpu/quantization/matmul_nbits_helper.h`` and the
+    kernel's constructor, each tried by the tests): ``bits`` 2, 4 or 8; ``block_size`` a power of two >= 16;
+    no float zero points with 8-bit codes ("MatMulNBits on CPU does not support 8-bit weights with
+    floating-point zero points", at session creation). K and N are free: K is cut into ``ceil(K / block)``
+    blocks, the last one padded."""
+    if spec.bits not in (2, 4, 8):
+        return f"bits must be 2, 4 or 8, not {spec.bits}"
+    if spec.block_size < 16 or spec.block_size & (spec.block_size - 1):
+        return f"block_size must be a power of two >= 16, not {spec.block_size}"
+    if spec.bits == 8 and spec.zero_points == "float":
+        return "8-bit codes take uint8 zero points only, not float ones"
+    return None
 
 
 @dataclass(frozen=True, eq=False)
@@ -130,9 +155,7 @@ def quantize_matmuls(bits: int, keep_blocks: tuple[str, ...] = (), symmetric: bo
     def run(model: ir.Model) -> ir.Model:
         graph = model.graph
         candidates = [(node, False) for node in nodes_of(model, "MatMul")]
-        candidates += [(node, True) for node in nodes_of(model, "Gemm")
-                       if node.attributes.get("transB") is not None and node.attributes["transB"].value == 1
-                       and len(node.inputs) == 2]
+        candidates += [(node, True) for node in nodes_of(model, "Gemm") if tied_head(node)]
         changed = False
         kept: dict[str, int] = {}
         for node, transposed in candidates:
@@ -141,6 +164,12 @@ def quantize_matmuls(bits: int, keep_blocks: tuple[str, ...] = (), symmetric: bo
             if weight is None or len(weight.shape) != 2 or weight.dtype != ir.DataType.FLOAT:
                 continue
             spec = pack.spec(weight_value, transposed)
+            if spec is None:
+                continue
+            reason = matmul_nbits_rejection(spec)
+            if reason is not None:
+                keep_float(model, node, FORM, reason)
+                continue
             _replace(graph, node, weight_value, transposed, pack,
                      (spec.bits, spec.zero_points is not None, spec.mins), accuracy_level)
             form = pack.form(weight_value)
@@ -219,7 +248,9 @@ def _block_indicator(graph: ir.Graph, k: int) -> ir.Value:
 
 def _add_minima_term(graph: ir.Graph, node: ir.Node, new_nodes: list[ir.Node], product: ir.Value, name: str,
                      n: int, k: int, mins_t) -> ir.Value:
-    """``product + (x @ S) @ mins.T``: the Q4_1 block minima, exactly (``x @ S`` sums ``x`` by blocks)."""
+    """``product + (x @ S) @ mins.T``: the Q4_1 block minima, exactly (``x @ S`` sums ``x`` by blocks).
+
+    GGUF rows are whole blocks (ggml quantizes nothing else), so K here always is."""
     if k % BLOCK_SIZE:
         raise ValueError(f"{name}: Q4_1 rows of {k} are not whole blocks of {BLOCK_SIZE}")
     mins = _lazy(f"{name}.mins", ir.DataType.FLOAT, (k // BLOCK_SIZE, n), mins_t)

@@ -9,9 +9,10 @@ Layout, and why: ``q [K, N]`` (the MatMul's own orientation), blocks of 32 along
 
 * onnxruntime 1.31's CPU EP runs it for int4/uint4/int8/uint8, with and without zero points, and K need
   not be a multiple of 32: ONNX's blocked quantization lets the last block be short (``ceil``), so unlike
-  MatMulNBits' B nothing is padded. Its graph optimizer (``DQMatMulToMatMulNBits``, level EXTENDED and
-  up, so by default) fuses exactly this pattern -- a constant blocked DQ on axis 0 straight into a MatMul
-  -- into ``MatMulNBits`` for all four types, at ``accuracy_level`` = the session option
+  MatMulNBits' B nothing is padded (1.32 too, K below 32 and odd N included, fused or not:
+  ``tests/compiler/quantization/test_any_shape.py``). Its graph optimizer (``DQMatMulToMatMulNBits``,
+  level EXTENDED and up, so by default) fuses exactly this pattern -- a constant blocked DQ on axis 0
+  straight into a MatMul -- into ``MatMulNBits`` for all four types, at ``accuracy_level`` = the session option
   ``session.qdq_matmulnbits_accuracy_level`` (default 4): the Q/DQ model runs at MatMulNBits speed,
   with the same results (bit for bit at equal accuracy levels, checked by the tests). Unfused (level
   BASIC), DQ dequantizes the whole weight on every call. One thread, CPU time, median of 31, a 576 x 1536
@@ -37,7 +38,8 @@ Codes: exactly the packer's (the same :class:`~ember.compiler.quantization.Packe
 would get). Default zero point (8 / 128) -> signed INT4 / INT8 codes ``q - 8`` / ``q - 128`` and no
 zero-point input (the form TensorRT wants); uint8 zero points -> UINT4 / UINT8 codes and a zero-point
 input ``[ceil(K / 32), N]``. Float zero points (GGUF Q4_1) and the Q4_1 split's block minima have no DQ
-form: ``ValueError`` naming the weight. :func:`~ember.compiler.quantization.quantize_rtn`'s symmetric
+form, nor has a graph below opset 21 (:func:`dequantize_linear_rejection`): such a weight stays float32,
+recorded in the lowering record. :func:`~ember.compiler.quantization.quantize_rtn`'s symmetric
 scales are signed (ggml's choice: the largest-magnitude element maps to code 0), which onnxruntime runs
 but TensorRT rejects: ``rtn_packer(bits, positive_scales=True)`` quantizes to ``[-7, 7]`` /
 ``[-127, 127]`` with positive scales instead (the same codes serve MatMulNBits).
@@ -53,6 +55,7 @@ packer runs during the pass.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -64,10 +67,13 @@ from ..quantization.matmul_nbits import PackedWeight, quantize_rtn
 from ..quantization.packing import (DEFAULT_ZERO_POINT, pack_codes, pack_onnx_4bit, unpack_codes,
                                     unpack_zero_points)
 from .base import Pass, replace_node
+from .lowering_record import Lowering, record_lowering
 
-__all__ = ["BLOCK_SIZE", "Deferred", "PackSpec", "Packer", "Plan", "RTNPacker", "defer", "float_matrix",
-           "lazy_initializer", "qdq_arrays", "quantize_matmuls_qdq", "quantize_rtn_positive", "rtn_packer",
-           "tied_head"]
+__all__ = ["BLOCK_SIZE", "Deferred", "PackSpec", "Packer", "Plan", "RTNPacker", "defer",
+           "dequantize_linear_rejection", "float_matrix", "keep_float", "lazy_initializer", "qdq_arrays",
+           "quantize_matmuls_qdq", "quantize_rtn_positive", "rtn_packer", "tied_head"]
+
+logger = logging.getLogger(__name__)
 
 BLOCK_SIZE = 32
 #: The first ai.onnx opset whose DequantizeLinear takes ``block_size`` and 4-bit types.
@@ -265,11 +271,29 @@ def lazy_initializer(graph: ir.Graph, name: str, dtype: ir.DataType, shape: tupl
     return value
 
 
+FORM = "DequantizeLinear + MatMul"
+
+
+def dequantize_linear_rejection(spec: PackSpec, opset: int) -> str | None:
+    """Why a weight packed as ``spec`` has no blocked ``DequantizeLinear`` form in a graph of ai.onnx ``opset``.
+
+    ONNX's limits, which onnxruntime's CPU kernel keeps (1.32, tried by the tests): ``block_size`` from opset
+    21; codes int4 / uint4 / int8 / uint8 (the ones this pass writes); an integer zero point of the codes'
+    type, so no float zero points (GGUF Q4_1 repacked) and no block minima (the Q4_1 / Q4_K split). K and N
+    are free: the last block may be short."""
+    if opset < MIN_OPSET:
+        return f"blocked DequantizeLinear needs ai.onnx opset >= {MIN_OPSET}, the graph imports {opset}"
+    if spec.bits not in (4, 8):
+        return f"codes must be 4- or 8-bit, not {spec.bits}-bit"
+    if spec.mins:
+        return "block minima (GGUF Q4_1 / Q4_K split) have no form: the zero point has the codes' integer type"
+    if spec.zero_points == "float":
+        return "float zero points (GGUF Q4_1 repacked) have no form: the zero point has the codes' integer type"
+    return None
+
+
 def _dq_initializers(graph: ir.Graph, weight: Deferred, suffix: str) -> list[ir.Value]:
     spec, name = weight.spec, weight.name
-    if spec.zero_points == "float" or spec.mins:
-        raise ValueError(f"{name}: {'block minima' if spec.mins else 'float zero points'} (GGUF Q4_1) have no "
-                         "DequantizeLinear form; use a packer with integer zero points for this weight")
     signed = spec.zero_points is None
     dtype = {(4, True): ir.DataType.INT4, (4, False): ir.DataType.UINT4,
              (8, True): ir.DataType.INT8, (8, False): ir.DataType.UINT8}[spec.bits, signed]
@@ -280,6 +304,13 @@ def _dq_initializers(graph: ir.Graph, weight: Deferred, suffix: str) -> list[ir.
     if not signed:
         inputs.append(lazy_initializer(graph, f"{name}.dq_zero_points{suffix}", dtype, (kb, n), lambda: arrays()[2]))
     return inputs
+
+
+def keep_float(model: ir.Model, node: ir.Node, form: str, reason: str) -> None:
+    """Record that ``form`` rejected ``node``, which stays as it is (float32): a fallback of the weight passes."""
+    logger.info("%s stays float32: %s: %s", node.name, form, reason)
+    record_lowering(model, Lowering(node.name or "", node.op_type, f"{node.op_type} (float32)",
+                                    (f"{form}: {reason}",)))
 
 
 def tied_head(node: ir.Node) -> bool:
@@ -304,8 +335,9 @@ def quantize_matmuls_qdq(pack: Packer, *, plan: Plan | None = None, name_suffix:
     def run(model: ir.Model) -> ir.Model:
         graph = model.graph
         opset = graph.opset_imports.get("", 0)
-        # (id(weight), transposed) -> (weight: kept alive so the id stays its own, (DQ inputs, block) or None)
-        planned: dict[tuple[int, bool], tuple[ir.Value, tuple[list[ir.Value], int] | None]] = {}
+        # (id(weight), transposed) -> (weight: kept alive so the id stays its own, (DQ inputs, block) or
+        # None where the weight stays float, the reason DQ rejects it or None)
+        planned: dict[tuple[int, bool], tuple[ir.Value, tuple[list[ir.Value], int] | None, str | None]] = {}
         for node in list(graph):
             if node.domain != "" or not (node.op_type == "MatMul" or tied_head(node)):
                 continue
@@ -315,14 +347,16 @@ def quantize_matmuls_qdq(pack: Packer, *, plan: Plan | None = None, name_suffix:
             key = (id(value), transposed)
             if key not in planned:  # one set of initializers per weight, however many nodes use it
                 deferred = defer(pack, plan, value, transposed)
-                if deferred is not None and opset < MIN_OPSET:
-                    raise ValueError(f"blocked DequantizeLinear needs ai.onnx opset >= {MIN_OPSET}, not {opset}")
-                dq_inputs = None if deferred is None else (_dq_initializers(graph, deferred, name_suffix),
-                                                           deferred.spec.block_size)
-                planned[key] = (value, dq_inputs)
-            if planned[key][1] is None:
+                reason = None if deferred is None else dequantize_linear_rejection(deferred.spec, opset)
+                dq_inputs = None if deferred is None or reason is not None else (
+                    _dq_initializers(graph, deferred, name_suffix), deferred.spec.block_size)
+                planned[key] = (value, dq_inputs, reason)
+            _, dq_inputs, reason = planned[key]
+            if reason is not None:
+                keep_float(model, node, FORM, reason)
+            if dq_inputs is None:
                 continue
-            inputs, block_size = planned[key][1]
+            inputs, block_size = dq_inputs
             prefix = node.name or value.name
             k, n = inputs[0].shape
             weight = ir.Value(name=f"{prefix}/DequantizeLinear_output_0", type=ir.TensorType(ir.DataType.FLOAT),

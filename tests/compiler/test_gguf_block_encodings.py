@@ -96,10 +96,12 @@ def test_rtn_encodings_keep_only_their_own_block_type(tiny_gguf):
 
 
 def test_default_encoding_is_the_gguf_own_and_q4_1_needs_q4_1_blocks(tiny_gguf, tmp_path):
+    """Under the exact-default size a model defaults to float32; above it, a GGUF to its own quantization."""
     source = ModelSource.resolve(tiny_gguf)
     architecture = PIPELINE_REGISTRY.retrieve_architecture(tiny_gguf)
     assert max(source.block_types(), key=source.block_types().get) == "Q4_1"
-    assert resolve_encoding(PipelineConfig(model_path=tiny_gguf), architecture, source) == "q4_1"
+    assert resolve_encoding(PipelineConfig(model_path=tiny_gguf), architecture, source) == "float32"
+    assert resolve_encoding(PipelineConfig(model_path=tiny_gguf), architecture, source, exact_below=0) == "q4_1"
     assert resolve_encoding(PipelineConfig(model_path=tiny_gguf, encoding="float32"), architecture, source) == "float32"
 
     make_model("llama-gqa-llama3", tmp_path / "hf")
@@ -124,4 +126,4 @@ def test_q4_k_blocks_are_kept_exactly(tmp_path):
     assert rel < 1e-5
     source = ModelSource.resolve(path)
     architecture = PIPELINE_REGISTRY.retrieve_architecture(path)
-    assert resolve_encoding(PipelineConfig(model_path=path), architecture, source) == "q4_k"
+    assert resolve_encoding(PipelineConfig(model_path=path), architecture, source, exact_below=0) == "q4_k"

@@ -9,6 +9,7 @@ import onnxruntime as ort
 import pytest
 
 from ember.compiler.passes.cleanup import remove_unused
+from ember.compiler.passes.lowering_record import recorded_lowerings
 from ember.compiler.passes.quantize_embedding import quantize_embedding
 from ember.compiler.passes.quantize_matmuls import quantize_matmuls
 from ember.compiler.passes.quantize_matmuls_qdq import PackSpec, rtn_packer
@@ -160,14 +161,20 @@ def test_q4_1_split_lookup_is_exact(tmp_path):
     assert np.array_equal(h, want[ids])
 
 
-def test_float_zero_points_are_rejected():
+def test_float_zero_points_keep_the_lookup_float():
+    """GatherBlockQuantized's zero points have the data's type (uint8): a repacked Q4_1 table (float zero points)
+    stays a float Gather, recorded with the kernel's reason, and its head is left alone."""
     gguf = pytest.importorskip("gguf")
     T = gguf.GGMLQuantizationType
     model = tied_model(64)
     array = table_of(model).const_value.numpy()
     q4_1 = from_gguf_blocks(gguf.quants.quantize(array, T.Q4_1), T.Q4_1, array.shape)
-    with pytest.raises(ValueError, match="model.embed_tokens.weight: float zero points"):
-        quantize_embedding(lambda v, t: q4_1)(model)
+    quantize_embedding(lambda v, t: q4_1, tied_head_too=True)(model)
+    assert [n.op_type for n in model.graph] == ["Gather", "Gemm"]
+    assert "com.microsoft" not in model.graph.opset_imports
+    (lowering,) = recorded_lowerings(model)
+    assert (lowering.node, lowering.op, lowering.form) == ("model.embed_tokens/Gather", "Gather", "Gather (float32)")
+    assert len(lowering.rejected) == 1 and lowering.rejected[0].startswith("GatherBlockQuantized: float zero points")
 
 
 def test_q8_0_table_is_kept_exactly(tmp_path):

@@ -8,6 +8,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
+from ember.compiler.passes.lowering_record import recorded_lowerings
 from ember.compiler.passes.quantize_matmuls_qdq import (PackSpec, qdq_arrays, quantize_matmuls_qdq,
                                                         quantize_rtn_positive, rtn_packer)
 from ember.compiler.quantization import PackedWeight, dequantize, from_gguf_blocks, quantize_rtn
@@ -169,7 +170,9 @@ def test_packer_without_plan_and_none(tmp_path):
     assert_product(h, x, dequantize(quantize_rtn(w.T, 8)))
 
 
-def test_float_zero_points_are_rejected():
+def test_float_zero_points_keep_the_weight_float():
+    """DequantizeLinear's zero point has the codes' integer type: a repacked Q4_1 weight (float zero points) or the
+    Q4_1 split (block minima) stays a float MatMul, recorded with the reason; ``qdq_arrays`` refuses it."""
     gguf = pytest.importorskip("gguf")
     model = two_layer_model(64, 32, vocab=50)
     w = model.graph.initializers["w"].const_value.numpy()
@@ -180,11 +183,16 @@ def test_float_zero_points_are_rejected():
     def pack(value, transposed):
         return q4_1 if value.name == "w" else None
 
-    with pytest.raises(ValueError, match="w: float zero points"):
-        quantize_matmuls_qdq(pack)(model)
-    with pytest.raises(ValueError, match="w: float zero points"):
-        quantize_matmuls_qdq(pack, plan=lambda v, t: PackSpec(4, 32, "float") if v.name == "w" else None)(
-            two_layer_model(64, 32, vocab=50))
+    for plan, what in ((None, "float zero points"),
+                       (lambda v, t: PackSpec(4, 32, "float") if v.name == "w" else None, "float zero points"),
+                       (lambda v, t: PackSpec(4, 32, "uint8", mins=True) if v.name == "w" else None, "block minima")):
+        model = two_layer_model(64, 32, vocab=50)
+        quantize_matmuls_qdq(pack, plan=plan)(model)
+        assert [n.op_type for n in model.graph] == ["MatMul", "Gemm"]
+        assert model.graph.node(0).inputs[1].name == "w"
+        (lowering,) = recorded_lowerings(model)
+        assert (lowering.node, lowering.op, lowering.form) == ("layer/MatMul", "MatMul", "MatMul (float32)")
+        assert len(lowering.rejected) == 1 and lowering.rejected[0].startswith(f"DequantizeLinear + MatMul: {what}")
     with pytest.raises(ValueError, match="wq: float zero points"):
         qdq_arrays(q4_1, "wq")
 
@@ -242,8 +250,14 @@ def test_positive_scales_for_tensorrt(tmp_path, bits):
         rtn_packer(4, symmetric=False, positive_scales=True)
 
 
-def test_old_opset_is_rejected():
+def test_old_opset_keeps_weights_float():
+    """Blocked DequantizeLinear needs opset 21: below it every weight stays float, each one recorded."""
     model = two_layer_model(64, 32, vocab=50)
     model.graph.opset_imports[""] = 19
-    with pytest.raises(ValueError, match="opset >= 21"):
-        quantize_matmuls_qdq(rtn_packer(4))(model)
+    quantize_matmuls_qdq(rtn_packer(4))(model)
+    assert [n.op_type for n in model.graph] == ["MatMul", "Gemm"]
+    lowerings = recorded_lowerings(model)
+    assert [(r.node, r.form) for r in lowerings] == [("layer/MatMul", "MatMul (float32)"),
+                                                      ("lm_head/Gemm", "Gemm (float32)")]
+    assert all(r.rejected == ("DequantizeLinear + MatMul: blocked DequantizeLinear needs ai.onnx opset >= 21, "
+                              "the graph imports 19",) for r in lowerings)
