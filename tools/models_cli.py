@@ -17,8 +17,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-#: The compile cache's folder under the cache (``ember.runtime.pipelines.artifact_cache.ensure_artifact``).
-ARTIFACTS = "artifacts"
+
+def _artifacts(cache_dir: Path) -> Path:
+    """The compile cache's folder (imported here, not at the top: the parser must stay quick to build)."""
+    from ember.runtime.pipelines.artifact_cache import ARTIFACTS_DIR
+
+    return cache_dir / ARTIFACTS_DIR
 
 
 def add_commands(commands: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
@@ -112,7 +116,7 @@ def artifact_rows(cache_dir: Path) -> list[ArtifactRow]:
     """The compiled artifacts in the cache, newest first (folders being written start with a dot: skipped)."""
     from ember.runtime.pipelines.model_store import folder_bytes
 
-    root = cache_dir / ARTIFACTS
+    root = _artifacts(cache_dir)
     rows = []
     for folder in sorted(root.iterdir()) if root.is_dir() else []:
         if folder.name.startswith(".") or not folder.is_dir():
@@ -212,14 +216,14 @@ def cmd_models(args: argparse.Namespace) -> int:
     cache_dir = default_cache_dir()
     models, artifacts = model_rows(), artifact_rows(cache_dir)
     if args.json:
-        print(json.dumps({"models_dir": str(models_dir()), "artifacts_dir": str(cache_dir / ARTIFACTS),
+        print(json.dumps({"models_dir": str(models_dir()), "artifacts_dir": str(_artifacts(cache_dir)),
                           "models": [asdict(r) for r in models], "artifacts": [asdict(r) for r in artifacts]},
                          indent=2))
         return 0
     print(f"model store: {models_dir()}\n")
     print(format_table(["MODEL", "VERSION", "SIZE", "FROM", "NOTE"],
                        [[r.name, r.version, format_bytes(r.bytes), r.path or "-", r.note] for r in models]))
-    print(f"\ncompiled artifacts: {cache_dir / ARTIFACTS}\n")
+    print(f"\ncompiled artifacts: {_artifacts(cache_dir)}\n")
     if not artifacts:
         print("none")
         return 0
@@ -249,7 +253,7 @@ def cmd_models_rm(args: argparse.Namespace) -> int:
             continue
         matches = [r for r in artifacts if _matches(r.id, target)]
         if not matches:
-            raise ValueError(f"no model or artifact {target!r} in {cache_dir / ARTIFACTS}; `ember models` lists "
+            raise ValueError(f"no model or artifact {target!r} in {_artifacts(cache_dir)}; `ember models` lists "
                              f"them (models: {', '.join(PACKAGED_MODELS)})")
         if len(matches) > 1:
             raise ValueError(f"{target!r} matches {len(matches)} artifacts ({', '.join(r.id for r in matches)}); "

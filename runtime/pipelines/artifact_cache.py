@@ -45,6 +45,9 @@ def source_sha256(source: ModelSource, cache_dir: Path) -> str:
     return digest.hexdigest()
 
 
+#: The compile cache's folder under the cache directory (``ember models`` lists and removes what is there).
+ARTIFACTS_DIR = "artifacts"
+
 #: Models with fewer parameters than this default to float32, even from a quantized GGUF: the weights of the file
 #: dequantized, exactly, on every CPU. Quantized kernels quantize activations too (int8, per CPU instruction set),
 #: which flips the near-tied tokens of small models: SmolLM2-135M answers the README's prompt wrongly in q4_1 and
@@ -123,7 +126,7 @@ def ensure_artifact(pipeline_config: PipelineConfig, architecture: "SupportedArc
     cache_dir = Path(pipeline_config.cache_dir)
     options = compile_options(pipeline_config, architecture, source)
     sha = source_sha256(source, cache_dir)
-    directory = cache_dir / "artifacts" / f"{architecture.name}-{cache_key(sha, options)}"
+    directory = cache_dir / ARTIFACTS_DIR / f"{architecture.name}-{cache_key(sha, options)}"
     if directory.exists() and not pipeline_config.force_compile:
         try:
             return ResolvedArtifact(verify_artifact(directory), False, time.perf_counter() - start)
