@@ -117,3 +117,29 @@ def verify_artifact(directory: str | Path) -> Artifact:
         if memo.sha256(file) != expected["sha256"]:
             raise ArtifactError(f"artifact {directory}: file {rel} does not match its sha256 in the manifest")
     return Artifact(directory, manifest)
+
+
+#: Manifest keys that describe the files themselves; :func:`update_manifest` never changes them.
+_FILE_KEYS = frozenset({"schema_version", "files"})
+
+
+def update_manifest(directory: str | Path, updates: dict[str, Any]) -> Artifact:
+    """Add or replace top-level manifest entries that describe the artifact without changing its files (e.g.
+    accuracy measured after the compile), atomically: a temporary file renamed over ``manifest.json``, so a
+    reader sees the old manifest or the new one, never half of one. The manifest does not hash itself, so the
+    artifact still verifies; keys that the verification reads (``schema_version``, ``files``) are refused."""
+    directory = Path(directory)
+    touched = _FILE_KEYS.intersection(updates)
+    if touched:
+        raise ArtifactError(f"update_manifest may not change {', '.join(sorted(touched))}")
+    manifest = {**read_manifest(directory), **updates}
+    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", dir=directory)
+    try:
+        os.fchmod(fd, (directory / MANIFEST).stat().st_mode & 0o777)  # mkstemp's 0600 would hide it from others
+        with os.fdopen(fd, "w") as out:
+            out.write(json.dumps(manifest, indent=2, sort_keys=False))
+        os.replace(tmp, directory / MANIFEST)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return Artifact(directory, manifest)

@@ -1,5 +1,5 @@
-"""The ``ember`` command line: ``ember <command> [options]`` (``list``, ``compile``, ``generate``, ``embed``,
-``bench``).
+"""The ``ember`` command line: ``ember <command> [options]`` (``list``, ``compile``, ``generate``, ``chat``, ``embed``,
+``bench``, ``verify``, ``pull``, ``models``).
 
 Heavy imports (onnxruntime, onnx_ir, transformers) happen inside the commands, so ``ember --help`` and
 ``ember --version`` are quick; torch is imported only by ``ember bench --compare hf``, ``--compare st`` and
@@ -12,9 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from importlib import metadata
+
+from .models_cli import add_commands as add_model_commands
 
 logger = logging.getLogger("ember.tools")
 
@@ -138,6 +141,46 @@ def _add_threads(parser: argparse.ArgumentParser) -> None:
                         help="onnxruntime intra-op threads (default: the CPUs this process may use)")
 
 
+# A chat answer of a paragraph or two; a model ends shorter answers itself (EOS), and a model stuck repeating
+# is cut after one paragraph instead of running on (ember issue 16).
+DEFAULT_MAX_NEW_TOKENS = 128
+
+
+def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    """How the commands that generate pick tokens (``generate``, ``chat``): SamplingParams' fields."""
+    parser.add_argument("--max-new-tokens", type=_positive, default=DEFAULT_MAX_NEW_TOKENS, metavar="N",
+                        help=f"tokens to generate at most per answer (default: {DEFAULT_MAX_NEW_TOKENS}: a chat "
+                             "answer of a paragraph or two; the model stops earlier at its end-of-sequence "
+                             "token, and a model caught in a loop stops here)")
+    parser.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                        help="sampling temperature (default: 0 = greedy)")
+    parser.add_argument("--top-k", type=int, default=0, metavar="K", help="sample among the k most likely tokens (0: all)")
+    parser.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling threshold (default: 1.0)")
+    parser.add_argument("--seed", type=int, default=None, metavar="S", help="random seed for sampling")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
+                        help="divide positive logits (multiply negative ones) of every token already in the prompt "
+                             "or the answer by R, as transformers does; > 0, e.g. 1.1 (default: 1.0 = off)")
+    parser.add_argument("--frequency-penalty", type=float, default=0.0, metavar="F",
+                        help="subtract F times the count of each token in the answer so far (OpenAI's); "
+                             "-2 to 2 (default: 0 = off)")
+    parser.add_argument("--presence-penalty", type=float, default=0.0, metavar="P",
+                        help="subtract P from every token already in the answer (OpenAI's); -2 to 2 (default: 0 = off)")
+    parser.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
+
+
+def _sampling_params(args: argparse.Namespace):
+    """SamplingParams from the sampling options; an out-of-range value is a usage error (exit 2)."""
+    from ember.runtime.pipelines import SamplingParams
+
+    try:
+        return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                              max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos,
+                              repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
+                              presence_penalty=args.presence_penalty)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
 def _add_run_options(parser: argparse.ArgumentParser, handler: Callable[[argparse.Namespace], int]) -> None:
     """The options of the commands that load and run a model (the model's, the threads), then the handler."""
     _add_model_options(parser)
@@ -173,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continuous or paged (default: the first the encoding supports)")
     _add_kv_cache_bit_width(p)
     p.add_argument("--force", action="store_true", help="recompile even if cached; replace an artifact in DIR")
+    p.add_argument("--no-verify", action="store_true",
+                   help="do not measure a quantized artifact's accuracy against the float32 build (by default the "
+                        "short form of `ember verify` runs and its figures go into the manifest)")
     p.set_defaults(handler=cmd_compile)
 
     p = commands.add_parser("generate", parents=[verbose], help="generate text for a prompt",
@@ -180,17 +226,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", metavar="PROMPT", help="the prompt (the user message when there is a chat template)")
     p.add_argument("--model", default=None, help="HF model directory, .gguf file or compiled artifact "
                                                  "(default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--max-new-tokens", type=_positive, default=256, metavar="N", help="tokens to generate at most (default: 256)")
-    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="sampling temperature (default: 0 = greedy)")
-    p.add_argument("--top-k", type=int, default=0, metavar="K", help="sample among the k most likely tokens (0: all)")
-    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling threshold (default: 1.0)")
-    p.add_argument("--seed", type=int, default=None, metavar="S", help="random seed for sampling")
-    p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
+    _add_sampling_options(p)
     p.add_argument("--no-chat-template", action="store_true", help="encode PROMPT as is, without the chat template")
     p.add_argument("--system", default=None, metavar="TEXT", help="a system message (with a chat template)")
     _add_kv_cache_bit_width(p)
     _add_kv_cache_options(p)
     _add_run_options(p, cmd_generate)
+
+    p = commands.add_parser("chat", parents=[verbose], help="chat with a model interactively",
+                            description="An interactive chat on the model's chat template: the conversation is "
+                                        "kept across turns (the oldest turns are dropped when it outgrows the "
+                                        "model's maximum length), replies stream as they are made, statistics "
+                                        "go to stderr. /reset forgets the conversation, /exit or Ctrl-D leaves, "
+                                        "Ctrl-C stops a reply.")
+    p.add_argument("--model", default=None, help="HF model directory, .gguf file or compiled artifact "
+                                                 "(default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--system", default=None, metavar="TEXT", help="a system message for the whole conversation")
+    _add_sampling_options(p)
+    _add_kv_cache_bit_width(p)
+    _add_kv_cache_options(p)
+    _add_run_options(p, cmd_chat)
 
     p = commands.add_parser("embed", parents=[verbose], help="embed texts into vectors",
                             description="Embed each TEXT (or each line of --file) with an embeddings model. For "
@@ -253,6 +308,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_threads(p)
     p.add_argument("--json", metavar="PATH", default=None, help="also write the report as JSON to PATH")
     p.set_defaults(handler=cmd_bench)
+
+    p = commands.add_parser("verify", parents=[verbose], help="measure a model's accuracy against float32",
+                            description="Run a shipped English text (a few hundred tokens) teacher-forced through "
+                                        "the compiled model and through the float32 reference (transformers where "
+                                        "torch is installed, else ember's own float32 build), and greedy "
+                                        "continuations of a few prompts; print relative logit error, top-1 "
+                                        "agreement, KL divergence, NLL delta and greedy agreement. Exit 1 past the "
+                                        "encoding's thresholds (float32: relative error 1e-4 and top-1 100 %; "
+                                        "8-bit: top-1 >= 97 %; 4-bit: top-1 >= 90 % and NLL within 2 %).")
+    p.add_argument("model", metavar="MODEL", nargs="?", default=None,
+                   help="HF model directory, .gguf file or compiled artifact (default: the embedded "
+                        "SmolLM2-135M-Instruct)")
+    p.add_argument("--target", type=_lazy_choice("target"), default=None,
+                   help="compile target (default: ort-cpu; an artifact's own)")
+    p.add_argument("--kv-cache-strategy", type=_lazy_choice("kv cache strategy"), default=None,
+                   help="continuous or paged (default: the first the encoding supports)")
+    p.add_argument("--reference", choices=["auto", "transformers", "ember"], default="auto",
+                   help="float32 reference: transformers, ember's own float32 build, or auto (transformers where "
+                        "torch is installed; default)")
+    p.add_argument("--text", metavar="PATH", default=None, help="verify on this UTF-8 text instead of the shipped one")
+    p.add_argument("--json", metavar="PATH", default=None, help="also write the figures as JSON to PATH")
+    _add_run_options(p, cmd_verify)
+    add_model_commands(commands, [verbose])  # pull, models
     return parser
 
 
@@ -281,23 +359,29 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     result = compile_model(args.model, args.output, target=args.target, encoding=args.encoding,
                            kv_cache_strategy=args.kv_cache_strategy, max_length=args.max_length, force=args.force,
-                           kv_cache_bit_width=args.kv_cache_bit_width or 0)
+                           kv_cache_bit_width=args.kv_cache_bit_width or 0, verify=not args.no_verify)
     if result.compiled:
         _eprint(f"compiled {result.architecture} for {args.target} in {result.seconds:.2f} s")
     else:
         _eprint(f"already in the compile cache (verified in {result.seconds:.2f} s); --force recompiles")
+    if result.verification is not None:
+        from .verify_metrics import summarize
+        _eprint(summarize(result.verification))
+    if args.verbose + args.verbose_global:
+        from ember.compiler.artifact import MANIFEST
+
+        from .lowering_report import format_lowerings
+        for line in format_lowerings(json.loads((result.path / MANIFEST).read_text())):
+            _eprint(f"lowering: {line}")
     print(result.path)
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from ember.runtime.pipelines import SamplingParams
-
     from .generate import GenerationStats, build_prompt, stream_text
     from .loading import load_pipeline, pipeline_config
 
-    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                              max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos)
+    sampling = _sampling_params(args)
     loaded = load_pipeline(pipeline_config(args.model, encoding=args.encoding, max_length=args.max_length,
                                            num_threads=args.threads, **_kv_cache_config(args)))
     prompt_ids = build_prompt(loaded.tokenizer, args.prompt, system=args.system,
@@ -308,8 +392,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     sys.stdout.write("\n")
     sys.stdout.flush()
-    _eprint(f"[ember] {loaded.describe()}; {stats.describe()}")
+    cut = stats.finish_reason == "length" and stats.generated_tokens >= args.max_new_tokens
+    _eprint(f"[ember] {loaded.describe()}; {stats.describe()}"
+            + (f"; stopped at --max-new-tokens {args.max_new_tokens}" if cut else ""))
+    if args.verbose + args.verbose_global:
+        _eprint(f"[ember] {loaded.describe_verification()}")
     return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .chat import run_chat
+    from .loading import load_pipeline, pipeline_config
+
+    sampling = _sampling_params(args)
+    loaded = load_pipeline(pipeline_config(args.model, encoding=args.encoding, max_length=args.max_length,
+                                           num_threads=args.threads, **_kv_cache_config(args)))
+    _eprint(f"[ember] {loaded.describe()}")
+    return run_chat(loaded.pipeline, loaded.tokenizer, sampling, system=args.system)
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
@@ -350,11 +449,32 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .verify import VerifyOptions, verify_model
+
+    output = Path(args.json) if args.json else None
+    if output is not None and not output.parent.is_dir():
+        raise UsageError(f"--json {args.json}: no directory {output.parent}")
+    report = verify_model(VerifyOptions(model=args.model, encoding=args.encoding,
+                                        kv_cache_strategy=args.kv_cache_strategy, target=args.target,
+                                        reference=args.reference, text=Path(args.text) if args.text else None,
+                                        max_length=args.max_length, num_threads=args.threads))
+    print(report.format(), flush=True)
+    if output is not None:
+        output.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        _eprint(f"wrote {output}")
+    return 0 if report.passed else EXIT_RUNTIME_ERROR
+
+
 # entry point ------------------------------------------------------------------------------------------
 def _configure_logging(verbosity: int) -> None:
     level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("ember").setLevel(level)
+    # fetching a default model on first use says so, whatever the verbosity
+    logging.getLogger("ember.runtime.pipelines.model_store").setLevel(min(level, logging.INFO))
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
@@ -370,6 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     verbosity = getattr(args, "verbose", 0) + args.verbose_global
     _configure_logging(verbosity)
+    # ember runs without torch by design; transformers' "PyTorch was not found" advice would only confuse
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE

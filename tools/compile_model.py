@@ -1,12 +1,18 @@
-"""Compiling a model: into the compile cache, or into a directory the user names."""
+"""Compiling a model: into the compile cache, or into a directory the user names.
+
+A quantized text-generation artifact is then checked against the float32 build of the same weights (the short
+form of ``ember verify``, :func:`ember.tools.verify.record_verification`) and the figures go into its manifest,
+so whoever deploys it sees what the encoding costs on the machine that compiled it.
+"""
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
-from ember.compiler.artifact import MANIFEST
+from ember.compiler.artifact import MANIFEST, ArtifactError
 from ember.runtime.pipelines import PIPELINE_REGISTRY, ModelSource, PipelineConfig, SupportedArchitecture
 from ember.runtime.pipelines.artifact_cache import compile_options, compile_source, ensure_artifact, source_sha256
 from ember.runtime.pipelines.config import upper_bounded_default
@@ -20,6 +26,7 @@ class CompileResult:
     compiled: bool  # False when the compile cache already held it
     seconds: float  # compile time, or verification time when found in the cache
     architecture: str
+    verification: dict[str, Any] | None = None  # the manifest's accuracy figures, when measured
 
 
 def architecture_for(source: ModelSource) -> SupportedArchitecture:
@@ -52,8 +59,10 @@ def _check_output_dir(directory: Path, force: bool) -> None:
 def compile_model(model: str | Path, output_dir: str | Path | None = None, *, target: str = "ort-cpu",
                   encoding: str | None = None, kv_cache_strategy: str | None = None, max_length: int | None = None,
                   force: bool = False, cache_dir: str | Path | None = None,
-                  kv_cache_bit_width: int = 0) -> CompileResult:
-    """Compile ``model`` (an HF directory or a .gguf file) into ``output_dir``, or into the compile cache."""
+                  kv_cache_bit_width: int = 0, verify: bool = False) -> CompileResult:
+    """Compile ``model`` (an HF directory or a .gguf file) into ``output_dir``, or into the compile cache; with
+    ``verify`` (``ember compile`` unless ``--no-verify``), measure a quantized artifact's accuracy if its
+    manifest has no figures yet."""
     config = PipelineConfig(model_path=model, target=target, encoding=encoding, kv_cache_strategy=kv_cache_strategy,
                             max_length=max_length, cache_dir=cache_dir, force_compile=force,
                             kv_cache_bit_width=kv_cache_bit_width)
@@ -66,7 +75,8 @@ def compile_model(model: str | Path, output_dir: str | Path | None = None, *, ta
         upper_bounded_default(source.hf_config().max_position_embeddings, max_length)
     if output_dir is None:
         resolved = ensure_artifact(config, architecture, source)
-        return CompileResult(Path(resolved.artifact.path), resolved.compiled, resolved.seconds, architecture.name)
+        result = CompileResult(Path(resolved.artifact.path), resolved.compiled, resolved.seconds, architecture.name)
+        return _with_verification(result, resolved.artifact.manifest, config) if verify else result
     directory = Path(output_dir).expanduser().resolve()
     _check_output_dir(directory, force)
     start = time.perf_counter()
@@ -74,4 +84,19 @@ def compile_model(model: str | Path, output_dir: str | Path | None = None, *, ta
     artifact = compile_source(source, architecture, options, directory, sha)
     seconds = time.perf_counter() - start
     logger.info("compiled %s into %s in %.2f s", source.path, artifact.path, seconds)
-    return CompileResult(Path(artifact.path), True, seconds, architecture.name)
+    result = CompileResult(Path(artifact.path), True, seconds, architecture.name)
+    return _with_verification(result, artifact.manifest, config) if verify else result
+
+
+def _with_verification(result: CompileResult, manifest: dict[str, Any], config: PipelineConfig) -> CompileResult:
+    """The result with the artifact's accuracy figures: those in its manifest, or measured now (short form)."""
+    from .verify import needs_verification, record_verification
+
+    if not needs_verification(manifest):
+        return replace(result, verification=manifest.get("verification"))
+    try:
+        figures = record_verification(result.path, cache_dir=Path(config.cache_dir))
+    except (ValueError, OSError, ArtifactError) as error:  # the artifact stays usable, unmeasured
+        logger.warning("%s: accuracy not measured: %s", result.path, error)
+        return result
+    return replace(result, verification=figures)

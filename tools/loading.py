@@ -33,6 +33,13 @@ class LoadedPipeline:
     def num_threads(self) -> int:
         return self.pipeline.pipeline_model.session.num_threads
 
+    def describe_verification(self) -> str:
+        """The accuracy figures ``ember compile`` recorded in the artifact's manifest (the short form of
+        ``ember verify``), in one line; "not measured" when it has none."""
+        from .verify_metrics import summarize
+
+        return summarize(self.pipeline.pipeline_model.artifact.manifest.get("verification"))
+
     def describe(self) -> str:
         """One phrase saying how the artifact was obtained and what it cost."""
         if self.compiled:
