@@ -32,7 +32,6 @@ from __future__ import annotations
 import functools
 import logging
 
-import numpy as np
 import onnx_ir as ir
 
 from ember.graphs.ir.versions import MS_DOMAIN, MS_OPSET

@@ -60,3 +60,26 @@ def make_model(variant: str, directory: Path, seed: int = 0):
     model.save_pretrained(directory)
     save_tokenizer(directory)
     return model
+
+
+def make_word_llama(directory: Path, text: str, extra_words: tuple[str, ...] = (),
+                    max_position_embeddings: int = 256, tie_word_embeddings: bool = True):
+    """A random 2-layer Llama whose lower-cased word-level vocabulary is ``text``'s words (and ``extra_words``),
+    tokenizer saved with it; returns ``(torch model, tokenizer backend)`` (the caller may train it, then saves)."""
+    import re
+
+    from tokenizers import normalizers
+
+    words = sorted(set(re.findall(r"\w+|[^\w\s]+", text.lower())) | set(extra_words))
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(words)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                            pad_token="<pad>").save_pretrained(directory)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=max_position_embeddings, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=0, tie_word_embeddings=tie_word_embeddings)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config), backend

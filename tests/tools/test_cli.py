@@ -34,23 +34,12 @@ def env(tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory) -> Path:
     """A random 2-layer Llama with a word-level tokenizer over the benchmark text's words."""
-    torch = pytest.importorskip("torch")
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    pytest.importorskip("torch")
+    from ..reference.tiny_models import make_word_llama
 
     directory = tmp_path_factory.mktemp("tiny-llama")
-    words = sorted(set(re.findall(r"\w+|[^\w\s]+", (TOOLS / "bench_text.txt").read_text().lower())) | {"hello"})
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(words)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                            pad_token="<pad>").save_pretrained(directory)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(directory)
+    model, _ = make_word_llama(directory, (TOOLS / "bench_text.txt").read_text(), extra_words=("hello",))
+    model.save_pretrained(directory)
     return directory
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 import shutil
 from pathlib import Path
 
@@ -41,22 +40,11 @@ def tiny_llama(tmp_path_factory) -> Path:
     steps (~3 s): its predictions are peaked like a real model's, where a random model's near-uniform ones would
     let 8-bit noise flip near-ties (the thresholds are meant for trained models)."""
     torch = pytest.importorskip("torch")
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from ..reference.tiny_models import make_word_llama
 
     directory = tmp_path_factory.mktemp("tiny-llama")
-    words = sorted(set(re.findall(r"\w+|[^\w\s]+", shipped_text().lower())))
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(words)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                            pad_token="<pad>").save_pretrained(directory)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
+    model, backend = make_word_llama(directory, shipped_text(), max_position_embeddings=512,
+                                     tie_word_embeddings=False)
     ids = torch.tensor([backend.encode(shipped_text()).ids])
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     threads = torch.get_num_threads()
