@@ -63,7 +63,7 @@ def make_model(variant: str, directory: Path, seed: int = 0):
 
 
 def make_word_llama(directory: Path, text: str, extra_words: tuple[str, ...] = (),
-                    max_position_embeddings: int = 256, tie_word_embeddings: bool = True):
+                    max_position_embeddings: int = 256, tie_word_embeddings: bool = False):
     """A random 2-layer Llama whose lower-cased word-level vocabulary is ``text``'s words (and ``extra_words``),
     tokenizer saved with it; returns ``(torch model, tokenizer backend)`` (the caller may train it, then saves)."""
     import re

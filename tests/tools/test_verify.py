@@ -43,8 +43,7 @@ def tiny_llama(tmp_path_factory) -> Path:
     from ..reference.tiny_models import make_word_llama
 
     directory = tmp_path_factory.mktemp("tiny-llama")
-    model, backend = make_word_llama(directory, shipped_text(), max_position_embeddings=512,
-                                     tie_word_embeddings=False)
+    model, backend = make_word_llama(directory, shipped_text(), max_position_embeddings=512)
     ids = torch.tensor([backend.encode(shipped_text()).ids])
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     threads = torch.get_num_threads()
