@@ -17,6 +17,8 @@ import onnx_ir as ir
 from ..ir import ops
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+_REQUIRED_PARAMS = {"default": (), "linear": ("factor",),
+                    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 
 
 @dataclass(frozen=True)
@@ -30,10 +32,19 @@ class RopeScaling:
     def from_hf(cls, scaling: dict[str, Any] | None) -> "RopeScaling":
         if not scaling:
             return cls()
+        if not isinstance(scaling, dict):
+            raise ValueError(f"rope scaling must be an object, not {scaling!r:.80}")
         rope_type = scaling.get("rope_type", scaling.get("type", "default"))
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ValueError(f"rope scaling {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
-        return cls(rope_type, {k: v for k, v in scaling.items() if k not in ("rope_type", "type", "rope_theta")})
+        params = {k: v for k, v in scaling.items() if k not in ("rope_type", "type", "rope_theta")}
+        for name in _REQUIRED_PARAMS[rope_type]:  # each a positive number (the tables divide by them)
+            value = params.get(name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"rope scaling {rope_type!r} needs {name} as a positive number, not {value!r}")
+        if rope_type == "llama3" and params["low_freq_factor"] == params["high_freq_factor"]:
+            raise ValueError("rope scaling 'llama3' needs different low_freq_factor and high_freq_factor")
+        return cls(rope_type, params)
 
 
 def inverse_frequencies(rotary_dim: int, theta: float, scaling: RopeScaling) -> np.ndarray:

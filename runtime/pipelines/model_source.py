@@ -107,12 +107,12 @@ class ModelSource:
         from transformers import AutoConfig, PretrainedConfig
 
         if self.kind == "hf":
-            return AutoConfig.from_pretrained(self.path)
+            return AutoConfig.from_pretrained(self.path, trust_remote_code=False)
         if self.kind == "artifact":
             data = json.loads((self.path / "config.json").read_text())
             return AutoConfig.for_model(**data) if "model_type" in data else PretrainedConfig(**data)
         from ember.graphs.architectures.llama.config import hf_config_from_gguf
-        return hf_config_from_gguf(self.gguf.metadata, self.gguf.keys())
+        return hf_config_from_gguf(self.gguf.metadata, self.gguf.keys(), self.path)
 
     def architecture_name(self) -> str | None:
         """The Hugging Face class name (``config.json``'s ``architectures[0]``) without a full load."""

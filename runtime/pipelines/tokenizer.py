@@ -4,6 +4,12 @@ Run time needs only transformers' tokenizer classes (no torch): :class:`TextToke
 artifact's ``tokenizer/`` folder. For a GGUF source the tokenizer is rebuilt from the file's vocabulary
 by transformers' own GGUF conversion; the metadata is read by ember's GGUF reader because
 transformers' GGUF metadata reader imports torch.
+
+A model folder is someone else's files. transformers is always called with ``trust_remote_code=False``, so an
+``auto_map`` pointing ``AutoTokenizer`` at the folder's own Python is refused, never imported, and never asked
+about on a terminal; every tokenizer file that cannot be read is one ValueError naming it; and the chat
+template is compiled and rendered once, within bounds (:mod:`.chat_template`), when the tokenizer is exported
+or loaded, so a broken template fails then, not at the first chat request.
 """
 from __future__ import annotations
 
@@ -13,12 +19,30 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .chat_template import ChatTemplate
 from .model_source import ModelSource
 
 logger = logging.getLogger(__name__)
 
 _SPECIAL_TOKEN_KEYS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
                        "pad_token": "padding_token_id"}
+# Files any one of which lets transformers build a tokenizer without the model's own code.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.txt",
+                   "vocab.json", "tekken.json", "tiktoken.model")
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+def read_json(file: Path) -> Any:
+    """A JSON file's value; a ValueError naming the file if it is not valid JSON."""
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise ValueError(f"{file}: not valid JSON ({_first_line(error)})") from None
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
 
 
 def _gguf_tokenizer(source: ModelSource):
@@ -33,31 +57,107 @@ def _gguf_tokenizer(source: ModelSource):
     tokenizer_dict, tokenizer_config = grouped["tokenizer"], grouped["tokenizer_config"]
     if tokenizer_dict.get("tokenizer_type") == "llama":
         tokenizer_config.setdefault("add_bos_token", True)
-    tokens = tokenizer_dict["tokens"]
+    tokens = tokenizer_dict.get("tokens")
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        raise ValueError(f"{source.path}: GGUF metadata tokenizer.ggml.tokens is missing or not a list of strings: "
+                         f"the file has no tokenizer")
     for name, key in _SPECIAL_TOKEN_KEYS.items():
         token_id = metadata(f"tokenizer.ggml.{key}")
-        if token_id is not None:
-            tokenizer_config[name] = tokens[token_id]
-    backend, extra = convert_gguf_tokenizer(metadata("general.architecture"), tokenizer_dict)
-    tokenizer_config.update(extra)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config)
+        if token_id is None:
+            continue
+        if not isinstance(token_id, int) or isinstance(token_id, bool) or not 0 <= token_id < len(tokens):
+            raise ValueError(f"{source.path}: GGUF metadata tokenizer.ggml.{key} {token_id!r} is not a token id "
+                             f"below the {len(tokens)} tokens")
+        tokenizer_config[name] = tokens[token_id]
+    try:
+        backend, extra = convert_gguf_tokenizer(metadata("general.architecture"), tokenizer_dict)
+        tokenizer_config.update(extra)
+        return PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config)
+    except Exception as error:  # noqa: BLE001 (transformers' conversion of a vocabulary from the file)
+        raise ValueError(f"{source.path}: cannot build the tokenizer from its GGUF metadata "
+                         f"({type(error).__name__}: {_first_line(error)})") from error
+
+
+def _hf_tokenizer(directory: Path):
+    """The model folder's tokenizer through transformers, never running the folder's own code."""
+    from transformers import AutoTokenizer
+
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(f"{directory} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); ember needs "
+                         f"the model's tokenizer next to its config.json")
+    config_file = directory / "tokenizer_config.json"
+    config = read_json(config_file) if config_file.is_file() else {}
+    auto_map = config.get("auto_map") if isinstance(config, dict) else None
+    try:
+        return AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
+    except Exception as error:  # noqa: BLE001 (transformers on files from anyone: one line, traceback at -vv)
+        if auto_map and "trust_remote_code" in str(error):
+            raise ValueError(f"{config_file}: auto_map points the tokenizer at the model folder's own Python code "
+                             f"({json.dumps(auto_map)[:120]}); ember never runs a model's code "
+                             f"(trust_remote_code=False)") from error
+        raise ValueError(f"{directory}: cannot load the tokenizer ({type(error).__name__}: "
+                         f"{_first_line(error)})") from error
+
+
+def _template_origin(directory: Path) -> Path:
+    """The file a folder's chat template comes from (transformers' order of preference)."""
+    for name in ("chat_template.jinja", "chat_template.json"):
+        if (directory / name).is_file():
+            return directory / name
+    return directory / "tokenizer_config.json"
+
+
+def _check_chat_template(tokenizer: Any, origin: str) -> None:
+    """Compile every chat template the tokenizer has and render the default one once (a ChatTemplateError, a
+    ValueError naming ``origin``, if one does not compile, raises, or passes a bound)."""
+    templates = tokenizer.chat_template
+    if templates is None:
+        return
+    if not isinstance(templates, dict):
+        templates = {"default": templates}
+    specials = {name: getattr(tokenizer, name, None) for name in SPECIAL_TOKENS}
+    for name, template in templates.items():
+        checked = ChatTemplate(template, origin if name == "default" else f"{origin} (template {name!r})")
+        if name == "default":
+            checked.check(**specials)
+
+
+def load_source_tokenizer(source: ModelSource) -> Any:
+    """The transformers tokenizer of a GGUF file or a model folder, its chat template checked."""
+    if source.kind == "gguf":
+        tokenizer = _gguf_tokenizer(source)
+        origin = f"{source.path} (tokenizer.chat_template)"
+    else:
+        tokenizer = _hf_tokenizer(source.path)
+        origin = str(_template_origin(source.path))
+    _check_chat_template(tokenizer, origin)
+    return tokenizer
+
+
+def check_tokenizer(source: ModelSource) -> None:
+    """Everything :func:`export_tokenizer` would refuse, without writing anything: for the compile path to call
+    before it builds a graph, so that a model without a usable tokenizer costs no compile."""
+    load_source_tokenizer(source)
 
 
 def export_tokenizer(source: ModelSource, dest: Path, hf_config: Any) -> None:
     """Write the tokenizer, its chat template and the generation config into ``dest``."""
-    from transformers import AutoTokenizer, GenerationConfig
+    from transformers import GenerationConfig
 
-    dest.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_source_tokenizer(source)
     if source.kind == "gguf":
-        tokenizer = _gguf_tokenizer(source)
         generation = GenerationConfig(bos_token_id=hf_config.bos_token_id, eos_token_id=hf_config.eos_token_id,
                                       pad_token_id=getattr(hf_config, "pad_token_id", None))
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(source.path)
+    elif (source.path / "generation_config.json").is_file():
+        file = source.path / "generation_config.json"
+        read_json(file)
         try:
             generation = GenerationConfig.from_pretrained(source.path)
-        except OSError:
-            generation = GenerationConfig.from_model_config(hf_config)
+        except Exception as error:  # noqa: BLE001 (transformers' own checks of the values)
+            raise ValueError(f"{file}: {type(error).__name__}: {_first_line(error)}") from error
+    else:
+        generation = GenerationConfig.from_model_config(hf_config)
+    dest.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(dest)
     generation.save_pretrained(dest)
 
@@ -93,26 +193,6 @@ class IncrementalDetokenizer:
         return text[len(before):]
 
 
-def _chat_environment():
-    """A sandboxed jinja2 environment with the helpers Hugging Face chat templates use."""
-    from datetime import datetime
-
-    import jinja2
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message: str):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env
-
-
 class TextTokenizer:
     """The artifact's tokenizer: encode, decode, chat template and the ids that end generation.
 
@@ -127,31 +207,45 @@ class TextTokenizer:
         self.directory = Path(directory)
         if not (self.directory / "tokenizer.json").is_file():
             raise FileNotFoundError(f"{self.directory} has no tokenizer.json")
-        self.backend = Tokenizer.from_file(str(self.directory / "tokenizer.json"))
+        try:
+            self.backend = Tokenizer.from_file(str(self.directory / "tokenizer.json"))
+        except Exception as error:  # noqa: BLE001 (the tokenizers library raises plain Exception)
+            raise ValueError(f"{self.directory / 'tokenizer.json'}: not a tokenizer ({_first_line(error)})") from None
         # tokenizer.json may carry a fixed truncation/padding (all-MiniLM-L6-v2's: 128 and pad to 128);
         # ember pads per batch and truncates at the model's limit itself.
         self.backend.no_truncation()
         self.backend.no_padding()
         config_file = self.directory / "tokenizer_config.json"
-        self.config = json.loads(config_file.read_text()) if config_file.exists() else {}
+        self.config = read_json(config_file) if config_file.exists() else {}
+        if not isinstance(self.config, dict):
+            raise ValueError(f"{config_file}: not a JSON object")
         template_file = self.directory / "chat_template.jinja"
-        template = template_file.read_text() if template_file.exists() else self.config.get("chat_template")
+        if template_file.exists():
+            template, origin = template_file.read_text(encoding="utf-8", errors="replace"), template_file
+        else:
+            template, origin = self.config.get("chat_template"), config_file
         if isinstance(template, list):  # named templates: use the default one
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
-        self.chat_template: str | None = template
+            template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                            None)
+        self.chat_template: str | None = template or None
+        self._template = ChatTemplate(template, str(origin)) if template else None  # syntax errors now
         generation_file = self.directory / "generation_config.json"
-        self.generation_config = json.loads(generation_file.read_text()) if generation_file.exists() else {}
+        self.generation_config = read_json(generation_file) if generation_file.exists() else {}
+        if not isinstance(self.generation_config, dict):
+            raise ValueError(f"{generation_file}: not a JSON object")
         eos = self.generation_config.get("eos_token_id")
         ids = set(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            raise ValueError(f"{generation_file}: eos_token_id {eos!r} is not a token id or a list of them")
         eos_id = self.token_id(self.special_token("eos_token"))
         if eos_id is not None:
             ids.add(eos_id)
         self.eos_token_ids: frozenset[int] = frozenset(int(i) for i in ids)
-        self._template = None
 
     def special_token(self, name: str) -> str | None:
         value = self.config.get(name)
-        return value.get("content") if isinstance(value, dict) else value
+        value = value.get("content") if isinstance(value, dict) else value
+        return value if isinstance(value, str) else None
 
     def token_id(self, token: str | None) -> int | None:
         return None if token is None else self.backend.token_to_id(token)
@@ -186,12 +280,12 @@ class TextTokenizer:
         return bool(self.chat_template)
 
     def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        if not self.chat_template:
-            raise ValueError(f"the tokenizer in {self.directory} has no chat template")
+        """The conversation as the chat template writes it; a ChatTemplateError (a ValueError naming the template's
+        file) if the template raises or passes its bounds."""
         if self._template is None:
-            self._template = _chat_environment().from_string(self.chat_template)
-        specials = {k: self.special_token(k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **specials)
+            raise ValueError(f"the tokenizer in {self.directory} has no chat template")
+        specials = {k: self.special_token(k) for k in SPECIAL_TOKENS}
+        return self._template.render(messages, add_generation_prompt, **specials)
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of the conversation rendered by the model's chat template."""
