@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config_json import check_required_fields
 from ...nn.mlp import ACTIVATIONS
 from ...nn.rotary import RopeScaling
 
@@ -36,17 +37,8 @@ logger = logging.getLogger(__name__)
 
 
 def check_config_json(data: Any, path: str | Path) -> None:
-    """``config.json``'s own content (before transformers fills in defaults): a JSON object whose
-    ``architectures`` is a list of class names and which has every :data:`REQUIRED_HF_FIELDS`."""
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: not a JSON object")
-    architectures = data.get("architectures")
-    if architectures is not None and (not isinstance(architectures, list)
-                                      or not all(isinstance(a, str) for a in architectures)):
-        raise ValueError(f"{path}: architectures must be a list of class names, not {architectures!r:.80}")
-    missing = [name for name in REQUIRED_HF_FIELDS if data.get(name) is None]
-    if missing:
-        raise ValueError(f"{path}: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing")
+    """``config.json``'s own content (before transformers fills in defaults): see :func:`check_required_fields`."""
+    check_required_fields(data, path, REQUIRED_HF_FIELDS)
 
 
 @dataclass(frozen=True)
