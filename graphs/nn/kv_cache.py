@@ -6,6 +6,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+#: Tokens per page of a PAGED cache, everywhere a default is needed (graph, compiler, pipeline config): the
+#: granularity of allocation and of prefix sharing.
+DEFAULT_PAGE_SIZE = 16
+
 
 class KVCacheStrategy(str, enum.Enum):
     """How K/V are stored (DESIGN.md: the KV cache)."""
@@ -23,7 +27,7 @@ class KVCacheParams:
     head_dim: int
     num_layers: int
     cache_strategy: KVCacheStrategy = KVCacheStrategy.CONTINUOUS
-    page_size: int = 128  # tokens per page (PAGED only)
+    page_size: int = DEFAULT_PAGE_SIZE  # tokens per page (PAGED only)
 
     @property
     def bytes_per_token(self) -> int:
