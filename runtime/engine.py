@@ -29,6 +29,7 @@ class LLMEngine:
     def __init__(self, pipeline: TextGenerationPipeline, config: SchedulerConfig | None = None):
         self.pipeline = pipeline
         self.scheduler = Scheduler(pipeline.pipeline_model, config)
+        self.runner = pipeline.runner
         self._lock = threading.Lock()
         self._ids = itertools.count()
 
@@ -49,8 +50,9 @@ class LLMEngine:
         return self.scheduler.has_unfinished
 
     def step(self) -> list[StepOutput]:
+        """One scheduler step over every request in flight: schedule, execute (the model runner), update."""
         with self._lock:
-            return self.scheduler.step()
+            return self.scheduler.step(self.runner)
 
     def stream(self) -> Iterator[StepOutput]:
         """Step until nothing is left, yielding every output as it comes."""
@@ -108,7 +110,7 @@ class AsyncLLMEngine:
                 logger.exception("engine step failed")
                 for request_id, queue in list(self._queues.items()):
                     self.engine.abort_request(request_id)
-                    queue.put_nowait(StepOutput(request_id, None, f"error: {error}"))
+                    queue.put_nowait(StepOutput(request_id, None, error=f"{type(error).__name__}: {error}"))
                 return
             for output in outputs:
                 queue = self._queues.get(output.request_id)

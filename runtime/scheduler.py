@@ -12,8 +12,10 @@ its KV cache is released and it goes back to the front of the queue, to be recom
 (prompt and everything generated so far) later; nothing fails. Cancelling a request frees its cache at
 once.
 
-The scheduler only decides; :meth:`Scheduler.step` runs the decision on the model
-(``execute_rows``), samples each row that reached the end of its known tokens, and applies stop rules.
+The scheduler only decides: :meth:`Scheduler.schedule` returns a plain :class:`SchedulerOutput`; the model
+runner (``pipelines/model_runner.py``, the one stepping path) executes it, samples and appends; and
+:meth:`Scheduler.update` retires the requests that finished (vLLM v1's split). :meth:`Scheduler.step` is the
+three in a row.
 """
 from __future__ import annotations
 
@@ -28,13 +30,13 @@ from typing import Any, Protocol
 import numpy as np
 
 from .pipelines.context import FinishReason, TextContext
-from .pipelines.sampling import log_softmax, sample_contexts
+from .pipelines.model_runner import ModelRunner, RowResult
 
 logger = logging.getLogger(__name__)
 
 
 class SchedulableModel(Protocol):
-    """What the scheduler needs of a pipeline model (``DecoderPipelineModel`` implements it)."""
+    """What the scheduler needs of a pipeline model: its KV cache decisions (``DecoderPipelineModel``)."""
 
     max_batch_size: int
 
@@ -43,8 +45,6 @@ class SchedulableModel(Protocol):
     def reserve(self, context: TextContext, num_tokens: int) -> bool: ...
 
     def release(self, request_id: str) -> None: ...
-
-    def execute_rows(self, rows: Sequence[tuple[TextContext, int]]) -> np.ndarray: ...
 
 
 class RequestStatus(str, enum.Enum):
@@ -95,17 +95,47 @@ class Request:
 
 
 @dataclass(frozen=True)
+class ScheduledRequest:
+    """One row of a step: compute ``num_tokens`` of the request's known tokens from its ``start_idx``."""
+
+    request_id: str
+    context: TextContext
+    num_tokens: int
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    """A step's decision, as plain data: the rows to run (running requests first) and who was preempted."""
+
+    scheduled: tuple[ScheduledRequest, ...] = ()
+    preempted: tuple[str, ...] = ()
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        return sum(row.num_tokens for row in self.scheduled)
+
+    @property
+    def rows(self) -> list[tuple[TextContext, int]]:
+        """``(context, tokens to compute)`` per row: what the model runner executes."""
+        return [(row.context, row.num_tokens) for row in self.scheduled]
+
+
+@dataclass(frozen=True)
 class StepOutput:
-    """What one step produced for one request: a new token (None for a prompt chunk) and whether it ended."""
+    """What one step produced for one request: a new token, its log probabilities (``top_logprobs``), the
+    prompt's (``prompt_logprobs``, with the first token only), and whether the request ended: a finish reason,
+    or ``error`` when the step failed (the request is then aborted)."""
 
     request_id: str
     token: int | None
-    finish_reason: FinishReason | str | None = None
-    log_probabilities: dict[str, Any] | None = None  # when the request's sampling asks for top_logprobs
+    finish_reason: FinishReason | None = None
+    log_probabilities: dict[str, Any] | None = None
+    error: str | None = None
+    prompt_log_probabilities: list[dict[str, Any] | None] | None = None
 
     @property
     def finished(self) -> bool:
-        return self.finish_reason is not None
+        return self.finish_reason is not None or self.error is not None
 
 
 @dataclass
@@ -159,11 +189,13 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     # scheduling ---------------------------------------------------------------------------------
-    def schedule(self) -> list[tuple[Request, int]]:
-        """This step's rows: ``(request, tokens to compute)``, running requests first."""
+    def schedule(self) -> SchedulerOutput:
+        """This step's rows, running requests first (see the module docstring); a RuntimeError when the oldest
+        waiting request cannot run even with the KV cache empty."""
         budget = self.config.max_num_batched_tokens
         rows: list[tuple[Request, int]] = []
         scheduled: set[int] = set()
+        preempted: list[str] = []
         for request in list(self.running):
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
@@ -173,6 +205,7 @@ class Scheduler:
             while not self.model.reserve(request.context, count):
                 victim = self._preemption_victim(scheduled)
                 self._preempt(victim)
+                preempted.append(victim.request_id)
                 if victim is request:
                     break
             if request.status is not RequestStatus.RUNNING:
@@ -197,10 +230,17 @@ class Scheduler:
             rows.append((request, count))
             scheduled.add(id(request))
             budget -= count
-        return rows
+        if not rows and self.waiting and not self.running:
+            request = self.waiting[0]
+            raise RuntimeError(f"request {request.request_id} ({request.context.active_idx} tokens) cannot be "
+                               f"admitted even with the KV cache empty; raise the KV cache size")
+        return SchedulerOutput(tuple(ScheduledRequest(r.request_id, r.context, n) for r, n in rows), tuple(preempted))
 
     def _token_count(self, request: Request, budget: int, others: bool) -> int:
         pending = request.num_pending
+        chunk = request.context.max_chunk
+        if chunk is not None and chunk < pending:  # a prompt computed position by position
+            return min(chunk, budget)
         if pending <= budget:
             return pending
         if self.config.enable_chunked_prefill:
@@ -223,60 +263,38 @@ class Scheduler:
                     request.context.active_idx)
 
     # running ------------------------------------------------------------------------------------
-    def step(self) -> list[StepOutput]:
-        """Schedule, run the model once, sample and retire finished requests."""
-        return self.run_rows(self.schedule())
-
-    def run_rows(self, rows: list[tuple[Request, int]]) -> list[StepOutput]:
-        """Run scheduled rows (:meth:`schedule`) on the model, sample, apply stop rules."""
-        if not rows:
-            if self.waiting and not self.running:
-                request = self.waiting[0]
-                raise RuntimeError(f"request {request.request_id} ({request.context.active_idx} tokens) cannot be "
-                                   f"admitted even with the KV cache empty; raise the KV cache size")
-            return []
-        contexts = [(request.context, count) for request, count in rows]
-        logits = self.model.execute_rows(contexts)
-        self.stats.steps += 1
-        self.stats.scheduled_tokens += sum(count for _, count in rows)
-        self.stats.batch_sizes.append(len(rows))
-        finishing = [i for i, (request, count) in enumerate(rows) if count == request.num_pending]
-        tokens = sample_contexts(logits[finishing], [rows[i][0].context for i in finishing]) if finishing else []
-        sampled = dict(zip(finishing, (int(t) for t in tokens)))
+    def update(self, output: SchedulerOutput, results: Sequence[RowResult]) -> list[StepOutput]:
+        """Account for a step the model runner executed: one output per sampled token; finished requests
+        leave (their KV cache is freed)."""
+        self.stats.steps += bool(output.scheduled)
+        self.stats.scheduled_tokens += output.num_scheduled_tokens
+        if output.scheduled:
+            self.stats.batch_sizes.append(len(output.scheduled))
         outputs = []
-        for i, (request, count) in enumerate(rows):
-            ctx = request.context
-            ctx.start_idx += count
-            if i not in sampled:
+        for result in results:
+            request = self.requests.get(result.request_id)
+            if result.token is None:
                 self.stats.prompt_chunks += 1
                 continue
-            ctx.append(sampled[i])
-            logprobs = _log_probabilities(logits[i], sampled[i], ctx.sampling.top_logprobs) \
-                if ctx.sampling.top_logprobs else None
-            outputs.append(StepOutput(request.request_id, sampled[i], ctx.finish_reason, logprobs))
-            if ctx.is_done:
+            ctx = request.context if request is not None else None
+            prompt = ctx.prompt_log_probabilities if ctx is not None and len(ctx.generated) == 1 and \
+                ctx.sampling.prompt_logprobs is not None else None
+            outputs.append(StepOutput(result.request_id, result.token, result.finish_reason, result.log_probabilities,
+                                      prompt_log_probabilities=prompt))
+            if request is not None and ctx.is_done:
                 self._finish(request)
         return outputs
+
+    def step(self, runner: ModelRunner) -> list[StepOutput]:
+        """Schedule, have ``runner`` execute the decision, update."""
+        output = self.schedule()
+        return self.update(output, runner.execute(output.rows))
 
     def _finish(self, request: Request) -> None:
         self.running.remove(request)
         self.requests.pop(request.request_id, None)
         request.status = RequestStatus.FINISHED
         self.model.release(request.request_id)
-
-    def run_to_completion(self) -> dict[str, list[int]]:
-        """Step until every request is finished; the generated tokens per request id."""
-        contexts = {r.request_id: r.context for r in [*self.running, *self.waiting]}
-        while self.has_unfinished:
-            self.step()
-        return {request_id: ctx.generated for request_id, ctx in contexts.items()}
-
-
-def _log_probabilities(logits: np.ndarray, token: int, top_n: int) -> dict[str, Any]:
-    logp = log_softmax(logits)
-    top = np.argsort(-logp)[:top_n]
-    return {"token_log_probability": float(logp[token]), "top": {int(t): float(logp[t]) for t in top}}
-
 
 def describe(stats: SchedulerStats) -> dict[str, Any]:
     """Scheduler counters as plain numbers (for logs and benchmarks)."""

@@ -219,8 +219,11 @@ class PagedKVCacheManager:
         return self.pages_to_admit(prompt_tokens, extra_tokens) <= self.pool.num_available
 
     # requests -----------------------------------------------------------------------------------------
-    def claim(self, request_id: str, prompt_tokens: Sequence[int]) -> int:
+    def claim(self, request_id: str, prompt_tokens: Sequence[int], reuse_prefix: bool = True) -> int:
         """Start a request; returns how many leading prompt tokens are already in the cache.
+
+        ``reuse_prefix=False`` shares nothing and publishes nothing (a request that needs every prompt
+        position computed, e.g. for the prompt's log probabilities).
 
         With prefix caching, the longest run of cached full pages that prefixes the prompt is shared
         (references taken), never covering the last prompt token (see :meth:`_max_cached_pages`). The
@@ -232,14 +235,14 @@ class PagedKVCacheManager:
         prompt = list(prompt_tokens)
         if len(prompt) > self.max_seq_len:
             raise ValueError(f"prompt of {len(prompt)} tokens exceeds max_seq_len {self.max_seq_len}")
-        hits = self._walk(prompt, take=True)
+        hits = self._walk(prompt, take=True) if reuse_prefix else []
         request = _Request(self._take_row(), prompt)
         request.pages = [e.page for e in hits]
         cached = len(hits) * self.page_size
         request.tokens = prompt[:cached]
         request.num_hashed = len(hits)
         request.chain = hits[-1] if hits else None
-        request.chain_ok = self.enable_prefix_caching
+        request.chain_ok = self.enable_prefix_caching and reuse_prefix
         self._requests[request_id] = request
         self._sync_row(request)
         self.prompt_tokens_requested += len(prompt)

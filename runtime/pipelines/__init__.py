@@ -1,28 +1,48 @@
-"""ember's pipeline layer (``max.pipelines``' public names)."""
-from ember.graphs.nn.kv_cache import KVCacheParams, KVCacheStrategy
-from ember.graphs.nn.transformer import ReturnLogits
+"""ember's pipeline layer (``max.pipelines``' public names).
 
-from .architectures import BUILTIN_ARCHITECTURES, PIPELINE_REGISTRY
-from .bert import BertInputs, BertModelConfig, BertPipelineModel
-from .config import PipelineConfig, SupportedEncoding, WeightsFormat, upper_bounded_default
-from .context import FinishReason, SamplingParams, TextContext
-from .decoder import DecoderInputs, DecoderPipelineModel
-from .embeddings import EmbeddingsContext, EmbeddingsPipeline, EmbeddingsResponse
-from .interfaces import KVCacheMixin, ModelInputs, ModelOutputs, PipelineModel
-from .model_source import ModelSource, default_embeddings_model_path, default_model_path
-from .model_store import ModelFetchError
-from .pooling_config import PoolingConfig
-from .registry import PipelineRegistry, PipelineTask, RopeType, SupportedArchitecture, get_pipeline_for_task
-from .text_generation import TextGenerationPipeline, TextResponse
-from .tokenizer import TextTokenizer
+Names are imported on first use (PEP 562), so importing one module of this package (``context``, ``config``)
+does not import every other, and nothing here imports the compiler until a model is compiled.
+"""
+from __future__ import annotations
 
-__all__ = [
-    "BertInputs", "BertModelConfig", "BertPipelineModel", "EmbeddingsContext", "EmbeddingsPipeline",
-    "EmbeddingsResponse", "default_embeddings_model_path", "PoolingConfig",
-    "BUILTIN_ARCHITECTURES", "PIPELINE_REGISTRY", "DecoderInputs", "DecoderPipelineModel", "FinishReason",
-    "KVCacheMixin", "KVCacheParams", "KVCacheStrategy", "ModelFetchError", "ModelInputs", "ModelOutputs", "ModelSource",
-    "PipelineConfig", "PipelineModel", "PipelineRegistry", "PipelineTask", "ReturnLogits", "RopeType",
-    "SamplingParams", "SupportedArchitecture", "SupportedEncoding", "TextContext", "TextGenerationPipeline",
-    "TextResponse", "TextTokenizer", "WeightsFormat", "default_model_path", "get_pipeline_for_task",
-    "upper_bounded_default",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "KVCacheParams": "ember.graphs.nn.kv_cache", "KVCacheStrategy": "ember.graphs.nn.kv_cache",
+    "ReturnLogits": "ember.graphs.nn.transformer",
+    "BUILTIN_ARCHITECTURES": ".architectures", "PIPELINE_REGISTRY": ".architectures",
+    "BertInputs": ".bert", "BertModelConfig": ".bert", "BertPipelineModel": ".bert",
+    "PipelineConfig": ".config", "SupportedEncoding": ".config", "WeightsFormat": ".config",
+    "upper_bounded_default": ".config",
+    "FinishReason": ".context", "SamplingParams": ".context", "TextContext": ".context",
+    "DecoderInputs": ".decoder", "DecoderPipelineModel": ".decoder",
+    "EmbeddingsContext": ".embeddings", "EmbeddingsPipeline": ".embeddings", "EmbeddingsResponse": ".embeddings",
+    "KVCacheMixin": ".interfaces", "ModelInputs": ".interfaces", "ModelOutputs": ".interfaces",
+    "PipelineModel": ".interfaces",
+    "ModelRunner": ".model_runner",
+    "ModelSource": ".model_source", "default_embeddings_model_path": ".model_source",
+    "default_model_path": ".model_source",
+    "ModelFetchError": ".model_store",
+    "PoolingConfig": ".pooling_config",
+    "PipelineRegistry": ".registry", "PipelineTask": ".registry", "RopeType": ".registry",
+    "SupportedArchitecture": ".registry", "get_pipeline_for_task": ".registry",
+    "TextGenerationPipeline": ".text_generation", "TextResponse": ".text_generation",
+    "TextTokenizer": ".tokenizer",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__} has no attribute {name}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # resolved once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+__all__ = sorted(_EXPORTS)

@@ -20,6 +20,10 @@ class SamplingParams:
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()
     top_logprobs: int = 0
+    # The prompt's log probabilities too (OpenAI completions' ``echo`` with ``logprobs``; vLLM's name): None is off,
+    # n >= 0 the token's own and the n most likely at each prompt position. The prompt is then computed one token
+    # per step (each step's logits are the next position's), next to the other requests of the batch.
+    prompt_logprobs: int | None = None
     # Penalties against repeating (vLLM's / OpenAI's names and meanings; sampling.apply_penalties applies them).
     # repetition_penalty: HF's, on every token of the prompt and output: a logit l becomes l / r if l > 0, else
     # l * r (1.0 is off; above 1 discourages repeats). frequency_penalty / presence_penalty: OpenAI's, on the
@@ -35,6 +39,10 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_logprobs < 0:
+            raise ValueError(f"top_logprobs must be >= 0, got {self.top_logprobs}")
+        if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
+            raise ValueError(f"prompt_logprobs must be >= 0 (or None: off), got {self.prompt_logprobs}")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not self.repetition_penalty > 0:  # also rejects NaN
@@ -128,6 +136,9 @@ class TextContext:
         self.finish_reason: FinishReason | None = None
         self.rng = np.random.default_rng(self.sampling.seed)
         self.token_counts = TokenCounts(self.prompt_tokens) if self.sampling.penalized else None
+        # One entry per prompt token when ``sampling.prompt_logprobs`` asks (None for the first, which nothing
+        # predicts); filled by the model runner as the prompt is computed.
+        self.prompt_log_probabilities: list[dict | None] = [None] if self.sampling.prompt_logprobs is not None else []
 
     @property
     def active_idx(self) -> int:
@@ -136,6 +147,14 @@ class TextContext:
     @property
     def pending_tokens(self) -> list[int]:
         return self.tokens[self.start_idx:]
+
+    @property
+    def max_chunk(self) -> int | None:
+        """The most tokens one model call may compute for this request: 1 while its prompt's log probabilities
+        are being collected (each call's logits are then the next prompt position's), else no limit."""
+        if self.sampling.prompt_logprobs is not None and self.start_idx < len(self.prompt_tokens) - 1:
+            return 1
+        return None
 
     @property
     def is_done(self) -> bool:

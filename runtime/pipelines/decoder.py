@@ -44,10 +44,9 @@ class DecoderInputs(ModelInputs):
     input_lengths: np.ndarray
     cache_lengths: np.ndarray
     request_ids: list[str] = dataclasses.field(default_factory=list)
-    # What the KV strategy binds besides the cache: the slot offset (CONTINUOUS), page table and slot
-    # mapping (PAGED); see kv_binding.py.
-    kv_extra: dict[str, Any] = dataclasses.field(default_factory=dict)
     return_n_logits: int = 1
+    # ``kv_cache_inputs`` (ModelInputs' field): what the KV strategy binds besides the cache,
+    # ``ContinuousKVInputs`` (the rows' first slot) or ``PagedKVInputs`` (page table, slot mapping); kv_binding.py.
 
 
 class DecoderPipelineModel(PipelineModel, KVCacheMixin):
@@ -178,6 +177,11 @@ class DecoderPipelineModel(PipelineModel, KVCacheMixin):
         """Room for ``num_tokens`` more tokens of an admitted request; False if the cache is full."""
         return self.kv.reserve(context, num_tokens)
 
+    def claim(self, context: TextContext) -> None:
+        """KV cache for a context that skipped admission (MAX's ``next_token``): a slot or its prompt's pages now,
+        or ``KVCacheExhausted``; nothing if it has them already."""
+        self.kv.ensure_claimed(context)
+
     def execute_rows(self, rows: Sequence[tuple[TextContext, int]]) -> np.ndarray:
         """Compute ``count`` tokens of each context from its ``start_idx``; next-token logits per row
         (in as many model calls as the KV strategy needs, see :mod:`.kv_binding`)."""
@@ -202,7 +206,7 @@ class DecoderPipelineModel(PipelineModel, KVCacheMixin):
                      return_n_logits: int = 1) -> DecoderInputs:
         """Inputs computing ``counts[i]`` tokens of each context from its ``start_idx`` (KV cache claimed)."""
         by_id = {ctx.request_id: (ctx, n) for ctx, n in zip(context_batch, counts)}
-        order, extra = self.kv.order([ctx.request_id for ctx in context_batch])
+        order, kv_inputs = self.kv.order([ctx.request_id for ctx in context_batch])
         contexts = [by_id[r][0] for r in order]
         pending = [ctx.tokens[ctx.start_idx:ctx.start_idx + by_id[ctx.request_id][1]] for ctx in contexts]
         width = max(len(p) for p in pending)
@@ -212,9 +216,9 @@ class DecoderPipelineModel(PipelineModel, KVCacheMixin):
         input_lengths = np.array([len(p) for p in pending], dtype=np.int32)
         cache_lengths = np.array([ctx.start_idx for ctx in contexts], dtype=np.int32)
         self.kv.check(input_lengths, cache_lengths)
-        extra = {**extra, **self.kv.step_inputs(order, input_lengths, width, extra)}
         return DecoderInputs(tokens=tokens, input_lengths=input_lengths, cache_lengths=cache_lengths,
-                             request_ids=order, kv_extra=extra, return_n_logits=return_n_logits)
+                             request_ids=order, return_n_logits=return_n_logits,
+                             kv_cache_inputs=self.kv.step_inputs(order, input_lengths, width, kv_inputs))
 
     def prepare_next_token_inputs(self, next_tokens: np.ndarray, prev_model_inputs: DecoderInputs) -> DecoderInputs:
         prev = prev_model_inputs
@@ -223,7 +227,7 @@ class DecoderPipelineModel(PipelineModel, KVCacheMixin):
                              input_lengths=ones,
                              cache_lengths=(prev.cache_lengths + prev.input_lengths).astype(np.int32),
                              request_ids=prev.request_ids,
-                             kv_extra=self.kv.step_inputs(prev.request_ids, ones, 1, prev.kv_extra),
+                             kv_cache_inputs=self.kv.step_inputs(prev.request_ids, ones, 1, prev.kv_cache_inputs),
                              return_n_logits=prev.return_n_logits)
 
     # execution ----------------------------------------------------------------------------------
@@ -236,7 +240,7 @@ class DecoderPipelineModel(PipelineModel, KVCacheMixin):
         model.bind_input("input_ids", inputs.tokens)
         model.bind_input("input_lengths", inputs.input_lengths)
         model.bind_input("cache_lengths", inputs.cache_lengths)
-        self.kv.bind(model, inputs.request_ids, inputs.kv_extra)
+        self.kv.bind(model, inputs.request_ids, inputs.kv_cache_inputs)
         if self.return_logits is ReturnLogits.LAST_TOKEN:
             if batch not in self._logit_views:
                 self._logit_views[batch] = ortvalue(self._logits[:batch])

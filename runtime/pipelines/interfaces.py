@@ -13,13 +13,15 @@ from ember.graphs.nn.transformer import ReturnLogits
 
 from ..session import Device, InferenceSession
 from .config import PipelineConfig, upper_bounded_default
+from .sampling import token_log_probabilities
 
 _NON_TENSOR_FIELDS = ("kv_cache_inputs", "lora_ids", "lora_ranks", "hidden_states")
 
 
 @dataclasses.dataclass(kw_only=True)
 class ModelInputs:
-    """Base of a model's inputs. Subclasses declare tensor fields; iterating yields them in field order.
+    """Base of a model's inputs. Subclasses set tensor attributes (declared as dataclass fields, or assigned in
+    their own ``__init__``); iterating yields the tensors in the order they were set.
 
     ``kv_cache_inputs``, ``lora_ids``, ``lora_ranks`` and ``hidden_states`` are optional extras that are
     not part of the iteration (``list(inputs) == [tokens, input_row_offsets]`` for such a subclass).
@@ -31,10 +33,11 @@ class ModelInputs:
     hidden_states: Any = None
 
     def __iter__(self) -> Iterator[Any]:
-        for field in dataclasses.fields(self):
-            if field.name in _NON_TENSOR_FIELDS:
+        # The instance's own attributes, in assignment order: a dataclass sets its fields in declaration order,
+        # a plain subclass in the order its __init__ assigns them (the base's defaults are class attributes).
+        for name, value in vars(self).items():
+            if name in _NON_TENSOR_FIELDS:
                 continue
-            value = getattr(self, field.name)
             if isinstance(value, np.ndarray) or hasattr(value, "data_ptr"):
                 yield value
 
@@ -103,23 +106,36 @@ class PipelineModel(abc.ABC):
     def execute(self, model_inputs: ModelInputs) -> ModelOutputs:
         """Run the compiled graph."""
 
-    def compute_log_probabilities(self, model_inputs: ModelInputs, model_outputs: ModelOutputs,
+    def compute_log_probabilities(self, model_inputs: ModelInputs | None, model_outputs: ModelOutputs,
                                   next_tokens: np.ndarray, batch_top_n: Sequence[int],
                                   batch_echo: Sequence[bool]) -> list[Any]:
-        """Per row: the sampled token's log probability and the ``top_n`` alternatives (None where 0)."""
-        from .sampling import log_softmax
-
+        """Per row: the sampled token's log probability and the ``top_n`` alternatives (None where ``top_n`` is 0
+        and ``echo`` is off). With ``echo``, also ``"prompt"``: one entry per token of the row's input (None for
+        the first), each token's log probability under the logits of the position before it, with the ``top_n``
+        alternatives; that needs every position's logits (``model_outputs.logits``, an artifact compiled with
+        ``return_logits=ALL``) and the row's ``input_lengths``."""
         logits = model_outputs.next_token_logits
         results: list[Any] = []
         for row, (top_n, echo) in enumerate(zip(batch_top_n, batch_echo)):
             if top_n <= 0 and not echo:
                 results.append(None)
                 continue
-            logp = log_softmax(logits[row])
-            top = np.argsort(-logp)[:max(top_n, 0)]
-            results.append({"token_log_probability": float(logp[int(next_tokens[row])]),
-                            "top": {int(t): float(logp[t]) for t in top}})
+            result = token_log_probabilities(logits[row], int(next_tokens[row]), top_n)
+            if echo:
+                result["prompt"] = self._echo(model_inputs, model_outputs, row, top_n)
+            results.append(result)
         return results
+
+    @staticmethod
+    def _echo(model_inputs: Any, model_outputs: ModelOutputs, row: int, top_n: int) -> list[dict[str, Any] | None]:
+        if model_outputs.logits is None or model_inputs is None:
+            raise ValueError("echo needs the logits of every position: load an artifact compiled with "
+                             "return_logits=ALL, or ask for the prompt's log probabilities with "
+                             "SamplingParams.prompt_logprobs (computed while the prompt runs)")
+        tokens = np.asarray(model_inputs.tokens)[row]
+        length = int(np.asarray(model_inputs.input_lengths)[row])
+        all_logits = model_outputs.logits[row]
+        return [None] + [token_log_probabilities(all_logits[i - 1], int(tokens[i]), top_n) for i in range(1, length)]
 
 
 class KVCacheMixin(abc.ABC):

@@ -13,7 +13,7 @@ The decoder pipeline model is the same for both strategies; what differs is here
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -21,6 +21,22 @@ from ..kv_cache.continuous import ContinuousKVCacheManager, KVCacheExhausted
 from ..kv_cache.paged import PagedKVCacheManager
 from ..session import LoadedModel
 from .context import TextContext
+
+
+@dataclass(frozen=True)
+class ContinuousKVInputs:
+    """What a CONTINUOUS call binds besides its tokens: the first of the consecutive slots its rows occupy."""
+
+    kv_start: int
+
+
+@dataclass(frozen=True)
+class PagedKVInputs:
+    """What a PAGED call binds besides its tokens: ``page_table`` int32 [batch, pages] and ``slot_mapping``
+    int64 [batch, seq] (where each new token's K/V goes in the pools)."""
+
+    page_table: np.ndarray
+    slot_mapping: np.ndarray
 
 
 def batch_mode(input_lengths: np.ndarray, cache_lengths: np.ndarray) -> str | None:
@@ -71,21 +87,22 @@ class ContinuousBinding:
         extend = [[i] for i, (ctx, n) in enumerate(rows) if n > 1 and ctx.start_idx > 0]
         return [g for g in (decode, fresh) if g] + extend
 
-    def order(self, request_ids: list[str]) -> tuple[list[str], dict[str, Any]]:
+    def order(self, request_ids: list[str]) -> tuple[list[str], ContinuousKVInputs]:
         """Row order for a call (consecutive slots), and what :meth:`bind` needs of it."""
         start, order = self.manager.arrange(request_ids)
-        return order, {"kv_start": start}
+        return order, ContinuousKVInputs(start)
 
     def check(self, input_lengths: np.ndarray, cache_lengths: np.ndarray) -> None:
         if batch_mode(input_lengths, cache_lengths) is None:
             raise ValueError("a batch must be all new prompts, one token per row, or a single row; split it")
 
-    def step_inputs(self, request_ids: list[str], counts: np.ndarray, seq_len: int, prev: dict[str, Any]) -> dict:
-        return {"kv_start": prev["kv_start"]}
+    def step_inputs(self, request_ids: list[str], counts: np.ndarray, seq_len: int,
+                    prev: ContinuousKVInputs) -> ContinuousKVInputs:
+        return prev  # the rows keep their slots
 
-    def bind(self, model: LoadedModel, request_ids: list[str], extra: dict[str, Any]) -> None:
+    def bind(self, model: LoadedModel, request_ids: list[str], kv: ContinuousKVInputs) -> None:
         params = self.manager.params
-        views = self.manager.bindings(extra["kv_start"], len(request_ids))
+        views = self.manager.bindings(kv.kv_start, len(request_ids))
         if self._bound is not None and self._bound[0] is model and self._bound[1] is views:
             return
         self._bound = (model, views)
@@ -118,8 +135,13 @@ class PagedBinding:
         """Claim the request's cached prefix (its ``start_idx`` moves past it) if its first page fits."""
         if self.manager.num_active >= self.max_batch_size or not self.manager.can_admit(context.tokens, 1):
             return False
-        context.start_idx = self.manager.claim(context.request_id, context.tokens)
+        context.start_idx = self._claim(context)
         return True
+
+    def _claim(self, context: TextContext) -> int:
+        # A request that wants its prompt's log probabilities computes every prompt position: no shared prefix.
+        return self.manager.claim(context.request_id, context.tokens,
+                                  reuse_prefix=context.sampling.prompt_logprobs is None)
 
     def ensure_claimed(self, context: TextContext) -> None:
         if not self.manager.contains(context.request_id):
@@ -127,7 +149,7 @@ class PagedBinding:
                 raise ValueError(f"request {context.request_id} has cached tokens but no KV cache pages")
             if self.manager.num_active >= self.max_batch_size:
                 raise KVCacheExhausted(f"{self.max_batch_size} requests are already running")
-            context.start_idx = self.manager.claim(context.request_id, context.tokens)
+            context.start_idx = self._claim(context)
         self.manager.reserve(context.request_id, context.active_idx - context.start_idx)
 
     def reserve(self, context: TextContext, num_tokens: int) -> bool:
@@ -139,21 +161,21 @@ class PagedBinding:
     def groups(self, rows: Sequence[tuple[TextContext, int]]) -> list[list[int]]:
         return [list(range(len(rows)))]
 
-    def order(self, request_ids: list[str]) -> tuple[list[str], dict[str, Any]]:
-        return list(request_ids), {}
+    def order(self, request_ids: list[str]) -> tuple[list[str], None]:
+        return list(request_ids), None  # any rows, any order: the page table says where each row's K/V is
 
     def check(self, input_lengths: np.ndarray, cache_lengths: np.ndarray) -> None:
         pass  # the paged graph runs any mix of rows
 
-    def step_inputs(self, request_ids: list[str], counts: np.ndarray, seq_len: int, prev: dict[str, Any]) -> dict:
+    def step_inputs(self, request_ids: list[str], counts: np.ndarray, seq_len: int,
+                    prev: PagedKVInputs | None) -> PagedKVInputs:
         for request_id, n in zip(request_ids, counts):
             self.manager.reserve(request_id, int(n))
-        page_table, slot_mapping = self.manager.batch_inputs(request_ids, counts, seq_len)
-        return {"page_table": page_table, "slot_mapping": slot_mapping}
+        return PagedKVInputs(*self.manager.batch_inputs(request_ids, counts, seq_len))
 
-    def bind(self, model: LoadedModel, request_ids: list[str], extra: dict[str, Any]) -> None:
-        model.bind_input("page_table", extra["page_table"])
-        model.bind_input("slot_mapping", extra["slot_mapping"])
+    def bind(self, model: LoadedModel, request_ids: list[str], kv: PagedKVInputs) -> None:
+        model.bind_input("page_table", kv.page_table)
+        model.bind_input("slot_mapping", kv.slot_mapping)
         pools = self.manager.bindings()
         if self._bound is not None and self._bound[0] is model and self._bound[1] is pools:
             return  # the pools are bound once per model (see ContinuousBinding.bind)

@@ -8,6 +8,7 @@ log probabilities report stay the model's), before the greedy choice or the temp
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -17,6 +18,14 @@ from .context import SamplingParams, TextContext, TokenCounts
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     x = logits.astype(np.float64) - np.max(logits)
     return x - np.log(np.exp(x).sum())
+
+
+def token_log_probabilities(logits: np.ndarray, token: int, top_n: int) -> dict[str, Any]:
+    """The log probability of ``token`` under one row of logits and the ``top_n`` most likely tokens' (OpenAI's
+    ``logprobs`` / ``top_logprobs``): the one place this dict is built, for generated and prompt tokens alike."""
+    logp = log_softmax(logits)
+    top = np.argsort(-logp, kind="stable")[:max(top_n, 0)]
+    return {"token_log_probability": float(logp[int(token)]), "top": {int(t): float(logp[t]) for t in top}}
 
 
 def sample_row(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:

@@ -1,30 +1,27 @@
 """TextGenerationPipeline: the token generator over a decoder PipelineModel (``max.pipelines``' shape).
 
-``next_token(batch, num_steps)`` advances every context by up to ``num_steps`` tokens: new prompts are
-prefilled (in as few calls as the KV strategy allows), contexts already decoding take their step, then the
-whole batch decodes together for the remaining steps, preparing each step's inputs from the last ones
-(no per-step regrouping). :meth:`generate` is the loop a caller usually wants: continuous batching through
-the scheduler (runtime/scheduler.py), which admits requests as the KV cache allows (queueing, or
-preempting when pages run out, never failing for lack of room), streams each step's tokens and releases
-finished requests.
+``next_token(batch, num_steps)`` advances every context by up to ``num_steps`` tokens, each step through the
+model runner (``model_runner.py``: execute, sample, log probabilities, append), the same path the engine's
+scheduler steps take. :meth:`generate` is the loop a caller usually wants: continuous batching through the
+scheduler (runtime/scheduler.py), which admits requests as the KV cache allows (queueing, or preempting when
+pages run out, never failing for lack of room), streams each step's tokens and releases finished requests.
 """
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..scheduler import Scheduler, SchedulerConfig
 from .config import PipelineConfig
-from .context import FinishReason, TextContext
+from .context import FinishReason, SamplingParams, TextContext
 from .decoder import DecoderPipelineModel
 from .interfaces import ModelInputs
-from .sampling import sample_contexts
+from .model_runner import ModelRunner
 
-
-def scheduler_finish(output) -> FinishReason | None:
-    reason = output.finish_reason
-    return reason if reason is None or isinstance(reason, FinishReason) else FinishReason(reason)
+#: A check of a new request (``SupportedArchitecture.context_validators``): raises ValueError with its reason.
+ContextValidator = Callable[[TextContext], None]
 
 logger = logging.getLogger(__name__)
 
@@ -42,23 +39,31 @@ class TextGenerationPipeline:
     """Generalized token generator."""
 
     def __init__(self, pipeline_config: PipelineConfig, pipeline_model: DecoderPipelineModel,
-                 eos_token_id: int | Iterable[int] | None = None, tokenizer: Any = None):
+                 eos_token_id: int | Iterable[int] | None = None, tokenizer: Any = None,
+                 context_validators: Sequence[ContextValidator] = ()):
         self.pipeline_config = pipeline_config
         self.pipeline_model = pipeline_model
         ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
         self.eos_token_ids = frozenset(int(i) for i in ids)
         self.tokenizer = tokenizer
+        self.context_validators = tuple(context_validators)
+        self.runner = ModelRunner(pipeline_model)
 
     @property
     def max_length(self) -> int:
         return self.pipeline_model.max_seq_len
 
-    def new_context(self, prompt_tokens: Sequence[int], sampling=None, request_id: str | None = None) -> TextContext:
-        """A context for this model: its max length and EOS ids filled in."""
+    def new_context(self, prompt_tokens: Sequence[int], sampling: SamplingParams | None = None,
+                    request_id: str | None = None) -> TextContext:
+        """A context for this model (its max length and EOS ids filled in), checked by the architecture's
+        context validators: a ValueError with the validator's message if one rejects it."""
         kwargs = {"request_id": request_id} if request_id else {}
         if sampling is not None:
             kwargs["sampling"] = sampling
-        return TextContext(list(prompt_tokens), self.max_length, eos_token_ids=self.eos_token_ids, **kwargs)
+        context = TextContext(list(prompt_tokens), self.max_length, eos_token_ids=self.eos_token_ids, **kwargs)
+        for validate in self.context_validators:
+            validate(context)
+        return context
 
     # MAX's pipeline API -------------------------------------------------------------------------
     def calculate_num_steps(self, num_steps: int, context: TextContext) -> int:
@@ -70,7 +75,8 @@ class TextGenerationPipeline:
         return max(1, min(num_steps, room, context.token_budget))
 
     def prepare_batch(self, batch: Sequence[TextContext], num_steps: int) -> tuple[ModelInputs, Any, int]:
-        """Inputs for one model call over ``batch`` and the steps every context in it can take."""
+        """Inputs for one model call over ``batch`` (claiming KV cache for new contexts), its KV cache inputs
+        (``ContinuousKVInputs`` / ``PagedKVInputs``) and the steps every context in it can take."""
         num_steps = min(self.calculate_num_steps(num_steps, ctx) for ctx in batch)
         inputs = self.pipeline_model.prepare_initial_token_inputs(batch)
         return inputs, inputs.kv_cache_inputs, num_steps
@@ -82,78 +88,64 @@ class TextGenerationPipeline:
         self.pipeline_model.release(context.request_id)
 
     def next_token(self, batch: dict[str, TextContext], num_steps: int = 1) -> list[dict[str, TextResponse]]:
-        """Run up to ``num_steps`` steps; per step, each still-running request's new token."""
+        """Run up to ``num_steps`` steps; per step, each still-running request's new token.
+
+        New contexts get their KV cache here (``KVCacheExhausted`` when there is none left: ``next_token`` does
+        not queue; :meth:`generate` and the engine do). A context whose prompt's log probabilities are asked
+        for computes its prompt a position per step, producing no token until its prompt is done."""
         contexts = [ctx for ctx in batch.values() if not ctx.is_done]
         if not contexts:
             return []
         num_steps = min(self.calculate_num_steps(num_steps, ctx) for ctx in contexts)
-        steps: list[dict[str, TextResponse]] = [{} for _ in range(num_steps)]
-
-        # Step 0: each group the attention kernel can run in one call.
-        last_inputs = None
-        for group in self._groups(contexts):
-            inputs, _, _ = self.prepare_batch(group, 1)
-            last_inputs = self._run_step(inputs, {c.request_id: c for c in group}, steps[0])
-        # Later steps: the whole batch, one token per row. The KV cache room for all of them is taken once
-        # here (pages, for a paged cache), so a step's bookkeeping is only its slot mapping.
-        if num_steps > 1:
-            for ctx in contexts:
-                self.pipeline_model.reserve(ctx, num_steps - 1)
-            inputs = self.pipeline_model.prepare_initial_token_inputs(contexts)
-            by_id = {c.request_id: c for c in contexts}
-            for step in range(1, num_steps):
-                if all(c.is_done for c in contexts):
-                    break
-                last_inputs = self._run_step(inputs, by_id, steps[step])
-                inputs = self.pipeline_model.prepare_next_token_inputs(last_inputs[1], inputs)
-        return [s for s in steps if s]
-
-    def _groups(self, contexts: list[TextContext]) -> list[list[TextContext]]:
-        rows = [(c, len(c.pending_tokens)) for c in contexts]
-        return [[contexts[i] for i in group] for group in self.pipeline_model.kv.groups(rows)]
-
-    def _run_step(self, inputs, by_id: dict[str, TextContext], out: dict[str, TextResponse]):
-        outputs = self.pipeline_model.execute(inputs)
-        contexts = [by_id[r] for r in inputs.request_ids]
-        tokens = sample_contexts(outputs.next_token_logits, contexts)
-        top_n = [c.sampling.top_logprobs for c in contexts]
-        logprobs = (self.pipeline_model.compute_log_probabilities(inputs, outputs, tokens, top_n,
-                                                                 [False] * len(contexts))
-                    if any(top_n) else [None] * len(contexts))
-        for ctx, token, lp in zip(contexts, tokens, logprobs):
-            if ctx.is_done:
-                continue  # finished earlier in this call; its row ran only to keep the batch whole
-            ctx.start_idx = ctx.active_idx
-            ctx.append(int(token))
-            out[ctx.request_id] = TextResponse(int(token), lp, ctx.finish_reason)
-        return inputs, tokens
+        for ctx in contexts:
+            self.pipeline_model.claim(ctx)
+        steps: list[dict[str, TextResponse]] = []
+        for _ in range(num_steps):
+            live = [ctx for ctx in contexts if not ctx.is_done]
+            if not live:
+                break
+            rows = [(ctx, min(len(ctx.pending_tokens), ctx.max_chunk or len(ctx.pending_tokens))) for ctx in live]
+            results = self.runner.execute(rows)
+            step = {r.request_id: TextResponse(r.token, r.log_probabilities, r.finish_reason)
+                    for r in results if r.token is not None}
+            if step:
+                steps.append(step)
+        return steps
 
     # the loop callers want ----------------------------------------------------------------------
     def generate(self, contexts: Iterable[TextContext], num_steps: int = 1,
-                 scheduler_config: Any = None) -> Iterator[dict[str, TextResponse]]:
+                 scheduler_config: SchedulerConfig | None = None) -> Iterator[dict[str, TextResponse]]:
         """Run contexts to completion with continuous batching; yields each step's tokens.
 
-        ``scheduler_config`` (a :class:`~ember.runtime.scheduler.SchedulerConfig`): by default a step may
-        take a whole prompt (no chunking: nothing else is waiting for it here)."""
-        from ..scheduler import Scheduler, SchedulerConfig
-
-        config = scheduler_config or SchedulerConfig(max_num_batched_tokens=self.max_length)
-        scheduler = Scheduler(self.pipeline_model, config)
+        ``scheduler_config``: by default a step may take a whole prompt (no chunking: nothing else is waiting
+        for it here)."""
+        scheduler = Scheduler(self.pipeline_model,
+                              scheduler_config or SchedulerConfig(max_num_batched_tokens=self.max_length))
         for ctx in contexts:
             scheduler.add(ctx)
         try:
             while scheduler.has_unfinished:
-                outputs = scheduler.step()
+                outputs = scheduler.step(self.runner)
                 if outputs:
-                    yield {o.request_id: TextResponse(o.token, o.log_probabilities, scheduler_finish(o)) for o in outputs}
+                    yield {o.request_id: TextResponse(o.token, o.log_probabilities, o.finish_reason) for o in outputs}
         finally:
             for request_id in list(scheduler.requests):
                 scheduler.abort(request_id)
 
-    def generate_tokens(self, prompts: Sequence[Sequence[int]], sampling=None, num_steps: int = 1) -> list[list[int]]:
+    def generate_tokens(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams | None = None,
+                        num_steps: int = 1) -> list[list[int]]:
         """Generated tokens for each prompt (a convenience over :meth:`generate`)."""
         contexts = [self.new_context(p, sampling) for p in prompts]
         for _ in self.generate(contexts, num_steps):
             pass
         return [c.generated for c in contexts]
 
+    def prompt_log_probabilities(self, prompt_tokens: Sequence[int], top_n: int = 0) -> list[dict[str, Any] | None]:
+        """The log probability of each prompt token given the ones before it (None for the first), with the
+        ``top_n`` most likely alternatives at each position: OpenAI completions' ``echo``. Computed as a
+        request with ``prompt_logprobs`` (any artifact; one position per step)."""
+        context = self.new_context(prompt_tokens, SamplingParams(max_new_tokens=1, prompt_logprobs=top_n,
+                                                                 ignore_eos=True))
+        for _ in self.generate([context]):
+            pass
+        return list(context.prompt_log_probabilities)

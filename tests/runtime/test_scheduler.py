@@ -110,9 +110,9 @@ def test_prefix_cache_computes_only_the_suffix(model_dir, cache):
     engine.add_request(second, sampling)
     scheduled, tokens = [], []
     while engine.has_unfinished_requests():
-        rows = engine.scheduler.schedule()
-        scheduled.append(sum(n for _, n in rows))
-        tokens += [o.token for o in engine.scheduler.run_rows(rows)]
+        output = engine.scheduler.schedule()
+        scheduled.append(output.num_scheduled_tokens)
+        tokens += [o.token for o in engine.scheduler.update(output, engine.runner.execute(output.rows))]
     assert manager.prompt_tokens_requested - before[0] == len(second)
     assert manager.prompt_tokens_cached - before[1] == 200  # all 25 full shared pages
     assert scheduled[0] == len(second) - 200  # the first step computes only the suffix
