@@ -7,6 +7,7 @@ the graph builder in ``ember.graphs.architectures``. :data:`PIPELINE_REGISTRY` h
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 from collections.abc import Callable, Iterable
@@ -57,6 +58,22 @@ class SupportedArchitecture:
     def __post_init__(self) -> None:
         if self.default_encoding not in self.supported_encodings:
             raise ValueError(f"{self.name}: default encoding {self.default_encoding} is not among its supported ones")
+        unknown = sorted(set(self.required_arguments) - {f.name for f in dataclasses.fields(PipelineConfig)})
+        if unknown:
+            raise ValueError(f"{self.name}: required_arguments names no PipelineConfig field: {', '.join(unknown)}")
+
+    @property
+    def tokenizer_cls(self) -> type:
+        """The tokenizer class (MAX's name for :attr:`tokenizer`)."""
+        return self.tokenizer
+
+    def apply_required_arguments(self, pipeline_config: PipelineConfig) -> PipelineConfig:
+        """``pipeline_config`` with this architecture's ``required_arguments`` set (MAX: values the architecture
+        needs whatever the user asked; each override is logged)."""
+        changed = {k: v for k, v in self.required_arguments.items() if getattr(pipeline_config, k) != v}
+        for key, value in changed.items():
+            logger.info("%s requires %s=%r (was %r)", self.name, key, value, getattr(pipeline_config, key))
+        return dataclasses.replace(pipeline_config, **changed) if changed else pipeline_config
 
 
 def _key(huggingface_repo: Any) -> str:
@@ -143,11 +160,14 @@ class PipelineRegistry:
 
         def pipeline_factory():
             from ..session import InferenceSession
-            session = InferenceSession(num_threads=pipeline_config.num_threads)
-            model = architecture.pipeline_model(pipeline_config, session, architecture=architecture)
-            pipeline_class = get_pipeline_for_task(architecture.task, pipeline_config)
+            config = architecture.apply_required_arguments(pipeline_config)
+            session = InferenceSession(num_threads=config.num_threads)
+            model = architecture.pipeline_model(config, session, architecture=architecture)
+            pipeline_class = get_pipeline_for_task(architecture.task, config)
             tokenizer = architecture.tokenizer(model.artifact.tokenizer_dir)
-            return pipeline_class(pipeline_config, model, tokenizer.eos_token_ids, tokenizer=tokenizer)
+            extra = ({"context_validators": architecture.context_validators}
+                     if architecture.task is PipelineTask.TEXT_GENERATION else {})
+            return pipeline_class(config, model, tokenizer.eos_token_ids, tokenizer=tokenizer, **extra)
 
         def tokenizer_factory():
             return self.retrieve_tokenizer(pipeline_config, override_architecture)

@@ -1,0 +1,63 @@
+"""MAX's ``SupportedArchitecture`` fields do what MAX's do: ``required_arguments`` override the configuration,
+``context_validators`` check every new request (rejecting it with the validator's message), ``tokenizer_cls``."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from ember.runtime.engine import LLMEngine
+from ember.runtime.pipelines import (BUILTIN_ARCHITECTURES, KVCacheStrategy, PipelineConfig, PipelineRegistry,
+                                     SamplingParams, TextTokenizer)
+
+from ..reference.tiny_models import make_model
+
+LLAMA = next(a for a in BUILTIN_ARCHITECTURES if a.name == "LlamaForCausalLM")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny-registry-fields")
+    make_model("llama-gqa-llama3", directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def config(model_dir, tmp_path_factory):
+    return PipelineConfig(model_path=model_dir, cache_dir=tmp_path_factory.mktemp("cache"), max_length=128,
+                          max_batch_size=2)
+
+
+def test_required_arguments_override_the_configuration(config):
+    required = {"max_length": 48, "kv_cache_strategy": KVCacheStrategy.PAGED}
+    registry = PipelineRegistry([dataclasses.replace(LLAMA, required_arguments=required)])
+    _, pipeline = registry.retrieve(config)
+    assert pipeline.max_length == 48
+    assert pipeline.pipeline_config.kv_cache_strategy is KVCacheStrategy.PAGED
+    assert pipeline.pipeline_model.artifact.manifest["kv_cache_strategy"] == "paged"
+    assert config.max_length == 128 and config.kv_cache_strategy is None  # the caller's configuration is untouched
+
+
+def test_required_arguments_must_name_configuration_fields():
+    with pytest.raises(ValueError, match="no PipelineConfig field: max_len"):
+        dataclasses.replace(LLAMA, required_arguments={"max_len": 48})
+
+
+def test_context_validators_reject_new_requests_with_their_message(config):
+    def at_most_eight_tokens(context) -> None:
+        if len(context.prompt_tokens) > 8:
+            raise ValueError(f"this deployment takes prompts of at most 8 tokens, not {len(context.prompt_tokens)}")
+
+    registry = PipelineRegistry([dataclasses.replace(LLAMA, context_validators=[at_most_eight_tokens])])
+    _, pipeline = registry.retrieve(config)
+    with pytest.raises(ValueError, match="at most 8 tokens, not 11"):
+        pipeline.new_context(list(range(1, 12)))
+    engine = LLMEngine(pipeline)
+    with pytest.raises(ValueError, match="at most 8 tokens"):
+        engine.add_request(list(range(1, 12)))
+    assert not engine.has_unfinished_requests()
+    assert len(engine.generate([[1, 5, 6]], SamplingParams(max_new_tokens=2, ignore_eos=True))[0]) == 2
+
+
+def test_tokenizer_cls_is_the_tokenizer_class():
+    assert LLAMA.tokenizer_cls is TextTokenizer
