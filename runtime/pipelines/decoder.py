@@ -177,6 +177,10 @@ class DecoderPipelineModel(PipelineModel, KVCacheMixin):
         """Room for ``num_tokens`` more tokens of an admitted request; False if the cache is full."""
         return self.kv.reserve(context, num_tokens)
 
+    def holds(self, request_id: str) -> bool:
+        """Whether the request has KV cache (a slot, or pages)."""
+        return self.kv.manager.contains(request_id)
+
     def claim(self, context: TextContext) -> None:
         """KV cache for a context that skipped admission (MAX's ``next_token``): a slot or its prompt's pages now,
         or ``KVCacheExhausted``; nothing if it has them already."""

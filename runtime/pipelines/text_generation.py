@@ -13,7 +13,10 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from ..scheduler import Scheduler, SchedulerConfig
+from ..kv_cache.continuous import KVCacheExhausted
 from .config import PipelineConfig
 from .context import FinishReason, SamplingParams, TextContext
 from .decoder import DecoderPipelineModel
@@ -60,6 +63,10 @@ class TextGenerationPipeline:
         kwargs = {"request_id": request_id} if request_id else {}
         if sampling is not None:
             kwargs["sampling"] = sampling
+        vocab = self.pipeline_model.vocab_size
+        bad = next((t for t in prompt_tokens if not isinstance(t, (int, np.integer)) or not 0 <= t < vocab), None)
+        if bad is not None:  # an embedding lookup out of range is undefined behaviour in the kernel
+            raise ValueError(f"prompt token {bad!r} is not a token id of this model (0 <= id < {vocab})")
         context = TextContext(list(prompt_tokens), self.max_length, eos_token_ids=self.eos_token_ids, **kwargs)
         for validate in self.context_validators:
             validate(context)
@@ -68,6 +75,8 @@ class TextGenerationPipeline:
     # MAX's pipeline API -------------------------------------------------------------------------
     def calculate_num_steps(self, num_steps: int, context: TextContext) -> int:
         """Steps the context may still take: bounded by the model's length and its max_new_tokens."""
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be at least 1, got {num_steps}")
         room = context.max_length - context.active_idx
         if room <= 0:
             raise ValueError(f"request {context.request_id} is {context.active_idx} tokens long, at the maximum "
@@ -97,8 +106,7 @@ class TextGenerationPipeline:
         if not contexts:
             return []
         num_steps = min(self.calculate_num_steps(num_steps, ctx) for ctx in contexts)
-        for ctx in contexts:
-            self.pipeline_model.claim(ctx)
+        self._claim_all(contexts)
         steps: list[dict[str, TextResponse]] = []
         for _ in range(num_steps):
             live = [ctx for ctx in contexts if not ctx.is_done]
@@ -111,6 +119,23 @@ class TextGenerationPipeline:
             if step:
                 steps.append(step)
         return steps
+
+    def _claim_all(self, contexts: Sequence[TextContext]) -> None:
+        """KV cache for every context that has none, or for none of them: a batch larger than the cache claims
+        nothing (the KVCacheExhausted names the batch), so no slot or page is left held by a failed call."""
+        model = self.pipeline_model
+        claimed = []
+        try:
+            for ctx in contexts:
+                if not model.holds(ctx.request_id):
+                    model.claim(ctx)
+                    claimed.append(ctx)
+        except KVCacheExhausted as error:
+            for ctx in claimed:
+                model.release(ctx.request_id)
+                ctx.start_idx = 0
+            raise KVCacheExhausted(f"a batch of {len(contexts)} requests does not fit the KV cache "
+                                   f"({len(claimed)} more could be claimed): {error}") from None
 
     # the loop callers want ----------------------------------------------------------------------
     def generate(self, contexts: Iterable[TextContext], num_steps: int = 1,

@@ -182,3 +182,31 @@ def test_a_failing_step_reaches_every_stream_as_an_error(tiny, cache):
     assert last.finished and last.finish_reason is None and last.token is None
     assert last.error == "RuntimeError: device lost"
     assert not engine.has_unfinished_requests() and pipe.pipeline_model.kv_manager.num_active == 0
+
+
+def test_bad_requests_are_refused_before_they_reach_the_model(tiny, cache):
+    pipe = load(tiny, cache)
+    vocab = pipe.pipeline_model.vocab_size
+    for bad in (-1, vocab, 2**40):
+        with pytest.raises(ValueError, match=f"token {bad} is not a token id of this model"):
+            pipe.new_context([1, bad, 2])
+    ctx = pipe.new_context(PROMPT, GREEDY)
+    with pytest.raises(ValueError, match="num_steps must be at least 1"):
+        pipe.next_token({ctx.request_id: ctx}, num_steps=0)
+    assert pipe.pipeline_model.kv_manager.num_active == 0
+
+
+@pytest.mark.parametrize("strategy", ["continuous", "paged"])
+def test_next_token_on_more_requests_than_the_cache_holds_claims_nothing(tiny, cache, strategy):
+    from ember.runtime.kv_cache import KVCacheExhausted
+
+    pipe = load(tiny, cache, kv_cache_strategy=strategy)  # max_batch_size 4
+    contexts = {c.request_id: c for c in (pipe.new_context(PROMPT, GREEDY) for _ in range(5))}
+    with pytest.raises(KVCacheExhausted, match="a batch of 5 requests does not fit"):
+        pipe.next_token(contexts)
+    assert pipe.pipeline_model.kv_manager.num_active == 0
+    assert all(c.start_idx == 0 and not c.generated for c in contexts.values())
+    first_four = dict(list(contexts.items())[:4])  # the same contexts still run
+    assert len(pipe.next_token(first_four)[0]) == 4
+    for ctx in first_four.values():
+        pipe.release(ctx)
