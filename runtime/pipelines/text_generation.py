@@ -130,12 +130,16 @@ class TextGenerationPipeline:
                 if not model.holds(ctx.request_id):
                     model.claim(ctx)
                     claimed.append(ctx)
-        except KVCacheExhausted as error:
+                elif ctx.start_idx == 0:  # a new context under the id of one that holds cache: not its K/V
+                    raise ValueError(f"request id {ctx.request_id!r} is already in use by a running request")
+        except (KVCacheExhausted, ValueError) as error:
             for ctx in claimed:
                 model.release(ctx.request_id)
                 ctx.start_idx = 0
-            raise KVCacheExhausted(f"a batch of {len(contexts)} requests does not fit the KV cache "
-                                   f"({len(claimed)} more could be claimed): {error}") from None
+            if isinstance(error, KVCacheExhausted):
+                raise KVCacheExhausted(f"a batch of {len(contexts)} requests does not fit the KV cache "
+                                       f"({len(claimed)} more could be claimed): {error}") from None
+            raise
 
     # the loop callers want ----------------------------------------------------------------------
     def generate(self, contexts: Iterable[TextContext], num_steps: int = 1,

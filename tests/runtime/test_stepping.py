@@ -210,3 +210,20 @@ def test_next_token_on_more_requests_than_the_cache_holds_claims_nothing(tiny, c
     assert len(pipe.next_token(first_four)[0]) == 4
     for ctx in first_four.values():
         pipe.release(ctx)
+
+
+@pytest.mark.parametrize("strategy", ["continuous", "paged"])
+def test_a_new_request_under_a_live_id_is_refused(tiny, cache, strategy):
+    pipe = load(tiny, cache, kv_cache_strategy=strategy)
+    first = pipe.new_context(PROMPT, GREEDY, request_id="same")
+    pipe.next_token({"same": first})
+    impostor = pipe.new_context(OTHER, GREEDY, request_id="same")
+    with pytest.raises(ValueError, match="'same' is already in use"):
+        pipe.next_token({"same": impostor})
+    engine = LLMEngine(pipe)
+    engine.add_request(OTHER, GREEDY, request_id="queued")
+    with pytest.raises(ValueError, match="already scheduled"):
+        engine.add_request(OTHER, GREEDY, request_id="queued")
+    engine.abort_request("queued")
+    pipe.release(first)
+    assert pipe.pipeline_model.kv_manager.num_active == 0
