@@ -13,6 +13,7 @@ from ember.graphs.nn.transformer import ReturnLogits
 
 from ..session import Device, InferenceSession
 from .config import PipelineConfig, upper_bounded_default
+from .model_source import ModelSource
 from .sampling import token_log_probabilities
 
 _NON_TENSOR_FIELDS = ("kv_cache_inputs", "lora_ids", "lora_ranks", "hidden_states")
@@ -179,8 +180,8 @@ class KVCacheMixin(abc.ABC):
 
     @classmethod
     def _hf_config(cls, pipeline_config: PipelineConfig) -> Any:
-        from .architectures import PIPELINE_REGISTRY
-        return PIPELINE_REGISTRY.get_active_huggingface_config(pipeline_config.model_path)
+        """The model's config when the caller passes none (MAX's classmethods take the pipeline config alone)."""
+        return ModelSource.resolve(pipeline_config.model_path).hf_config()
 
     @abc.abstractmethod
     def load_kv_manager(self, session: InferenceSession, available_cache_memory: int | None):
