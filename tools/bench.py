@@ -203,7 +203,7 @@ def check_encodings(model: str | Path | None, encodings: Sequence[str] | None) -
     checks it, so that an encoding the model does not support fails with the loader's error before any
     other encoding is compiled."""
     from ember.runtime.pipelines import ModelSource, PipelineConfig
-    from ember.runtime.pipelines.artifact_cache import compile_options
+    from ember.runtime.compile_cache import compile_options
 
     from .compile_model import architecture_for
 

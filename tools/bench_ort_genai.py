@@ -65,7 +65,7 @@ def _ort_genai_version() -> str:
 def source_key(source: ModelSource, cache_dir: Path) -> str:
     """``<sha256 prefix>-<size>`` of the model's bytes (hashes remembered in the cache's memo file)."""
     from ember.compiler.hashing import HashMemo
-    from ember.runtime.pipelines.artifact_cache import source_sha256
+    from ember.runtime.compile_cache import source_sha256
 
     if source.kind == "gguf":
         sha = HashMemo(cache_dir / "source-hashes.json").sha256(source.path)

@@ -14,7 +14,7 @@ from typing import Any
 
 from ember.compiler.artifact import MANIFEST, ArtifactError
 from ember.runtime.pipelines import PIPELINE_REGISTRY, ModelSource, PipelineConfig, SupportedArchitecture
-from ember.runtime.pipelines.artifact_cache import compile_options, compile_source, ensure_artifact, source_sha256
+from ember.runtime.compile_cache import compile_options, compile_source, ensure_artifact, source_sha256
 from ember.runtime.pipelines.config import upper_bounded_default
 
 logger = logging.getLogger(__name__)

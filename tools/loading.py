@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ember.runtime.pipelines import PIPELINE_REGISTRY, PipelineConfig, PipelineTask
+from ember.runtime.pipelines import PIPELINE_REGISTRY, ModelSource, PipelineConfig, PipelineTask
 
 logger = logging.getLogger(__name__)
 
@@ -68,34 +68,38 @@ def embeddings_model(model: str | Path | None) -> str | Path:
 def model_task(model: str | Path | None) -> PipelineTask | None:
     """The task the registry says a model serves (None for an unsupported architecture). Reads only the
     model's config.json, manifest or GGUF header; nothing is compiled or loaded."""
-    architecture = PIPELINE_REGISTRY.retrieve_architecture(model)
+    return _task_of(ModelSource.resolve(model))
+
+
+def _task_of(source: ModelSource) -> PipelineTask | None:
+    architecture = PIPELINE_REGISTRY.architecture_for(source)
     return None if architecture is None else PipelineTask(architecture.task)
 
 
-def _check_task(model: str | Path | None, task: PipelineTask) -> None:
+def _check_task(source: ModelSource, task: PipelineTask) -> None:
     """A clear error when a command is given a model of the other kind (e.g. ``ember generate`` on an encoder)."""
-    served = model_task(model)
+    served = _task_of(source)
     if served is None or served == task:
         return  # unsupported architectures get the registry's own error, naming the supported ones
     hint = _COMMAND_FOR_TASK.get(served)
-    raise ValueError(f"{model} serves {served.value}, not {task.value}" + (f"; use `{hint}`" if hint else ""))
+    raise ValueError(f"{source.path} serves {served.value}, not {task.value}" + (f"; use `{hint}`" if hint else ""))
 
 
 def load_pipeline(config: PipelineConfig, task: PipelineTask | str = PipelineTask.TEXT_GENERATION) -> LoadedPipeline:
     """Compile (on first use) or load the model and build its pipeline for ``task``: a text-generation
-    pipeline, or an ``EmbeddingsPipeline`` for ``PipelineTask.EMBEDDINGS_GENERATION``."""
-    from ember.runtime.pipelines import ModelSource
-
+    pipeline, or an ``EmbeddingsPipeline`` for ``PipelineTask.EMBEDDINGS_GENERATION``. The model is resolved
+    once (``PIPELINE_REGISTRY.resolve``) and the pipeline built from that."""
     task = PipelineTask(task)
     source = ModelSource.resolve(config.model_path)
-    _check_task(config.model_path, task)
+    _check_task(source, task)
     start = time.perf_counter()
-    tokenizer, pipeline = PIPELINE_REGISTRY.retrieve(config, task=task)
+    resolved = PIPELINE_REGISTRY.resolve(config, task=task, source=source)
+    pipeline = PIPELINE_REGISTRY.build_pipeline(resolved)
     seconds = time.perf_counter() - start
     model = pipeline.pipeline_model
-    loaded = LoadedPipeline(tokenizer=tokenizer, pipeline=pipeline, seconds=seconds,
-                            compiled=model.resolved.compiled, artifact_seconds=model.resolved.seconds,
-                            session_seconds=model.model.load_seconds, artifact_path=Path(model.artifact.path),
+    loaded = LoadedPipeline(tokenizer=pipeline.tokenizer, pipeline=pipeline, seconds=seconds,
+                            compiled=resolved.compiled, artifact_seconds=resolved.seconds,
+                            session_seconds=model.model.load_seconds, artifact_path=Path(resolved.artifact.path),
                             from_cache=source.kind != "artifact", task=task)
     logger.info("%s: %s", loaded.artifact_path, loaded.describe())
     return loaded

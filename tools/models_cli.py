@@ -20,7 +20,7 @@ from pathlib import Path
 
 def _artifacts(cache_dir: Path) -> Path:
     """The compile cache's folder (imported here, not at the top: the parser must stay quick to build)."""
-    from ember.runtime.pipelines.artifact_cache import ARTIFACTS_DIR
+    from ember.runtime.compile_cache import ARTIFACTS_DIR
 
     return cache_dir / ARTIFACTS_DIR
 

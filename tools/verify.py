@@ -28,7 +28,7 @@ import numpy as np
 from ember.compiler.artifact import Artifact, update_manifest, verify_artifact
 from ember.runtime.pipelines import (PIPELINE_REGISTRY, ModelSource, PipelineConfig, PipelineTask, ReturnLogits,
                                      SamplingParams, upper_bounded_default)
-from ember.runtime.pipelines.artifact_cache import resolve_encoding, source_sha256
+from ember.runtime.compile_cache import resolve_encoding, source_sha256
 
 from .verify_metrics import (ENCODING_CLASSES, Agreement, Thresholds, format_table, greedy_agreement,
                              teacher_forced_agreement, thresholds_for)

@@ -1,16 +1,18 @@
-"""The built-in architecture table: one :class:`SupportedArchitecture` entry per Hugging Face class."""
+"""The built-in architecture table: one :class:`SupportedArchitecture` entry per Hugging Face class, and
+:data:`PIPELINE_REGISTRY`, which compiles on first use (``ember.runtime.compile_cache``)."""
 from __future__ import annotations
 
 from ember.graphs.architectures import llama
 from ember.graphs.nn.kv_cache import KVCacheStrategy
 
+from ..compile_cache import ensure_artifact
 from .bert import BertPipelineModel
 from .config import SupportedEncoding, WeightsFormat
 from .decoder import DecoderPipelineModel
 from .registry import PipelineRegistry, PipelineTask, RopeType, SupportedArchitecture
 from .tokenizer import TextTokenizer
 
-# q4_1 / q4_k apply to GGUF files with Q4_1 / Q4_K blocks only (artifact_cache.resolve_encoding checks); a GGUF's
+# q4_1 / q4_k apply to GGUF files with Q4_1 / Q4_K blocks only (compile_cache.resolve_encoding checks); a GGUF's
 # default encoding is its own block type where listed here.
 _BOTH = [KVCacheStrategy.CONTINUOUS, KVCacheStrategy.PAGED]
 _LLAMA_ENCODINGS = {SupportedEncoding.float32: list(_BOTH), SupportedEncoding.q8_0: list(_BOTH),
@@ -65,4 +67,4 @@ BUILTIN_ARCHITECTURES = [
     _bert_family("XLMRobertaModel", ["intfloat/multilingual-e5-small"]),
 ]
 
-PIPELINE_REGISTRY = PipelineRegistry(BUILTIN_ARCHITECTURES)
+PIPELINE_REGISTRY = PipelineRegistry(BUILTIN_ARCHITECTURES, artifacts=ensure_artifact)

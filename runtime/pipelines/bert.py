@@ -10,16 +10,18 @@ import dataclasses
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..session import Device, InferenceSession, LoadedModel
-from .artifact_cache import ResolvedArtifact, ensure_artifact
 from .config import PipelineConfig, upper_bounded_default
 from .interfaces import ModelInputs, ModelOutputs, PipelineModel
 from .model_source import ModelSource
 from .pooling_config import PoolingConfig
+
+if TYPE_CHECKING:
+    from .registry import ResolvedModel
 
 logger = logging.getLogger(__name__)
 
@@ -70,14 +72,13 @@ class BertPipelineModel(PipelineModel):
 
     def __init__(self, pipeline_config: PipelineConfig, session: InferenceSession, devices: Sequence[Device] = (),
                  kv_cache_config: Any = None, weights: Any = None, adapter: Any = None, return_logits: Any = None,
-                 *, architecture: Any = None, available_cache_memory: int | None = None):
+                 *, resolved: ResolvedModel, available_cache_memory: int | None = None):
         super().__init__(pipeline_config, session, devices or session.devices, kv_cache_config, weights, adapter)
-        self.architecture = architecture
-        source = ModelSource.resolve(pipeline_config.model_path)
-        self.resolved: ResolvedArtifact = ensure_artifact(pipeline_config, architecture, source)
-        self.artifact = self.resolved.artifact
+        self.resolved = resolved  # source, architecture and verified artifact, resolved once by the registry
+        self.architecture = resolved.architecture
+        self.artifact = resolved.artifact
         # The artifact's config.json as plain data: building a transformers config would import torch.
-        self.huggingface_config = self.artifact.hf_config
+        self.huggingface_config = resolved.huggingface_config
         pooling = self.artifact.manifest.get("pooling")
         self.config = BertModelConfig("float32", self.devices[0], pooling is not None, self.huggingface_config,
                                       pipeline_config, PoolingConfig(**pooling) if pooling else PoolingConfig())

@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import psutil
@@ -23,12 +23,13 @@ from ember.graphs.nn.transformer import ReturnLogits
 from ..kv_cache.continuous import ContinuousKVCacheManager
 from ..kv_cache.paged import PagedKVCacheManager
 from ..session import Device, InferenceSession, LoadedModel, ortvalue
-from .artifact_cache import ResolvedArtifact, ensure_artifact
 from .config import PipelineConfig
 from .context import TextContext
 from .interfaces import KVCacheMixin, ModelInputs, ModelOutputs, PipelineModel
 from .kv_binding import ContinuousBinding, PagedBinding
-from .model_source import ModelSource
+
+if TYPE_CHECKING:
+    from .registry import ResolvedModel
 
 logger = logging.getLogger(__name__)
 
@@ -54,15 +55,14 @@ class DecoderPipelineModel(PipelineModel, KVCacheMixin):
 
     def __init__(self, pipeline_config: PipelineConfig, session: InferenceSession, devices: Sequence[Device] = (),
                  kv_cache_config: Any = None, weights: Any = None, adapter: Any = None,
-                 return_logits: ReturnLogits | None = None, *, architecture: Any = None,
+                 return_logits: ReturnLogits | None = None, *, resolved: ResolvedModel,
                  available_cache_memory: int | None = None):
         super().__init__(pipeline_config, session, devices or session.devices, kv_cache_config, weights, adapter,
                          return_logits or pipeline_config.return_logits)
-        self.architecture = architecture
-        self.resolved: ResolvedArtifact = ensure_artifact(pipeline_config, architecture,
-                                                          ModelSource.resolve(pipeline_config.model_path))
-        self.artifact = self.resolved.artifact
-        self.huggingface_config = self.artifact.hf_config
+        self.resolved = resolved  # source, architecture and verified artifact, resolved once by the registry
+        self.architecture = resolved.architecture
+        self.artifact = resolved.artifact
+        self.huggingface_config = resolved.huggingface_config
         self.return_logits = ReturnLogits(self.artifact.manifest["return_logits"])
         self.max_seq_len = upper_bounded_max_len(pipeline_config, self.artifact.manifest)
         self.vocab_size = int(self.artifact.manifest["limits"]["vocab_size"])

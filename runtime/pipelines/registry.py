@@ -4,20 +4,32 @@ A :class:`SupportedArchitecture` names a Hugging Face class (``config.json``'s `
 task, encodings (each with the KV cache strategies it supports), the ``PipelineModel`` that serves it and
 the graph builder in ``ember.graphs.architectures``. :data:`PIPELINE_REGISTRY` holds the built-in ones
 (the table is in :mod:`.architectures`).
+
+The registry resolves a :class:`PipelineConfig` once, at the boundary, into a :class:`ResolvedModel` (source,
+architecture, configuration with the architecture's required arguments, verified artifact and its config) and
+hands that to the pipeline model, whose constructor neither compiles nor probes files. Where the artifact comes
+from is the registry's ``artifacts`` provider: :func:`load_compiled_artifact` (an artifact given as the model)
+by default; compile on first use (``ember.runtime.compile_cache.ensure_artifact``) for ``PIPELINE_REGISTRY``.
 """
 from __future__ import annotations
 
 import dataclasses
 import enum
 import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ember.compiler.artifact import Artifact, verify_artifact
 from ember.graphs.nn.kv_cache import KVCacheStrategy
 
+from ..session import InferenceSession
 from .config import PipelineConfig, SupportedEncoding, WeightsFormat
+from .embeddings import EmbeddingsPipeline
 from .model_source import ModelSource
+from .text_generation import TextGenerationPipeline
+from .tokenizer import TextTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -76,15 +88,63 @@ class SupportedArchitecture:
         return dataclasses.replace(pipeline_config, **changed) if changed else pipeline_config
 
 
+@dataclass(frozen=True)
+class ResolvedArtifact:
+    """A verified artifact, whether it was compiled now, and the seconds that took (the compile, or the
+    verification of a cached or given artifact)."""
+
+    artifact: Artifact
+    compiled: bool
+    seconds: float
+
+
+#: Where a registry's artifacts come from: ``(configuration, architecture, source) -> ResolvedArtifact``.
+ArtifactProvider = Callable[[PipelineConfig, SupportedArchitecture, ModelSource], ResolvedArtifact]
+
+
+def load_compiled_artifact(pipeline_config: PipelineConfig, architecture: SupportedArchitecture,
+                           source: ModelSource) -> ResolvedArtifact:
+    """The artifact provider of a registry that does not compile: the model must be a compiled artifact."""
+    if source.kind != "artifact":
+        raise ValueError(f"{source.path} is not a compiled ember artifact and this registry does not compile; "
+                         f"compile it with `ember compile`, or use PIPELINE_REGISTRY (compiles on first use)")
+    start = time.perf_counter()
+    return ResolvedArtifact(verify_artifact(source.path), False, time.perf_counter() - start)
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A configuration resolved once (see the module docstring): everything a pipeline model is built from.
+
+    ``huggingface_config`` is the artifact's own ``config.json`` as plain data (running a model needs neither
+    transformers nor the source checkpoint)."""
+
+    pipeline_config: PipelineConfig
+    source: ModelSource
+    architecture: SupportedArchitecture
+    artifact: Artifact
+    huggingface_config: dict[str, Any]
+    compiled: bool
+    seconds: float
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self.artifact.manifest
+
+
 def _key(huggingface_repo: Any) -> str:
     return str(ModelSource.resolve(huggingface_repo).path)
 
 
 class PipelineRegistry:
-    """The set of supported architectures, with per-model caches of configs and tokenizers."""
+    """The set of supported architectures, with per-model caches of configs and tokenizers.
 
-    def __init__(self, architectures: Iterable[SupportedArchitecture] = ()):
+    ``artifacts`` provides each resolved model's artifact (see the module docstring)."""
+
+    def __init__(self, architectures: Iterable[SupportedArchitecture] = (),
+                 artifacts: ArtifactProvider = load_compiled_artifact):
         self.architectures: dict[str, SupportedArchitecture] = {}
+        self.artifacts = artifacts
         self._configs: dict[str, Any] = {}
         self._tokenizers: dict[str, Any] = {}
         for architecture in architectures:
@@ -101,19 +161,41 @@ class PipelineRegistry:
 
     def retrieve_architecture(self, huggingface_repo: Any) -> SupportedArchitecture | None:
         """The entry for a model (directory, GGUF file or artifact), or None."""
-        name = ModelSource.resolve(huggingface_repo).architecture_name()
+        return self.architecture_for(ModelSource.resolve(huggingface_repo))
+
+    def architecture_for(self, source: ModelSource) -> SupportedArchitecture | None:
+        """The entry for a resolved source, or None."""
+        name = source.architecture_name()
         return self.architectures.get(name) if name else None
 
-    def _require(self, pipeline_config: PipelineConfig) -> SupportedArchitecture:
-        source = ModelSource.resolve(pipeline_config.model_path)
-        name = source.architecture_name()
+    def _architecture_of(self, source: ModelSource, override_architecture: str | None = None,
+                         task: PipelineTask | None = None) -> SupportedArchitecture:
+        name = override_architecture or source.architecture_name()
         if name not in self.architectures:
-            raise ValueError(f"architecture {name!r} of {source.path} is not supported; supported: "
-                             f"{', '.join(self.supported_names())}")
-        return self.architectures[name]
+            what = "architecture" if override_architecture else f"architecture of {source.path}"
+            raise ValueError(f"{what} {name!r} is not supported; supported: {', '.join(self.supported_names())}")
+        architecture = self.architectures[name]
+        if task is not None and architecture.task != task:
+            raise ValueError(f"{architecture.name} serves {architecture.task.value}, not {PipelineTask(task).value}")
+        return architecture
 
     def retrieve_pipeline_task(self, pipeline_config: PipelineConfig) -> PipelineTask:
-        return self._require(pipeline_config).task
+        return self._architecture_of(ModelSource.resolve(pipeline_config.model_path)).task
+
+    def resolve(self, pipeline_config: PipelineConfig, task: PipelineTask | None = None,
+                override_architecture: str | None = None, source: ModelSource | None = None) -> ResolvedModel:
+        """The configuration resolved once: source (``source``: already resolved from ``model_path``),
+        architecture, required arguments applied, artifact (from the registry's provider: compiled now if it
+        compiles and the cache has none)."""
+        source = source or ModelSource.resolve(pipeline_config.model_path)
+        return self._resolve(pipeline_config, source, self._architecture_of(source, override_architecture, task))
+
+    def _resolve(self, pipeline_config: PipelineConfig, source: ModelSource,
+                 architecture: SupportedArchitecture) -> ResolvedModel:
+        config = architecture.apply_required_arguments(pipeline_config)
+        resolved = self.artifacts(config, architecture, source)
+        return ResolvedModel(config, source, architecture, resolved.artifact, resolved.artifact.hf_config,
+                             resolved.compiled, resolved.seconds)
 
     def get_active_huggingface_config(self, huggingface_repo: Any) -> Any:
         key = _key(huggingface_repo)
@@ -123,18 +205,15 @@ class PipelineRegistry:
 
     def _tokenizer_for(self, huggingface_repo: Any, pipeline_config: PipelineConfig | None = None) -> Any:
         """The tokenizer of a model: an artifact's own, a Hugging Face folder's, or (for a GGUF) the one its
-        compiled artifact carries (compiling it if the cache has none; no session is created)."""
-        from .artifact_cache import ensure_artifact
-        from .tokenizer import TextTokenizer
-
+        artifact carries (from the registry's provider: compiled if it compiles; no session is created)."""
         source = ModelSource.resolve(huggingface_repo)
         if source.kind == "artifact":
             return TextTokenizer(source.path / "tokenizer")
         if source.kind == "hf" and (source.path / "tokenizer.json").is_file():
             return TextTokenizer(source.path)
         config = pipeline_config or PipelineConfig(model_path=huggingface_repo)
-        architecture = self._require(config)
-        return TextTokenizer(ensure_artifact(config, architecture, source).artifact.tokenizer_dir)
+        architecture = self._architecture_of(source)
+        return TextTokenizer(self.artifacts(config, architecture, source).artifact.tokenizer_dir)
 
     def get_active_tokenizer(self, huggingface_repo: Any) -> Any:
         """The model's tokenizer, loaded once per model."""
@@ -152,31 +231,35 @@ class PipelineRegistry:
 
     def retrieve_factory(self, pipeline_config: PipelineConfig, task: PipelineTask | None = None,
                          override_architecture: str | None = None) -> tuple[Any, Callable[[], Any]]:
-        """``(tokenizer_factory, pipeline_factory)``: nothing is compiled or loaded until called."""
-        architecture = (self.architectures[override_architecture] if override_architecture
-                        else self._require(pipeline_config))
-        if task is not None and architecture.task != task:
-            raise ValueError(f"{architecture.name} serves {architecture.task.value}, not {PipelineTask(task).value}")
+        """``(tokenizer_factory, pipeline_factory)``: the model's source and architecture are resolved now (a bad
+        model fails here); nothing is compiled or loaded until a factory is called."""
+        source = ModelSource.resolve(pipeline_config.model_path)
+        architecture = self._architecture_of(source, override_architecture, task)
 
         def pipeline_factory():
-            from ..session import InferenceSession
-            config = architecture.apply_required_arguments(pipeline_config)
-            session = InferenceSession(num_threads=config.num_threads)
-            model = architecture.pipeline_model(config, session, architecture=architecture)
-            pipeline_class = get_pipeline_for_task(architecture.task, config)
-            tokenizer = architecture.tokenizer(model.artifact.tokenizer_dir)
-            extra = ({"context_validators": architecture.context_validators}
-                     if architecture.task is PipelineTask.TEXT_GENERATION else {})
-            return pipeline_class(config, model, tokenizer.eos_token_ids, tokenizer=tokenizer, **extra)
+            return self.build_pipeline(self._resolve(pipeline_config, source, architecture))
 
         def tokenizer_factory():
             return self.retrieve_tokenizer(pipeline_config, override_architecture)
 
         return tokenizer_factory, pipeline_factory
 
+    @staticmethod
+    def build_pipeline(model: ResolvedModel) -> Any:
+        """The pipeline of a resolved model: its session, pipeline model, tokenizer and pipeline class."""
+        architecture, config = model.architecture, model.pipeline_config
+        session = InferenceSession(num_threads=config.num_threads)
+        pipeline_model = architecture.pipeline_model(config, session, resolved=model)
+        tokenizer = architecture.tokenizer(model.artifact.tokenizer_dir)
+        extra = ({"context_validators": architecture.context_validators}
+                 if architecture.task is PipelineTask.TEXT_GENERATION else {})
+        pipeline_class = get_pipeline_for_task(architecture.task, config)
+        return pipeline_class(config, pipeline_model, tokenizer.eos_token_ids, tokenizer=tokenizer, **extra)
+
     def retrieve(self, pipeline_config: PipelineConfig, task: PipelineTask | None = None,
                  override_architecture: str | None = None) -> tuple[Any, Any]:
-        """``(tokenizer, pipeline)``, compiling the model on first use."""
+        """``(tokenizer, pipeline)``, the artifact from the registry's provider (compiled on first use for
+        ``PIPELINE_REGISTRY``)."""
         _, factory = self.retrieve_factory(pipeline_config, task, override_architecture)
         pipeline = factory()
         return pipeline.tokenizer, pipeline
@@ -189,9 +272,6 @@ class PipelineRegistry:
 
 def get_pipeline_for_task(task: PipelineTask, pipeline_config: PipelineConfig | None = None) -> type:
     """The pipeline class that serves a task."""
-    from .embeddings import EmbeddingsPipeline
-    from .text_generation import TextGenerationPipeline
-
     pipelines = {PipelineTask.TEXT_GENERATION: TextGenerationPipeline,
                  PipelineTask.EMBEDDINGS_GENERATION: EmbeddingsPipeline}
     task = PipelineTask(task)

@@ -21,7 +21,7 @@ from ember.compiler.targets import get_target
 from ember.graphs.architectures.llama import build_from_checkpoint
 from ember.graphs.nn.transformer import ReturnLogits
 from ember.runtime.pipelines import PIPELINE_REGISTRY, ModelSource, PipelineConfig
-from ember.runtime.pipelines.artifact_cache import resolve_encoding
+from ember.runtime.compile_cache import resolve_encoding
 
 from ..reference.tiny_gguf import DEFAULT_TYPES, HEAD_DIM, KV_HEADS, LAYERS, VOCAB, write_tiny_llama_gguf
 from ..reference.tiny_models import make_model

@@ -235,7 +235,7 @@ def test_paged_artifact_manifest(tmp_path):
     """Compiled PAGED, the artifact's manifest names the paged interface and records the graph's page size."""
     from ember.compiler.compile import CompileOptions
     from ember.runtime.pipelines import PIPELINE_REGISTRY
-    from ember.runtime.pipelines.artifact_cache import compile_source
+    from ember.runtime.compile_cache import compile_source
 
     make_model("llama-gqa-llama3", tmp_path / "model")
     source = ModelSource.resolve(tmp_path / "model")

@@ -104,7 +104,7 @@ def test_batch_of_two_matches_each_alone(variant):
 
 def test_unsupported_bit_widths_and_models_are_clear_errors(tmp_path):
     from ember.runtime.pipelines import ModelSource
-    from ember.runtime.pipelines.artifact_cache import compile_options
+    from ember.runtime.compile_cache import compile_options
 
     from ..graphs.bert.tiny_encoders import make_model as make_encoder
 

@@ -7,12 +7,13 @@ import dataclasses
 import pytest
 
 from ember.runtime.engine import LLMEngine
-from ember.runtime.pipelines import (BUILTIN_ARCHITECTURES, KVCacheStrategy, PipelineConfig, PipelineRegistry,
+from ember.runtime.pipelines import (BUILTIN_ARCHITECTURES, PIPELINE_REGISTRY, KVCacheStrategy, PipelineConfig, PipelineRegistry,
                                      SamplingParams, TextTokenizer)
 
 from ..reference.tiny_models import make_model
 
 LLAMA = next(a for a in BUILTIN_ARCHITECTURES if a.name == "LlamaForCausalLM")
+COMPILING = PIPELINE_REGISTRY.artifacts  # compile on first use
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def config(model_dir, tmp_path_factory):
 
 def test_required_arguments_override_the_configuration(config):
     required = {"max_length": 48, "kv_cache_strategy": KVCacheStrategy.PAGED}
-    registry = PipelineRegistry([dataclasses.replace(LLAMA, required_arguments=required)])
+    registry = PipelineRegistry([dataclasses.replace(LLAMA, required_arguments=required)], artifacts=COMPILING)
     _, pipeline = registry.retrieve(config)
     assert pipeline.max_length == 48
     assert pipeline.pipeline_config.kv_cache_strategy is KVCacheStrategy.PAGED
@@ -48,7 +49,8 @@ def test_context_validators_reject_new_requests_with_their_message(config):
         if len(context.prompt_tokens) > 8:
             raise ValueError(f"this deployment takes prompts of at most 8 tokens, not {len(context.prompt_tokens)}")
 
-    registry = PipelineRegistry([dataclasses.replace(LLAMA, context_validators=[at_most_eight_tokens])])
+    registry = PipelineRegistry([dataclasses.replace(LLAMA, context_validators=[at_most_eight_tokens])],
+                                artifacts=COMPILING)
     _, pipeline = registry.retrieve(config)
     with pytest.raises(ValueError, match="at most 8 tokens, not 11"):
         pipeline.new_context(list(range(1, 12)))
@@ -61,3 +63,15 @@ def test_context_validators_reject_new_requests_with_their_message(config):
 
 def test_tokenizer_cls_is_the_tokenizer_class():
     assert LLAMA.tokenizer_cls is TextTokenizer
+
+
+def test_a_registry_that_does_not_compile_loads_artifacts_only(config):
+    compiled = PIPELINE_REGISTRY.resolve(config)
+    registry = PipelineRegistry([LLAMA])
+    with pytest.raises(ValueError, match="is not a compiled ember artifact and this registry does not compile"):
+        registry.retrieve(config)
+    resolved = registry.resolve(dataclasses.replace(config, model_path=compiled.artifact.path))
+    assert resolved.artifact.path == compiled.artifact.path and not resolved.compiled
+    assert resolved.huggingface_config["num_hidden_layers"] == compiled.huggingface_config["num_hidden_layers"]
+    pipeline = registry.build_pipeline(resolved)
+    assert pipeline.pipeline_model.resolved is resolved

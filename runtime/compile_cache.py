@@ -1,5 +1,9 @@
 """Compile on first use, load from the cache after: the compile cache keyed by source, options and versions.
 
+This module sits above the pipeline layer (it imports the compiler; nothing in ``pipelines/`` imports it): the
+registry that compiles on first use (``PIPELINE_REGISTRY``) is given :func:`ensure_artifact` as its artifact
+provider, and pipeline models receive the artifact already resolved.
+
 The key is computed from the source's bytes (sha256, remembered by size and mtime) and the options the
 user gave, so a cached artifact is found without opening the checkpoint. An artifact whose files no
 longer match its manifest is reported and recompiled.
@@ -9,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,21 +23,15 @@ from ember.compiler.artifact import Artifact
 from ember.compiler.hashing import HashMemo
 from ember.graphs.nn.kv_cache import KVCacheStrategy
 
-from .config import BLOCK_ENCODINGS, NATIVE_ENCODINGS, PipelineConfig, SupportedEncoding
-from .model_source import ModelSource
-from .tokenizer import export_tokenizer
+from .pipelines.config import BLOCK_ENCODINGS, NATIVE_ENCODINGS, PipelineConfig, SupportedEncoding
+from .pipelines.model_source import ModelSource
+from .pipelines.registry import ResolvedArtifact, load_compiled_artifact
+from .pipelines.tokenizer import TextTokenizer, export_tokenizer
 
 if TYPE_CHECKING:
-    from .registry import SupportedArchitecture
+    from .pipelines.registry import SupportedArchitecture
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ResolvedArtifact:
-    artifact: Artifact
-    compiled: bool
-    seconds: float  # compile time when compiled, verification time when loaded from the cache
 
 
 def source_sha256(source: ModelSource, cache_dir: Path) -> str:
@@ -119,10 +116,11 @@ def compile_options(pipeline_config: PipelineConfig, architecture: "SupportedArc
 
 def ensure_artifact(pipeline_config: PipelineConfig, architecture: "SupportedArchitecture",
                     source: ModelSource) -> ResolvedArtifact:
-    """The verified artifact for this model and configuration, compiling it if the cache has none."""
-    start = time.perf_counter()
+    """The verified artifact for this model and configuration, compiling it if the cache has none (an
+    ``ArtifactProvider``: ``PIPELINE_REGISTRY``'s)."""
     if source.kind == "artifact":
-        return ResolvedArtifact(verify_artifact(source.path), False, time.perf_counter() - start)
+        return load_compiled_artifact(pipeline_config, architecture, source)
+    start = time.perf_counter()
     cache_dir = Path(pipeline_config.cache_dir)
     options = compile_options(pipeline_config, architecture, source)
     sha = source_sha256(source, cache_dir)
@@ -177,8 +175,6 @@ def kv_calibration_tokens(source: ModelSource, hf_config: Any, max_positions: in
     import tempfile
 
     from ember.compiler.calibration.kv_cache import CALIBRATION_TOKENS, calibration_tokens
-
-    from .tokenizer import TextTokenizer
 
     with tempfile.TemporaryDirectory(prefix="ember-tokenizer-") as tmp:
         export_tokenizer(source, Path(tmp), hf_config)
