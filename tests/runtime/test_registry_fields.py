@@ -75,3 +75,20 @@ def test_a_registry_that_does_not_compile_loads_artifacts_only(config):
     assert resolved.huggingface_config["num_hidden_layers"] == compiled.huggingface_config["num_hidden_layers"]
     pipeline = registry.build_pipeline(resolved)
     assert pipeline.pipeline_model.resolved is resolved
+
+
+def test_a_load_resolves_the_model_once(config, monkeypatch):
+    """The registry resolves the model's path once; nothing after it (compile cache, pipeline model, tokenizer)
+    probes the file system for it again."""
+    from ember.runtime.pipelines.model_source import ModelSource
+
+    PIPELINE_REGISTRY.retrieve(config)  # compiled and cached
+    resolve, calls = ModelSource.resolve.__func__, []
+
+    def counting(cls, model_path):
+        calls.append(model_path)
+        return resolve(cls, model_path)
+
+    monkeypatch.setattr(ModelSource, "resolve", classmethod(counting))
+    _, pipeline = PIPELINE_REGISTRY.retrieve(config)
+    assert calls == [config.model_path] and not pipeline.pipeline_model.resolved.compiled
