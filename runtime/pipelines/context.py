@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import enum
+import math
 import uuid
 from dataclasses import dataclass, field
 
@@ -33,10 +34,13 @@ class SamplingParams:
     presence_penalty: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+                and self.temperature >= 0):  # NaN compares False with everything: checked, not assumed
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
+            raise ValueError(f"seed must be an integer from 0 to 2**63 - 1, got {self.seed}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_logprobs < 0:
@@ -45,7 +49,7 @@ class SamplingParams:
             raise ValueError(f"prompt_logprobs must be >= 0 (or None: off), got {self.prompt_logprobs}")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not self.repetition_penalty > 0:  # also rejects NaN
+        if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):  # also rejects NaN
             raise ValueError(f"repetition_penalty must be > 0 (1.0 is off, above 1 discourages repeats), "
                              f"got {self.repetition_penalty}")
         for name in ("frequency_penalty", "presence_penalty"):

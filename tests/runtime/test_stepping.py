@@ -227,3 +227,21 @@ def test_a_new_request_under_a_live_id_is_refused(tiny, cache, strategy):
     engine.abort_request("queued")
     pipe.release(first)
     assert pipe.pipeline_model.kv_manager.num_active == 0
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("temperature", float("nan"), "temperature must be a finite number"),
+    ("temperature", float("inf"), "temperature must be a finite number"),
+    ("temperature", -0.5, "temperature must be a finite number"),
+    ("top_p", float("nan"), "top_p must be in"),
+    ("seed", -1, "seed must be an integer from 0"),
+    ("seed", 2**64, "seed must be an integer from 0"),
+    ("repetition_penalty", float("nan"), "repetition_penalty must be > 0"),
+    ("repetition_penalty", float("inf"), "repetition_penalty must be > 0"),
+    ("frequency_penalty", float("nan"), "frequency_penalty must be in"),
+    ("top_logprobs", -1, "top_logprobs must be >= 0"),
+    ("prompt_logprobs", -1, "prompt_logprobs must be >= 0"),
+])
+def test_sampling_parameters_out_of_range_name_the_parameter(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**{field: value})
