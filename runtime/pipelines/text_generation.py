@@ -102,6 +102,10 @@ class TextGenerationPipeline:
         New contexts get their KV cache here (``KVCacheExhausted`` when there is none left: ``next_token`` does
         not queue; :meth:`generate` and the engine do). A context whose prompt's log probabilities are asked
         for computes its prompt a position per step, producing no token until its prompt is done."""
+        mismatched = next((key for key, ctx in batch.items() if key != ctx.request_id), None)
+        if mismatched is not None:
+            raise ValueError(f"batch key {mismatched!r} is not its context's request id "
+                             f"{batch[mismatched].request_id!r}")
         contexts = [ctx for ctx in batch.values() if not ctx.is_done]
         if not contexts:
             return []

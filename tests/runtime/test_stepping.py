@@ -245,3 +245,14 @@ def test_a_new_request_under_a_live_id_is_refused(tiny, cache, strategy):
 def test_sampling_parameters_out_of_range_name_the_parameter(field, value, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**{field: value})
+
+
+@pytest.mark.parametrize("strategy", ["continuous", "paged"])
+def test_two_contexts_with_one_request_id_in_a_batch_are_refused_leaving_nothing_taken(tiny, cache, strategy):
+    """A batch maps request ids to contexts; two contexts under one id must not merge their tokens."""
+    pipe = load(tiny, cache, kv_cache_strategy=strategy)
+    first, second = pipe.new_context(PROMPT, GREEDY, request_id="twin"), pipe.new_context(OTHER, GREEDY, request_id="twin")
+    with pytest.raises(ValueError, match="batch key 'other' is not its context's request id 'twin'"):
+        pipe.next_token({"twin": first, "other": second})
+    assert pipe.pipeline_model.kv_manager.num_active == 0
+    assert first.start_idx == second.start_idx == 0 and not first.generated and not second.generated
