@@ -187,10 +187,13 @@ class IncrementalDetokenizer:
         return text[len(before):]
 
     def flush(self) -> str:
+        """What is left at the end of the stream. Bytes of a character the generation stopped inside (a length
+        limit cut a multi-byte sequence) decode to U+FFFD; they are dropped, not printed as a replacement
+        character, since no later token will complete them."""
         before = self.tokenizer.decode(self.tokens[self.prefix:self.read])
         text = self.tokenizer.decode(self.tokens[self.prefix:])
         self.prefix = self.read = len(self.tokens)
-        return text[len(before):]
+        return text[len(before):].rstrip("\ufffd")
 
 
 class TextTokenizer:

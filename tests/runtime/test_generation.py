@@ -134,3 +134,8 @@ def test_incremental_detokenizer_streams_the_same_text_as_one_decode():
     pieces = [stream.add([t]) for t in ids] + [stream.flush()]
     assert "".join(pieces) == tokenizer.decode(ids) == text
     assert all("\ufffd" not in p for p in pieces)
+    # A stream cut inside a multi-byte character (a length limit) ends without a replacement character.
+    for cut in range(1, len(ids)):
+        stream = tokenizer.detokenizer()
+        streamed = "".join([stream.add([t]) for t in ids[:cut]] + [stream.flush()])
+        assert "\ufffd" not in streamed and text.startswith(streamed), (cut, streamed)
