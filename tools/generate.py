@@ -14,7 +14,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from ember.runtime.pipelines import SamplingParams
+from ember.runtime.scheduler import SchedulerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +58,11 @@ class GenerationStats:
                 f"({self.finish_reason or 'unfinished'}), time to first token {ttft}, decode {rate_text}")
 
 
+#: Prompts longer than this are computed in chunks of this many tokens with a progress bar (on a terminal): an 8k
+#: prompt takes about a minute on a small CPU, which must not look like a hang. Shorter ones run in one call.
+PROMPT_CHUNK_TOKENS = 1024
+
+
 def stream_text(pipeline: Any, tokenizer: Any, prompt_ids: list[int], sampling: SamplingParams,
                 stats: GenerationStats | None = None) -> Iterator[str]:
     """Generate from ``prompt_ids``, yielding the decoded text as it grows; fills ``stats`` as it goes."""
@@ -63,9 +71,20 @@ def stream_text(pipeline: Any, tokenizer: Any, prompt_ids: list[int], sampling: 
     context = pipeline.new_context(prompt_ids, sampling)
     detokenizer = tokenizer.detokenizer()
     start = time.perf_counter()
+    long_prompt = len(prompt_ids) > PROMPT_CHUNK_TOKENS
+    bar = tqdm(total=len(prompt_ids), unit="tok", desc="prompt", disable=None if long_prompt else True,
+               leave=False)
+    config = SchedulerConfig(max_num_batched_tokens=PROMPT_CHUNK_TOKENS) if long_prompt else None
+
+    def on_step(_decision) -> None:
+        bar.update(min(context.start_idx, len(prompt_ids)) - bar.n)
+        if context.start_idx >= len(prompt_ids):
+            bar.close()
+
     # closing(): if the caller stops early, the generator's cleanup (which releases the KV cache) runs now,
     # not whenever the exception's traceback is dropped.
-    with contextlib.closing(pipeline.generate([context], num_steps=1)) as steps:
+    with bar, contextlib.closing(pipeline.generate([context], num_steps=1, scheduler_config=config,
+                                                   on_step=on_step)) as steps:
         for step in steps:
             response = step.get(context.request_id)
             if response is None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..scheduler import Scheduler, SchedulerConfig
+from ..scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from ..kv_cache.continuous import KVCacheExhausted
 from .config import PipelineConfig
 from .context import FinishReason, SamplingParams, TextContext
@@ -147,18 +147,22 @@ class TextGenerationPipeline:
 
     # the loop callers want ----------------------------------------------------------------------
     def generate(self, contexts: Iterable[TextContext], num_steps: int = 1,
-                 scheduler_config: SchedulerConfig | None = None) -> Iterator[dict[str, TextResponse]]:
+                 scheduler_config: SchedulerConfig | None = None,
+                 on_step: Callable[[SchedulerOutput], None] | None = None) -> Iterator[dict[str, TextResponse]]:
         """Run contexts to completion with continuous batching; yields each step's tokens.
 
         ``scheduler_config``: by default a step may take a whole prompt (no chunking: nothing else is waiting
-        for it here)."""
+        for it here). ``on_step`` sees every step's decision after it ran, prompt chunks included (progress)."""
         scheduler = Scheduler(self.pipeline_model,
                               scheduler_config or SchedulerConfig(max_num_batched_tokens=self.max_length))
         for ctx in contexts:
             scheduler.add(ctx)
         try:
             while scheduler.has_unfinished:
-                outputs = scheduler.step(self.runner)
+                decision = scheduler.schedule()
+                outputs = scheduler.update(decision, self.runner.execute(decision.rows))
+                if on_step is not None:
+                    on_step(decision)
                 if outputs:
                     yield {o.request_id: TextResponse(o.token, o.log_probabilities, o.finish_reason) for o in outputs}
         finally:
