@@ -16,8 +16,9 @@ import numpy as np
 import onnx_ir as ir
 from tqdm.auto import tqdm
 
-from ember.graphs.nn.kv_cache import KVCacheStrategy
+from ember.graphs.nn.kv_cache import DEFAULT_PAGE_SIZE, KVCacheStrategy
 from ember.graphs.nn.transformer import ReturnLogits
+from ember.graphs.options import GraphOptions
 
 from .artifact import Artifact, write_artifact
 from .passes.lowering_record import summarize
@@ -42,7 +43,12 @@ class CompileOptions:
     # (where the target's attention kernel supports it: ort-cpu's GroupQueryAttention).
     kv_cache_bit_width: int = 0
     # PAGED: tokens per page (the granularity of allocation and of prefix sharing).
-    kv_cache_page_size: int = 16
+    kv_cache_page_size: int = DEFAULT_PAGE_SIZE
+
+    def graph_options(self) -> GraphOptions:
+        """What the architecture's graph builder is asked for (the rest is the compiler's own business)."""
+        return GraphOptions(return_logits=self.return_logits, kv_cache_strategy=KVCacheStrategy(self.kv_cache_strategy),
+                            kv_cache_page_size=self.kv_cache_page_size, pooling=self.pooling, normalize=self.normalize)
 
     def to_json(self) -> dict[str, str]:
         return {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(self).items()}

@@ -23,10 +23,10 @@ from ember.compiler.artifact import Artifact
 from ember.compiler.hashing import HashMemo
 from ember.graphs.nn.kv_cache import KVCacheStrategy
 
-from .pipelines.config import BLOCK_ENCODINGS, NATIVE_ENCODINGS, PipelineConfig, SupportedEncoding
+from .pipelines.config import BLOCK_ENCODINGS, NATIVE_ENCODINGS, PipelineConfig, SupportedEncoding, WeightsFormat
 from .pipelines.model_source import ModelSource
 from .pipelines.registry import ResolvedArtifact, load_compiled_artifact
-from .pipelines.tokenizer import TextTokenizer, export_tokenizer
+from .pipelines.tokenizer import TextTokenizer, check_tokenizer, export_tokenizer
 
 if TYPE_CHECKING:
     from .pipelines.registry import SupportedArchitecture
@@ -114,6 +114,15 @@ def compile_options(pipeline_config: PipelineConfig, architecture: "SupportedArc
     return options
 
 
+def rules_fingerprint(architecture: "SupportedArchitecture") -> str:
+    """"" for an entry that reads checkpoints with its spec's weight rules; else the names of the rule functions it
+    uses instead, so an artifact built with other rules is never taken from the cache for this one."""
+    spec_rules = {WeightsFormat(f).value: rules for f, rules in architecture.spec.weight_rules.items()}
+    overridden = {WeightsFormat(f).value: rules for f, rules in architecture.weight_adapters.items()
+                  if spec_rules.get(WeightsFormat(f).value) is not rules}
+    return "".join(f":{fmt}={rules.__module__}.{rules.__qualname__}" for fmt, rules in sorted(overridden.items()))
+
+
 def ensure_artifact(pipeline_config: PipelineConfig, architecture: "SupportedArchitecture",
                     source: ModelSource) -> ResolvedArtifact:
     """The verified artifact for this model and configuration, compiling it if the cache has none (an
@@ -124,7 +133,7 @@ def ensure_artifact(pipeline_config: PipelineConfig, architecture: "SupportedArc
     cache_dir = Path(pipeline_config.cache_dir)
     options = compile_options(pipeline_config, architecture, source)
     sha = source_sha256(source, cache_dir)
-    directory = cache_dir / ARTIFACTS_DIR / f"{architecture.name}-{cache_key(sha, options)}"
+    directory = cache_dir / ARTIFACTS_DIR / f"{architecture.name}-{cache_key(sha + rules_fingerprint(architecture), options)}"
     if directory.exists() and not pipeline_config.force_compile:
         try:
             return ResolvedArtifact(verify_artifact(directory), False, time.perf_counter() - start)
@@ -140,9 +149,14 @@ def compile_source(source: ModelSource, architecture: "SupportedArchitecture", o
     import json
 
     hf_config = source.hf_config()
-    graph = architecture.graph_builder(hf_config, source.open_weights(), source.weights_format.value, options)
-    kv = architecture.pipeline_model.get_kv_params(
-        hf_config, PipelineConfig(model_path=source.path, kv_cache_strategy=options.kv_cache_strategy))
+    check_tokenizer(source)  # a tokenizer or chat template that cannot work fails now, not after the compile
+    spec = architecture.spec
+    arch_config = spec.config_from_hf(hf_config)
+    weights = spec.adapt(arch_config, source.open_weights(), source.weights_format.value,
+                         {WeightsFormat(f).value: rules for f, rules in architecture.weight_adapters.items()})
+    spec.check_checkpoint(arch_config, weights)
+    graph = spec.build_graph(arch_config, weights, options.graph_options())
+    kv = spec.kv_params(arch_config, KVCacheStrategy(options.kv_cache_strategy), "float32", options.kv_cache_page_size)
     max_positions = architecture.pipeline_model.calculate_max_seq_len(PipelineConfig(model_path=source.path),
                                                                       hf_config)
     manifest: dict[str, Any] = {
@@ -156,10 +170,8 @@ def compile_source(source: ModelSource, architecture: "SupportedArchitecture", o
         "pooling": {"mode": options.pooling, "normalize": options.normalize} if options.pooling else None,
     }
     if kv is not None:
-        # a paged graph records the page size it was built with
-        page_size = int(graph.graph.metadata_props.get("ember.kv_page_size", kv.page_size))
         manifest["kv_params"] = {"dtype": kv.dtype, "n_kv_heads": kv.n_kv_heads, "head_dim": kv.head_dim,
-                                 "num_layers": kv.num_layers, "page_size": page_size}
+                                 "num_layers": kv.num_layers, "page_size": kv.page_size}
 
     def write_extra_files(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(hf_config.to_dict(), indent=2, default=str))

@@ -2,7 +2,8 @@
 :data:`PIPELINE_REGISTRY`, which compiles on first use (``ember.runtime.compile_cache``)."""
 from __future__ import annotations
 
-from ember.graphs.architectures import llama
+from ember.graphs.architectures import BERT, GEMMA2, LLAMA, QWEN3
+from ember.graphs.architectures.spec import ArchitectureSpec
 from ember.graphs.nn.kv_cache import KVCacheStrategy
 
 from ..compile_cache import ensure_artifact
@@ -20,7 +21,8 @@ _LLAMA_ENCODINGS = {SupportedEncoding.float32: list(_BOTH), SupportedEncoding.q8
                     SupportedEncoding.q4_k: list(_BOTH)}
 
 
-def _llama_family(name: str, examples: list[str], weights_format: WeightsFormat) -> SupportedArchitecture:
+def _llama_family(name: str, examples: list[str], weights_format: WeightsFormat,
+                  spec: ArchitectureSpec = LLAMA) -> SupportedArchitecture:
     return SupportedArchitecture(
         name=name,
         example_repo_ids=examples,
@@ -31,14 +33,8 @@ def _llama_family(name: str, examples: list[str], weights_format: WeightsFormat)
         tokenizer=TextTokenizer,
         default_weights_format=weights_format,
         rope_type=RopeType.normal,
-        weight_adapters={WeightsFormat.safetensors: llama.SAFETENSORS_RULES, WeightsFormat.gguf: llama.gguf_rules},
-        graph_builder=llama.build_from_checkpoint,
+        spec=spec,
     )
-
-
-def _build_encoder(*args, **kwargs):
-    from ember.graphs.architectures import bert
-    return bert.build_from_checkpoint(*args, **kwargs)
 
 
 def _bert_family(name: str, examples: list[str]) -> SupportedArchitecture:
@@ -51,7 +47,7 @@ def _bert_family(name: str, examples: list[str]) -> SupportedArchitecture:
         task=PipelineTask.EMBEDDINGS_GENERATION,
         tokenizer=TextTokenizer,
         default_weights_format=WeightsFormat.safetensors,
-        graph_builder=_build_encoder,
+        spec=BERT,
     )
 
 
@@ -60,6 +56,8 @@ BUILTIN_ARCHITECTURES = [
                                        "meta-llama/Llama-3.2-1B-Instruct"], WeightsFormat.gguf),
     _llama_family("MistralForCausalLM", ["mistralai/Mistral-7B-Instruct-v0.3"], WeightsFormat.safetensors),
     _llama_family("Qwen2ForCausalLM", ["Qwen/Qwen2.5-0.5B-Instruct"], WeightsFormat.safetensors),
+    _llama_family("Qwen3ForCausalLM", ["Qwen/Qwen3-0.6B"], WeightsFormat.safetensors, QWEN3),
+    _llama_family("Gemma2ForCausalLM", ["google/gemma-2-2b-it"], WeightsFormat.safetensors, GEMMA2),
     _bert_family("BertModel", ["sentence-transformers/all-MiniLM-L6-v2", "BAAI/bge-small-en-v1.5"]),
     _bert_family("BertForMaskedLM", ["google-bert/bert-base-uncased"]),
     _bert_family("BertForSequenceClassification", ["cross-encoder/ms-marco-MiniLM-L-6-v2"]),

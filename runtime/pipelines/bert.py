@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from types import SimpleNamespace
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -25,8 +26,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# RoBERTa-style models number positions from padding_idx + 1, so two position rows are never used.
-_POSITION_OFFSET = {"roberta": 2, "xlm-roberta": 2}
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -60,8 +59,9 @@ class BertModelConfig:
     def get_max_seq_len(self) -> int:
         """The longest input: the model's positions, sentence-transformers' ``max_seq_length``, max_length."""
         hf = self.huggingface_config
-        get = hf.get if isinstance(hf, dict) else lambda key: getattr(hf, key)
-        limit = get("max_position_embeddings") - _POSITION_OFFSET.get(get("model_type"), 0)
+        hf = SimpleNamespace(**hf) if isinstance(hf, dict) else hf  # an artifact's config.json, as plain data
+        spec, config = BertPipelineModel.architecture_spec(hf)
+        limit = spec.max_positions(config)
         if self.pooling.max_seq_length:
             limit = min(limit, self.pooling.max_seq_length)
         return upper_bounded_default(limit, self.pipeline_config.max_length)
@@ -105,15 +105,6 @@ class BertPipelineModel(PipelineModel):
     def get_kv_params(cls, huggingface_config: Any, pipeline_config: PipelineConfig | None = None) -> None:
         """Encoders keep no KV cache."""
         return None
-
-    @classmethod
-    def estimate_weights_size(cls, pipeline_config: PipelineConfig) -> int:
-        from .architectures import PIPELINE_REGISTRY
-        hf = PIPELINE_REGISTRY.get_active_huggingface_config(pipeline_config.model_path)
-        h, i, layers = hf.hidden_size, hf.intermediate_size, hf.num_hidden_layers
-        per_layer = 4 * h * h + 4 * h + 2 * h * i + i + h + 4 * h
-        embeddings = (hf.vocab_size + hf.max_position_embeddings + hf.type_vocab_size) * h + 2 * h
-        return 4 * (layers * per_layer + embeddings)
 
     @classmethod
     def graph_options(cls, pipeline_config: PipelineConfig, source: Any) -> dict[str, Any]:

@@ -79,28 +79,12 @@ class DecoderPipelineModel(PipelineModel, KVCacheMixin):
     # classmethods (MAX's sizing API) ------------------------------------------------------------
     @classmethod
     def get_kv_params(cls, huggingface_config: Any, pipeline_config: PipelineConfig | None = None) -> KVCacheParams:
-        heads = huggingface_config.num_attention_heads
-        head_dim = getattr(huggingface_config, "head_dim", None) or huggingface_config.hidden_size // heads
-        strategy = (pipeline_config.kv_cache_strategy if pipeline_config is not None else None) or \
-            KVCacheStrategy.CONTINUOUS
-        int8 = pipeline_config is not None and pipeline_config.kv_cache_bit_width == 8
-        return KVCacheParams(dtype="int8" if int8 else "float32",
-                             n_kv_heads=getattr(huggingface_config, "num_key_value_heads", heads) or heads,
-                             head_dim=head_dim, num_layers=cls.get_num_layers(huggingface_config),
-                             cache_strategy=KVCacheStrategy(strategy))
-
-    @classmethod
-    def estimate_weights_size(cls, pipeline_config: PipelineConfig) -> int:
-        """float32 bytes of every weight (the encoding of this build)."""
-        from .architectures import PIPELINE_REGISTRY
-        hf = PIPELINE_REGISTRY.get_active_huggingface_config(pipeline_config.model_path)
-        hidden, inter, vocab = hf.hidden_size, hf.intermediate_size, hf.vocab_size
-        heads = hf.num_attention_heads
-        head_dim = getattr(hf, "head_dim", None) or hidden // heads
-        kv_heads = getattr(hf, "num_key_value_heads", heads) or heads
-        per_layer = hidden * head_dim * (2 * heads + 2 * kv_heads) + 3 * hidden * inter + 2 * hidden
-        params = hf.num_hidden_layers * per_layer + vocab * hidden * (1 if hf.tie_word_embeddings else 2) + hidden
-        return 4 * params
+        """The KV cache's shape, from the architecture's spec; strategy, page size and bit width from the config."""
+        spec, config = cls.architecture_spec(huggingface_config)
+        pipeline_config = pipeline_config or PipelineConfig(model_path=None)
+        strategy = KVCacheStrategy(pipeline_config.kv_cache_strategy or KVCacheStrategy.CONTINUOUS)
+        dtype = "int8" if pipeline_config.kv_cache_bit_width == 8 else "float32"
+        return spec.kv_params(config, strategy, dtype, pipeline_config.kv_cache_page_size)
 
     # loading ------------------------------------------------------------------------------------
     def load_model(self, session: InferenceSession) -> LoadedModel:

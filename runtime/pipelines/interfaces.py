@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from ember.graphs.architectures import ArchitectureSpec, spec_for
 from ember.graphs.nn.kv_cache import KVCacheParams, KVCacheStrategy
 from ember.graphs.nn.transformer import ReturnLogits
 
@@ -66,10 +67,20 @@ class PipelineModel(abc.ABC):
         self.return_logits = ReturnLogits(return_logits)
 
     @classmethod
+    def architecture_spec(cls, huggingface_config: Any) -> tuple[ArchitectureSpec, Any]:
+        """The spec of the model's architecture and its typed config: where the sizing classmethods ask every
+        fact (KV parameters, maximum positions, weight bytes) instead of re-deriving it."""
+        name = (getattr(huggingface_config, "architectures", None) or [None])[0]
+        spec = spec_for(name)
+        if spec is None:
+            raise ValueError(f"architecture {name!r} has no spec in ember.graphs.architectures")
+        return spec, spec.config_from_hf(huggingface_config)
+
+    @classmethod
     def calculate_max_seq_len(cls, pipeline_config: PipelineConfig, huggingface_config: Any) -> int:
         """The model's maximum sequence length; ``max_length`` may lower it, never raise it."""
-        return upper_bounded_default(upper_bound=huggingface_config.max_position_embeddings,
-                                     default=pipeline_config.max_length)
+        spec, config = cls.architecture_spec(huggingface_config)
+        return upper_bounded_default(upper_bound=spec.max_positions(config), default=pipeline_config.max_length)
 
     @classmethod
     @abc.abstractmethod
@@ -86,9 +97,17 @@ class PipelineModel(abc.ABC):
         return huggingface_config.num_hidden_layers
 
     @classmethod
-    @abc.abstractmethod
-    def estimate_weights_size(cls, pipeline_config: PipelineConfig) -> int:
-        """Bytes the weights take in the chosen encoding."""
+    def estimate_weights_size(cls, pipeline_config: PipelineConfig, huggingface_config: Any = None) -> int:
+        """Bytes the weights take in the chosen encoding (float32 when none is chosen), from the spec."""
+        hf = huggingface_config if huggingface_config is not None else cls._hf_config(pipeline_config)
+        spec, config = cls.architecture_spec(hf)
+        encoding = pipeline_config.encoding
+        return spec.weight_bytes(config, str(getattr(encoding, "value", encoding or "float32")))
+
+    @classmethod
+    def _hf_config(cls, pipeline_config: PipelineConfig) -> Any:
+        """The model's config when the caller passes none (MAX's classmethods take the pipeline config alone)."""
+        return ModelSource.resolve(pipeline_config.model_path).hf_config()
 
     @abc.abstractmethod
     def load_model(self, session: InferenceSession):
@@ -177,11 +196,6 @@ class KVCacheMixin(abc.ABC):
             if pipeline_config.kv_cache_pages is not None:
                 budget = min(budget, pipeline_config.kv_cache_pages * page_size * params.bytes_per_token)
         return max(1, int(budget // per_sequence))
-
-    @classmethod
-    def _hf_config(cls, pipeline_config: PipelineConfig) -> Any:
-        """The model's config when the caller passes none (MAX's classmethods take the pipeline config alone)."""
-        return ModelSource.resolve(pipeline_config.model_path).hf_config()
 
     @abc.abstractmethod
     def load_kv_manager(self, session: InferenceSession, available_cache_memory: int | None):

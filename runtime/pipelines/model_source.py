@@ -103,25 +103,63 @@ class ModelSource:
         raise ValueError(f"{self.path} is a compiled artifact; it has no source weights")
 
     def hf_config(self) -> Any:
-        """The model's transformers config (for an artifact: the one it was compiled from)."""
+        """The model's transformers config (for an artifact: the one it was compiled from).
+
+        A Hugging Face folder's ``config.json`` is checked by its architecture's spec before transformers reads
+        it (transformers fills a missing field with some other model's default); a file that is not JSON, or
+        that transformers rejects, is a ValueError naming the file. A GGUF's config comes from its metadata,
+        through the spec of its ``general.architecture``."""
         from transformers import AutoConfig, PretrainedConfig
 
+        from ember.graphs.architectures import spec_for, spec_for_gguf
+
         if self.kind == "hf":
-            return AutoConfig.from_pretrained(self.path, trust_remote_code=False)
+            path = self.path / "config.json"
+            data = self.config_json()
+            spec = spec_for((data.get("architectures") or [None])[0] if isinstance(data, dict) else None)
+            if spec is not None:
+                spec.check_config_json(data, path)
+            try:
+                return AutoConfig.from_pretrained(self.path, trust_remote_code=False)
+            except ValueError:
+                raise
+            except Exception as error:  # transformers' own validation (TypeError, KeyError, ...): name the file
+                raise ValueError(f"{path}: transformers cannot read it: {type(error).__name__}: {error}") from None
         if self.kind == "artifact":
             data = json.loads((self.path / "config.json").read_text())
             return AutoConfig.for_model(**data) if "model_type" in data else PretrainedConfig(**data)
-        from ember.graphs.architectures.llama.config import hf_config_from_gguf
-        return hf_config_from_gguf(self.gguf.metadata, self.gguf.keys(), self.path)
+        gguf_arch = self._gguf_architecture()
+        spec = spec_for_gguf(gguf_arch)
+        if spec is None or spec.hf_config_from_gguf is None:
+            from ember.graphs.architectures import gguf_architectures
+            raise ValueError(f"{self.path}: GGUF architecture {gguf_arch!r} is not supported; "
+                             f"supported: {', '.join(gguf_architectures())}")
+        return spec.hf_config_from_gguf(self.gguf.metadata, self.gguf.keys(), self.path)
+
+    def config_json(self) -> Any:
+        """A Hugging Face folder's ``config.json`` as data; a ValueError naming the file if it is not JSON."""
+        path = self.path / "config.json"
+        try:
+            return json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as error:
+            raise ValueError(f"{path} is not valid JSON: {error}") from None
+
+    def _gguf_architecture(self) -> str | None:
+        from ember.graphs.weights.gguf import peek_architecture
+        return peek_architecture(self.path) or self.gguf.metadata("general.architecture")
 
     def architecture_name(self) -> str | None:
         """The Hugging Face class name (``config.json``'s ``architectures[0]``) without a full load."""
         if self.kind == "artifact":
             return json.loads((self.path / MANIFEST).read_text()).get("architecture")
         if self.kind == "hf":
-            data = json.loads((self.path / "config.json").read_text())
-            return (data.get("architectures") or [None])[0]
-        from ember.graphs.architectures.llama.config import GGUF_ARCHITECTURES
-        from ember.graphs.weights.gguf import peek_architecture
-        arch = peek_architecture(self.path) or self.gguf.metadata("general.architecture")
-        return GGUF_ARCHITECTURES.get(arch, arch)
+            data = self.config_json()
+            architectures = data.get("architectures") if isinstance(data, dict) else None
+            if architectures is not None and (not isinstance(architectures, list)
+                                              or not all(isinstance(a, str) for a in architectures)):
+                raise ValueError(f"{self.path / 'config.json'}: architectures must be a list of class names, "
+                                 f"not {architectures!r:.80}")
+            return (architectures or [None])[0]
+        from ember.graphs.architectures import gguf_architectures
+        arch = self._gguf_architecture()
+        return gguf_architectures().get(arch, arch)

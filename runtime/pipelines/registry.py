@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ember.compiler.artifact import Artifact, verify_artifact
+from ember.graphs.architectures.spec import ArchitectureSpec, WeightRules
 from ember.graphs.nn.kv_cache import KVCacheStrategy
 
 from ..session import InferenceSession
@@ -61,13 +62,23 @@ class SupportedArchitecture:
     tokenizer: type
     default_weights_format: WeightsFormat
     rope_type: RopeType = RopeType.none
-    weight_adapters: dict[WeightsFormat, Any] = field(default_factory=dict)
+    # Per weights format, the rules that rename a checkpoint's tensors (``(arch_config, checkpoint) -> rules``);
+    # empty: the spec's own. The compile uses these, so an entry can override how a checkpoint is read.
+    weight_adapters: dict[WeightsFormat, WeightRules] = field(default_factory=dict)
     multi_gpu_supported: bool = False
     required_arguments: dict[str, Any] = field(default_factory=dict)
     context_validators: list[Callable[[Any], None]] = field(default_factory=list)
-    graph_builder: Callable[..., Any] | None = None
+    # Every fact about the architecture (config, KV parameters, limits, weight bytes and rules, graph builder).
+    spec: ArchitectureSpec | None = None
 
     def __post_init__(self) -> None:
+        if self.spec is None:
+            raise ValueError(f"{self.name}: an architecture needs its spec (ember.graphs.architectures)")
+        if self.name not in self.spec.hf_architectures:
+            raise ValueError(f"{self.name}: spec {self.spec.name!r} does not build it "
+                             f"(it builds {', '.join(self.spec.hf_architectures)})")
+        if not self.weight_adapters:
+            self.weight_adapters = {WeightsFormat(f): rules for f, rules in self.spec.weight_rules.items()}
         if self.default_encoding not in self.supported_encodings:
             raise ValueError(f"{self.name}: default encoding {self.default_encoding} is not among its supported ones")
         unknown = sorted(set(self.required_arguments) - {f.name for f in dataclasses.fields(PipelineConfig)})

@@ -18,7 +18,7 @@ from ember.compiler.passes.cleanup import remove_unused
 from ember.compiler.passes.quantize_embedding import quantize_embedding
 from ember.compiler.passes.quantize_matmuls import quantize_matmuls, weight_packer
 from ember.compiler.targets import get_target
-from ember.graphs.architectures.llama import build_from_checkpoint
+from ember.graphs.architectures.llama import SPEC
 from ember.graphs.nn.transformer import ReturnLogits
 from ember.runtime.pipelines import PIPELINE_REGISTRY, ModelSource, PipelineConfig
 from ember.runtime.compile_cache import resolve_encoding
@@ -37,8 +37,8 @@ def tiny_gguf(tmp_path_factory):
 
 def lowered(path, passes=()) -> ir.Model:
     source = ModelSource.resolve(path)
-    model = build_from_checkpoint(source.hf_config(), source.open_weights(), "gguf",
-                                  CompileOptions(return_logits=ReturnLogits.ALL))
+    model = SPEC.build(source.hf_config(), source.open_weights(), "gguf",
+                       CompileOptions(return_logits=ReturnLogits.ALL).graph_options())
     for compiler_pass in get_target("ort-cpu").passes + tuple(passes):
         model = compiler_pass(model)
     return model

@@ -21,7 +21,8 @@ from ember.compiler.calibration.kv_cache import (CALIBRATION_TEXT, MIN_DISTINCT_
 from ember.compiler.compile import CompileOptions
 from ember.compiler.passes.lower_attention_gqa import gqa_kv_caches, kv_cache_bit_widths, quantize_kv_cache
 from ember.compiler.targets import get_target
-from ember.graphs.architectures.llama import build_from_checkpoint
+from ember.graphs.architectures.llama import SPEC
+from ember.graphs.options import GraphOptions
 from ember.graphs.ir.custom.attention import apply_rotary, attention_reference
 from ember.graphs.nn.kv_cache import KVCacheStrategy
 from ember.graphs.weights import SafetensorsWeights
@@ -159,7 +160,7 @@ def lowered_tiny(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tiny-llama")
     make_model("llama-gqa-llama3", directory)
     source = ModelSource.resolve(directory)
-    graph = build_from_checkpoint(source.hf_config(), SafetensorsWeights(directory), "safetensors", None)
+    graph = SPEC.build(source.hf_config(), SafetensorsWeights(directory), "safetensors", GraphOptions())
     return source.hf_config(), get_target("ort-cpu").lower(graph)
 
 

@@ -11,7 +11,8 @@ import pytest
 from onnx.reference import ReferenceEvaluator
 
 from ember.compiler.targets import get_target
-from ember.graphs.architectures.llama import build_from_checkpoint
+from ember.graphs.architectures.llama import SPEC
+from ember.graphs.options import GraphOptions
 from ember.graphs.ir.custom import reference_evaluator_ops
 from ember.graphs.weights import SafetensorsWeights
 from ember.runtime.pipelines import ModelSource
@@ -24,7 +25,7 @@ def graphs(request, tmp_path_factory):
     directory = tmp_path_factory.mktemp(request.param)
     make_model(request.param, directory)
     source = ModelSource.resolve(directory)
-    high = build_from_checkpoint(source.hf_config(), SafetensorsWeights(directory), "safetensors", None)
+    high = SPEC.build(source.hf_config(), SafetensorsWeights(directory), "safetensors", GraphOptions())
     high_proto = ir.to_proto(high)
     onnx.checker.check_model(high_proto, full_check=True)
     lowered = get_target("ort-cpu").lower(ir.from_proto(high_proto))

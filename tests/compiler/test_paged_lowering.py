@@ -22,6 +22,7 @@ from onnx.reference import ReferenceEvaluator
 from ember.compiler.passes.lower_paged_attention import lower_paged_attention
 from ember.compiler.targets import get_target
 from ember.graphs.architectures.llama import SAFETENSORS_RULES, LlamaArchConfig, build_graph
+from ember.graphs.options import GraphOptions
 from ember.graphs.ir.custom import paged_attention_reference, reference_evaluator_ops
 from ember.graphs.nn import KVCacheStrategy
 from ember.graphs.weights import SafetensorsWeights
@@ -115,7 +116,7 @@ def paged_tiny(request, tmp_path_factory):
     hf_config = ModelSource.resolve(directory).hf_config()
     config = LlamaArchConfig.from_hf(hf_config)
     high = build_graph(config, AdaptedWeights(SafetensorsWeights(directory), SAFETENSORS_RULES),
-                       strategy=KVCacheStrategy.PAGED, page_size=page_size)
+                       GraphOptions(kv_cache_strategy=KVCacheStrategy.PAGED, kv_cache_page_size=page_size))
     assert high.graph.metadata_props["ember.kv_page_size"] == str(page_size)
     high_proto = ir.to_proto(high)
     onnx.checker.check_model(high_proto, full_check=True)

@@ -92,3 +92,31 @@ def test_a_load_resolves_the_model_once(config, monkeypatch):
     monkeypatch.setattr(ModelSource, "resolve", classmethod(counting))
     _, pipeline = PIPELINE_REGISTRY.retrieve(config)
     assert calls == [config.model_path] and not pipeline.pipeline_model.resolved.compiled
+
+
+def test_weight_adapters_override_how_the_checkpoint_is_read(tmp_path):
+    """An entry's ``weight_adapters`` are what the compile reads the checkpoint with (not decoration): rules that
+    zero the output head give all-zero logits, from an artifact of their own (never the spec rules' cached one)."""
+    import numpy as np
+
+    from ember.graphs.weights.adapter import WeightRule
+    from ember.runtime.pipelines import WeightsFormat
+
+    make_model("llama-mqa-linear", tmp_path / "model")  # untied head
+    spec_rules = LLAMA.spec.weight_rules["safetensors"]
+
+    def zero_head(config, checkpoint):
+        return [WeightRule(r"lm_head\.weight", "lm_head.weight", lambda w, _m: np.zeros_like(w), moves_rows=True),
+                *spec_rules(config, checkpoint)]
+
+    config = PipelineConfig(model_path=tmp_path / "model", cache_dir=tmp_path / "cache", max_batch_size=1)
+    plain = PIPELINE_REGISTRY.retrieve(config)[1]
+    registry = PipelineRegistry([dataclasses.replace(LLAMA, weight_adapters={WeightsFormat.safetensors: zero_head})],
+                                artifacts=COMPILING)
+    zeroed = registry.retrieve(config)[1]
+    assert zeroed.pipeline_model.artifact.path != plain.pipeline_model.artifact.path
+    for pipeline, all_zero in ((plain, False), (zeroed, True)):
+        ctx = pipeline.new_context([1, 5, 9])
+        logits = pipeline.pipeline_model.execute(pipeline.pipeline_model.prepare_initial_token_inputs([ctx]))
+        pipeline.release(ctx)
+        assert bool(np.all(logits.next_token_logits == 0)) is all_zero

@@ -1,8 +1,6 @@
 """The BERT-family encoder graph, assembled from ember's layers."""
 from __future__ import annotations
 
-import onnx_ir as ir
-
 from ...nn import Embedding, Encoder, EncoderBlock, EncoderEmbeddings, EncoderSelfAttention, LayerNorm, Linear
 from ...weights.adapter import AdaptedWeights
 from .config import BertArchConfig
@@ -39,9 +37,3 @@ def build_encoder(config: BertArchConfig, weights: AdaptedWeights, pooling: str 
             config.hidden_act))
     return Encoder(embeddings, blocks, pooling=pooling, normalize=normalize,
                    max_sequence_length=config.max_sequence_length)
-
-
-def build_graph(config: BertArchConfig, weights: AdaptedWeights, pooling: str | None = None,
-                normalize: bool = False) -> ir.Model:
-    """The high-level (target-independent) graph: standard ONNX ops only (``Attention``-23 included)."""
-    return build_encoder(config, weights, pooling, normalize).build(config.architecture)

@@ -5,11 +5,10 @@ import onnx_ir as ir
 
 from ...nn import (MLP, Attention, Embedding, KVCacheParams, KVCacheStrategy, Linear, ReturnLogits, RMSNorm,
                    RotaryEmbedding, TiedOutput, Transformer, TransformerBlock)
+from ...nn.kv_cache import DEFAULT_PAGE_SIZE
 from ...weights.adapter import AdaptedWeights
 from .config import LlamaArchConfig
 
-
-DEFAULT_PAGE_SIZE = KVCacheParams.page_size
 
 
 def kv_params(config: LlamaArchConfig, strategy: KVCacheStrategy = KVCacheStrategy.CONTINUOUS,
@@ -57,12 +56,3 @@ def build_transformer(config: LlamaArchConfig, weights: AdaptedWeights,
     return Transformer(config.hidden_size, config.num_heads, blocks,
                        RMSNorm("model.norm", weights["model.norm.weight"], config.rms_norm_eps), output, embedding,
                        params, rope, return_logits)
-
-
-def build_graph(config: LlamaArchConfig, weights: AdaptedWeights,
-                return_logits: ReturnLogits = ReturnLogits.LAST_TOKEN,
-                strategy: KVCacheStrategy = KVCacheStrategy.CONTINUOUS,
-                page_size: int = DEFAULT_PAGE_SIZE) -> ir.Model:
-    """The high-level (target-independent) graph: standard ops plus ``ember.CachedAttention`` (CONTINUOUS) or
-    ``ember.PagedAttention`` (PAGED)."""
-    return build_transformer(config, weights, return_logits, strategy, page_size).build(config.architecture)

@@ -40,7 +40,7 @@ from ember.compiler.passes.quantize_matmuls_qdq import PackSpec, dequantize_line
 from ember.compiler.quantization import dequantize, quantize_rtn
 from ember.compiler.quantization.packing import unpack_codes, unpack_zero_points
 from ember.compiler.targets import get_target
-from ember.graphs.architectures.llama import build_from_checkpoint
+from ember.graphs.architectures.llama import SPEC
 from ember.graphs.ir.graph import BLOCKS_META, TOKEN_EMBEDDING_META
 from ember.graphs.nn.transformer import ReturnLogits
 from ember.graphs.weights import SafetensorsWeights
@@ -484,8 +484,8 @@ def odd_llama(tmp_path_factory):
 
 
 def lowered_llama(hf_config, directory: Path, encoding: str) -> ir.Model:
-    graph = build_from_checkpoint(hf_config, SafetensorsWeights(directory), "safetensors",
-                                  CompileOptions(return_logits=ReturnLogits.ALL))
+    graph = SPEC.build(hf_config, SafetensorsWeights(directory), "safetensors",
+                       CompileOptions(return_logits=ReturnLogits.ALL).graph_options())
     return get_target("ort-cpu").lower(graph, encoding)
 
 

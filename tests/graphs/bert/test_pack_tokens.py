@@ -14,7 +14,8 @@ from transformers import AutoConfig
 
 from ember.compiler.passes.pack_encoder_tokens import pack_encoder_tokens
 from ember.compiler.targets import get_target
-from ember.graphs.architectures import llama
+from ember.graphs.architectures import LLAMA
+from ember.graphs.options import GraphOptions
 from ember.graphs.weights import SafetensorsWeights
 
 from ...reference.tiny_models import make_model as make_decoder
@@ -60,7 +61,7 @@ def test_encoder_is_packed_and_keeps_its_results(tiny, pooling):
 def test_decoder_graphs_are_unchanged(tmp_path):
     make_decoder("qwen2-bias", tmp_path)
     config = AutoConfig.from_pretrained(tmp_path)
-    model = llama.build_from_checkpoint(config, SafetensorsWeights(tmp_path), "safetensors", None)
+    model = LLAMA.build(config, SafetensorsWeights(tmp_path), "safetensors", GraphOptions())
     for compiler_pass in get_target("ort-cpu").passes:
         if compiler_pass is not pack_encoder_tokens:
             model = compiler_pass(model)

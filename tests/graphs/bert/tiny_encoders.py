@@ -17,7 +17,7 @@ from transformers import (BertConfig, BertForMaskedLM, BertModel, RobertaConfig,
 
 from ember.compiler.compile import CompileOptions
 from ember.compiler.targets import get_target
-from ember.graphs.architectures.bert import build_from_checkpoint
+from ember.graphs.architectures.bert import SPEC
 from ember.graphs.weights import SafetensorsWeights
 
 VOCAB = 100
@@ -77,8 +77,8 @@ def padded_batch(config, lengths=(9, 4, 7), seed: int = 0):
 
 
 def build(config, directory: Path, pooling: str | None = None, normalize: bool = False) -> ir.Model:
-    return build_from_checkpoint(config, SafetensorsWeights(directory), "safetensors",
-                                 CompileOptions(pooling=pooling, normalize=normalize))
+    return SPEC.build(config, SafetensorsWeights(directory), "safetensors",
+                      CompileOptions(pooling=pooling, normalize=normalize).graph_options())
 
 
 def session_for(model: ir.Model, threads: int = 1) -> ort.InferenceSession:
