@@ -6,7 +6,7 @@ import argparse
 import json
 from collections.abc import Callable
 
-from .cli import EXIT_RUNTIME_ERROR, UsageError, _eprint, _kv_cache_config
+from .cli_options import EXIT_RUNTIME_ERROR, UsageError, eprint, kv_cache_config
 
 
 def _bench_embeddings(args: argparse.Namespace) -> bool:
@@ -40,12 +40,12 @@ def _generation_peer(args: argparse.Namespace, threads: int, cache_dir) -> Calla
     """The factory of the ``--compare`` peer of a text-generation benchmark (None without one)."""
     def hf():
         from .bench_hf import HFRunner  # with bench_st / bench_ort_genai, where the CLI brings in torch
-        _eprint("ember: loading the same weights in transformers for --compare hf ...")
+        eprint("ember: loading the same weights in transformers for --compare hf ...")
         return HFRunner(args.model, threads)
 
     def ort_genai():
         from .bench_ort_genai import OrtGenaiRunner
-        _eprint("ember: preparing the onnxruntime-genai int4 model for --compare ort-genai (built once, "
+        eprint("ember: preparing the onnxruntime-genai int4 model for --compare ort-genai (built once, "
                 "then cached) ...")
         return OrtGenaiRunner(args.model, threads, cache_dir)
 
@@ -71,7 +71,7 @@ def run_bench(args: argparse.Namespace) -> int:
     encodings = check_encodings(args.model, args.encoding)
     pipelines, memory = load_encodings(args.model, encodings, num_threads=args.threads, batch_size=batch_size,
                                        max_length=args.prompt_tokens + args.new_tokens,
-                                       announce=lambda text: _eprint(f"ember: {text}"),
+                                       announce=lambda text: eprint(f"ember: {text}"),
                                        kv_cache_bit_width=args.kv_cache_bit_width or 0)
     peer_factory = _generation_peer(args, pipelines[0].num_threads, pipelines[0].pipeline.pipeline_config.cache_dir)
     try:
@@ -79,7 +79,7 @@ def run_bench(args: argparse.Namespace) -> int:
                                batch_size=batch_size, runs=args.runs, warmup=args.warmup, peer_factory=peer_factory,
                                bandwidth_mib=args.bandwidth_mib or BANDWIDTH_MIB, load_memory=memory, progress=True)
     except build_errors as error:  # the ort-genai builder's failure: its message names the log
-        _eprint(f"ember: error: {error}")
+        eprint(f"ember: error: {error}")
         return EXIT_RUNTIME_ERROR
     report["model"] = args.model or "SmolLM2-135M-Instruct (embedded default)"
     print(format_report(report), flush=True)
@@ -97,7 +97,7 @@ def _cmd_bench_serving(args: argparse.Namespace) -> int:
         raise UsageError("--compare does not apply to --concurrency / --prefix-cache")
     if args.encoding and len(args.encoding) > 1:
         raise UsageError("--concurrency / --prefix-cache measure one encoding at a time")
-    kv = _kv_cache_config(args)
+    kv = kv_cache_config(args)
     kv["kv_cache_strategy"] = kv["kv_cache_strategy"] or "paged"
     if args.prefix_cache and kv["kv_cache_strategy"] != "paged":
         raise UsageError("--prefix-cache needs the paged KV cache")
@@ -107,7 +107,7 @@ def _cmd_bench_serving(args: argparse.Namespace) -> int:
                              num_threads=args.threads, max_batch_size=max(levels + [1]),
                              max_length=max(prompt_tokens, 1024), **kv)
     loaded = load_pipeline(config)
-    _eprint(f"ember: {loaded.describe()}")
+    eprint(f"ember: {loaded.describe()}")
     report = {"model": args.model or "SmolLM2-135M-Instruct (embedded default)",
               "encoding": loaded.pipeline.pipeline_model.artifact.manifest["encoding"],
               "kv_cache_strategy": kv["kv_cache_strategy"], "threads": loaded.num_threads}
@@ -136,7 +136,7 @@ def _cmd_bench_embeddings(args: argparse.Namespace) -> int:
                                            max_batch_size=batch_size), task=PipelineTask.EMBEDDINGS_GENERATION)
     def st_peer():
         from .bench_st import STRunner  # with bench_hf / bench_ort_genai, where the CLI brings in torch
-        _eprint("ember: loading the same weights in sentence-transformers for --compare st ...")
+        eprint("ember: loading the same weights in sentence-transformers for --compare st ...")
         return STRunner(model, loaded.num_threads)
 
     peer_factory = st_peer if args.compare == "st" else None
@@ -153,4 +153,4 @@ def _write_json(path: str | None, report: dict) -> None:
     if path:
         with open(path, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)
-        _eprint(f"wrote {path}")
+        eprint(f"wrote {path}")

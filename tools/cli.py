@@ -14,190 +14,25 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable
-from importlib import metadata
 
+from .cli_options import (EXIT_RUNTIME_ERROR, EXIT_USAGE, EmberArgumentParser, UsageError,
+                          add_kv_cache_bit_width, add_kv_cache_options, add_model_options, add_run_options,
+                          add_sampling_options, add_threads, encoding_list, eprint, kv_cache_config, lazy_choice,
+                          non_negative, positive, positive_list, sampling_params, version)
 from .models_cli import add_commands as add_model_commands
 
 logger = logging.getLogger("ember.tools")
 
-EXIT_RUNTIME_ERROR, EXIT_USAGE = 1, 2
-
-
-class UsageError(Exception):
-    """Options that parse but do not go together: reported like argparse's usage errors (exit 2)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse's usage errors, in ember's format
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"ember: error: {message}\n")
-
-
-def _lazy_choice(kind: str):
-    """An argparse ``type`` that checks a value against ember's live list, importing it only when used."""
-    def check(value: str) -> str:
-        if kind == "target":
-            from ember.compiler import TARGETS
-            known = list(TARGETS)
-        elif kind == "encoding":
-            from ember.runtime.pipelines import SupportedEncoding
-            known = [e.value for e in SupportedEncoding]
-        else:
-            from ember.runtime.pipelines import KVCacheStrategy
-            known = [s.value for s in KVCacheStrategy]
-        if value not in known:
-            raise argparse.ArgumentTypeError(f"invalid {kind} {value!r} (choose from {', '.join(known)})")
-        return value
-    check.__name__ = kind
-    return check
-
-
-def _integer_at_least(minimum: int, what: str):
-    def check(value: str) -> int:
-        try:
-            number = int(value)
-        except ValueError:
-            number = minimum - 1
-        if number < minimum:
-            raise argparse.ArgumentTypeError(f"expected a {what} integer, got {value!r}")
-        return number
-    return check
-
-
-_positive, _non_negative = _integer_at_least(1, "positive"), _integer_at_least(0, "non-negative")
-
-
-def _positive_list(value: str) -> list[int]:
-    """``--concurrency 1,4,16``: positive integers, in the order given, duplicates dropped."""
-    check = _positive
-    parts = [part.strip() for part in value.split(",")]
-    if not all(parts):
-        raise argparse.ArgumentTypeError(f"empty value in {value!r}")
-    return list(dict.fromkeys(check(part) for part in parts))
-
-
-def _encoding_list(value: str) -> list[str]:
-    """``--encoding`` of ``ember bench``: one encoding or a comma-separated list, each checked like
-    ``--encoding`` elsewhere, duplicates dropped (the order is kept: the first is the report's ``ember``)."""
-    check = _lazy_choice("encoding")
-    names = [part.strip() for part in value.split(",")]
-    if not all(names):
-        raise argparse.ArgumentTypeError(f"empty encoding in {value!r}")
-    return list(dict.fromkeys(check(name) for name in names))
-
-
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--encoding", type=_lazy_choice("encoding"), default=None,
-                        help="weight encoding (default: the architecture's; `ember list` shows the supported ones)")
-    parser.add_argument("--max-length", type=_positive, default=None, metavar="N",
-                        help="maximum sequence length (default: the model's)")
-
-
-def _add_kv_cache_bit_width(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--kv-cache-bit-width", type=_non_negative, default=None, metavar="BITS",
-                        help="KV cache element width: 0 keeps it float (default); 8 stores it in int8 with scales "
-                             "calibrated at compile time (ort-cpu, continuous KV cache)")
-
-
-def _byte_size(value: str) -> int:
-    """``--kv-cache-bytes``: an integer with an optional K/M/G/T suffix (powers of 1024): 512M, 2G."""
-    text = value.strip().upper().removesuffix("B").removesuffix("I")
-    scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}.get(text[-1:], 1)
-    try:
-        number = float(text[:-1] if scale > 1 else text) * scale
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a byte count such as 512M or 2G, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive byte count, got {value!r}")
-    return int(number)
-
-
-def _add_kv_cache_options(parser: argparse.ArgumentParser, default_strategy: str = "the encoding's first") -> None:
-    parser.add_argument("--kv-cache-strategy", type=_lazy_choice("kv cache strategy"), default=None,
-                        help=f"continuous or paged (default: {default_strategy})")
-    parser.add_argument("--kv-cache-bytes", type=_byte_size, default=None, metavar="BYTES",
-                        help="cap on KV cache memory, e.g. 512M or 2G (default: half the available memory)")
-    parser.add_argument("--kv-cache-pages", type=_positive, default=None, metavar="N",
-                        help="paged: cap on the number of KV cache pages")
-    parser.add_argument("--kv-cache-page-size", type=_positive, default=None, metavar="TOKENS",
-                        help="paged: tokens per page (default: 16)")
-    parser.add_argument("--no-prefix-caching", action="store_true",
-                        help="paged: do not share the pages of common prompt prefixes between requests")
-
-
-def _kv_cache_config(args: argparse.Namespace) -> dict:
-    """The PipelineConfig fields of the KV cache options."""
-    config = {"kv_cache_strategy": args.kv_cache_strategy, "kv_cache_bytes": args.kv_cache_bytes,
-              "kv_cache_pages": args.kv_cache_pages, "enable_prefix_caching": not args.no_prefix_caching,
-              "kv_cache_bit_width": args.kv_cache_bit_width or 0}
-    if args.kv_cache_page_size is not None:
-        config["kv_cache_page_size"] = args.kv_cache_page_size
-    return config
-
-
-def _add_threads(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--threads", type=_positive, default=None, metavar="N",
-                        help="onnxruntime intra-op threads (default: the CPUs this process may use)")
-
-
-# A chat answer of a paragraph or two; a model ends shorter answers itself (EOS), and a model stuck repeating
-# is cut after one paragraph instead of running on (ember issue 16).
-DEFAULT_MAX_NEW_TOKENS = 128
-
-
-def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
-    """How the commands that generate pick tokens (``generate``, ``chat``): SamplingParams' fields."""
-    parser.add_argument("--max-new-tokens", type=_positive, default=DEFAULT_MAX_NEW_TOKENS, metavar="N",
-                        help=f"tokens to generate at most per answer (default: {DEFAULT_MAX_NEW_TOKENS}: a chat "
-                             "answer of a paragraph or two; the model stops earlier at its end-of-sequence "
-                             "token, and a model caught in a loop stops here)")
-    parser.add_argument("--temperature", type=float, default=0.0, metavar="T",
-                        help="sampling temperature (default: 0 = greedy)")
-    parser.add_argument("--top-k", type=int, default=0, metavar="K", help="sample among the k most likely tokens (0: all)")
-    parser.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling threshold (default: 1.0)")
-    parser.add_argument("--seed", type=int, default=None, metavar="S", help="random seed for sampling")
-    parser.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
-                        help="divide positive logits (multiply negative ones) of every token already in the prompt "
-                             "or the answer by R, as transformers does; > 0, e.g. 1.1 (default: 1.0 = off)")
-    parser.add_argument("--frequency-penalty", type=float, default=0.0, metavar="F",
-                        help="subtract F times the count of each token in the answer so far (OpenAI's); "
-                             "-2 to 2 (default: 0 = off)")
-    parser.add_argument("--presence-penalty", type=float, default=0.0, metavar="P",
-                        help="subtract P from every token already in the answer (OpenAI's); -2 to 2 (default: 0 = off)")
-    parser.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
-
-
-def _sampling_params(args: argparse.Namespace):
-    """SamplingParams from the sampling options; an out-of-range value is a usage error (exit 2)."""
-    from ember.runtime.pipelines import SamplingParams
-
-    try:
-        return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                              max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos,
-                              repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
-                              presence_penalty=args.presence_penalty)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-
-
-def _add_run_options(parser: argparse.ArgumentParser, handler: Callable[[argparse.Namespace], int]) -> None:
-    """The options of the commands that load and run a model (the model's, the threads), then the handler."""
-    _add_model_options(parser)
-    _add_threads(parser)
-    parser.set_defaults(handler=handler)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="ember", description="ember: compile transformer models to ONNX artifacts and run them.",
+    parser = EmberArgumentParser(prog="ember", description="ember: compile transformer models to ONNX artifacts and run them.",
                      epilog="Run `ember <command> --help` for a command's options.")
-    parser.add_argument("--version", action="version", version=f"ember {_version()}")
+    parser.add_argument("--version", action="version", version=f"ember {version()}")
     verbose = argparse.ArgumentParser(add_help=False)
     verbose.add_argument("-v", "--verbose", action="count", default=0,
                          help="log more (-v: info, -vv: debug and tracebacks)")
     parser.add_argument("-v", "--verbose", action="count", default=0, dest="verbose_global",
                         help="log more (-v: info, -vv: debug and tracebacks); also accepted after the command")
-    commands = parser.add_subparsers(dest="command", metavar="<command>", parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", metavar="<command>", parser_class=EmberArgumentParser)
 
     p = commands.add_parser("list", parents=[verbose], help="list the supported architectures",
                             description="List the architectures ember compiles, with tasks, encodings "
@@ -209,12 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Compile an HF model directory or a .gguf file. Without -o the artifact "
                                         "goes to the compile cache ($EMBER_CACHE or ~/.cache/ember).")
     p.add_argument("model", metavar="MODEL", help="a Hugging Face model directory or a .gguf file")
-    p.add_argument("--target", type=_lazy_choice("target"), default="ort-cpu", help="compile target (default: ort-cpu)")
+    p.add_argument("--target", type=lazy_choice("target"), default="ort-cpu", help="compile target (default: ort-cpu)")
     p.add_argument("-o", "--output", metavar="DIR", default=None, help="write the artifact directory here")
-    _add_model_options(p)
-    p.add_argument("--kv-cache-strategy", type=_lazy_choice("kv cache strategy"), default=None,
+    add_model_options(p)
+    p.add_argument("--kv-cache-strategy", type=lazy_choice("kv cache strategy"), default=None,
                    help="continuous or paged (default: the first the encoding supports)")
-    _add_kv_cache_bit_width(p)
+    add_kv_cache_bit_width(p)
     p.add_argument("--force", action="store_true", help="recompile even if cached; replace an artifact in DIR")
     p.add_argument("--no-verify", action="store_true",
                    help="do not measure a quantized artifact's accuracy against the float32 build (by default the "
@@ -226,12 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", metavar="PROMPT", help="the prompt (the user message when there is a chat template)")
     p.add_argument("--model", default=None, help="HF model directory, .gguf file or compiled artifact "
                                                  "(default: the embedded SmolLM2-135M-Instruct)")
-    _add_sampling_options(p)
+    add_sampling_options(p)
     p.add_argument("--no-chat-template", action="store_true", help="encode PROMPT as is, without the chat template")
     p.add_argument("--system", default=None, metavar="TEXT", help="a system message (with a chat template)")
-    _add_kv_cache_bit_width(p)
-    _add_kv_cache_options(p)
-    _add_run_options(p, cmd_generate)
+    add_kv_cache_bit_width(p)
+    add_kv_cache_options(p)
+    add_run_options(p, cmd_generate)
 
     p = commands.add_parser("chat", parents=[verbose], help="chat with a model interactively",
                             description="An interactive chat on the model's chat template: the conversation is "
@@ -242,10 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="HF model directory, .gguf file or compiled artifact "
                                                  "(default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--system", default=None, metavar="TEXT", help="a system message for the whole conversation")
-    _add_sampling_options(p)
-    _add_kv_cache_bit_width(p)
-    _add_kv_cache_options(p)
-    _add_run_options(p, cmd_chat)
+    add_sampling_options(p)
+    add_kv_cache_bit_width(p)
+    add_kv_cache_options(p)
+    add_run_options(p, cmd_chat)
 
     p = commands.add_parser("embed", parents=[verbose], help="embed texts into vectors",
                             description="Embed each TEXT (or each line of --file) with an embeddings model. For "
@@ -258,10 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file", metavar="PATH", default=None,
                    help="embed each line of PATH (UTF-8; an empty line is an empty text; - reads stdin)")
     p.add_argument("-o", "--output", metavar="OUT.npy", default=None, help="save the embeddings with numpy.save")
-    p.add_argument("--batch-size", type=_positive, default=32, metavar="N", help="texts per model call (default: 32)")
+    p.add_argument("--batch-size", type=positive, default=32, metavar="N", help="texts per model call (default: 32)")
     p.add_argument("--no-truncation", action="store_true",
                    help="fail on a text longer than the model's maximum instead of truncating it")
-    _add_run_options(p, cmd_embed)
+    add_run_options(p, cmd_embed)
 
     p = commands.add_parser("bench", parents=[verbose], help="measure latency, throughput and memory",
                             description="Benchmark a text-generation model (TTFT for --batch-size prompts of "
@@ -276,36 +111,36 @@ def build_parser() -> argparse.ArgumentParser:
                         "or with --embeddings the embedded all-MiniLM-L6-v2)")
     p.add_argument("--embeddings", action="store_true",
                    help="benchmark an embeddings model (without MODEL: the embedded all-MiniLM-L6-v2)")
-    p.add_argument("--prompt-tokens", type=_positive, default=None, metavar="N",
+    p.add_argument("--prompt-tokens", type=positive, default=None, metavar="N",
                    help="text generation: prompt length in tokens (default: 64)")
-    p.add_argument("--new-tokens", type=_positive, default=None, metavar="N",
+    p.add_argument("--new-tokens", type=positive, default=None, metavar="N",
                    help="text generation: tokens to generate per run (default: 128)")
-    p.add_argument("--sentences", type=_positive, default=None, metavar="N",
+    p.add_argument("--sentences", type=positive, default=None, metavar="N",
                    help="embeddings: sentences per throughput run (default: 1024)")
-    p.add_argument("--batch-size", type=_positive, default=None, metavar="N",
+    p.add_argument("--batch-size", type=positive, default=None, metavar="N",
                    help="text generation: sequences decoded together, same prompt (default: 1); embeddings: "
                         "sentences per model call in the throughput runs (default: 32)")
-    p.add_argument("--latency-encodes", type=_positive, default=None, metavar="N", help=argparse.SUPPRESS)
-    p.add_argument("--bandwidth-mib", type=_positive, default=None, metavar="N", help=argparse.SUPPRESS)
-    p.add_argument("--runs", type=_positive, default=5, metavar="N", help="measured runs (default: 5)")
-    p.add_argument("--warmup", type=_non_negative, default=1, metavar="N", help="unmeasured runs first (default: 1)")
+    p.add_argument("--latency-encodes", type=positive, default=None, metavar="N", help=argparse.SUPPRESS)
+    p.add_argument("--bandwidth-mib", type=positive, default=None, metavar="N", help=argparse.SUPPRESS)
+    p.add_argument("--runs", type=positive, default=5, metavar="N", help="measured runs (default: 5)")
+    p.add_argument("--warmup", type=non_negative, default=1, metavar="N", help="unmeasured runs first (default: 1)")
     p.add_argument("--compare", choices=["hf", "st", "ort-genai"], default=None,
                    help="also run the same weights in a peer and print ratios: hf (transformers) or ort-genai "
                         "(onnxruntime-genai, int4 model built by its builder; pip install 'ember[bench]') for "
                         "a text-generation model, st (sentence-transformers) for an embeddings model")
-    p.add_argument("--encoding", type=_encoding_list, default=None, metavar="E[,E...]",
+    p.add_argument("--encoding", type=encoding_list, default=None, metavar="E[,E...]",
                    help="weight encoding; for text generation a comma-separated list is measured in one run, "
                         "e.g. float32,q8_0,q4_0 (default: the architecture's)")
-    p.add_argument("--concurrency", type=_positive_list, default=None, metavar="N[,N...]",
+    p.add_argument("--concurrency", type=positive_list, default=None, metavar="N[,N...]",
                    help="text generation: serve N concurrent requests through the engine (continuous batching; "
                         "--prompt-tokens / --new-tokens each) and report total output tokens/s, time to first "
                         "token and inter-token latency per level, e.g. 1,4,16 (default strategy: paged)")
     p.add_argument("--prefix-cache", action="store_true",
                    help="text generation: time to first token of a 512-token prompt sharing 448 tokens with a "
                         "finished request (prefix-cache hit) against a cold one (paged KV cache)")
-    _add_kv_cache_bit_width(p)
-    _add_kv_cache_options(p, "continuous; paged with --concurrency / --prefix-cache")
-    _add_threads(p)
+    add_kv_cache_bit_width(p)
+    add_kv_cache_options(p, "continuous; paged with --concurrency / --prefix-cache")
+    add_threads(p)
     p.add_argument("--json", metavar="PATH", default=None, help="also write the report as JSON to PATH")
     p.set_defaults(handler=cmd_bench)
 
@@ -320,29 +155,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL", nargs="?", default=None,
                    help="HF model directory, .gguf file or compiled artifact (default: the embedded "
                         "SmolLM2-135M-Instruct)")
-    p.add_argument("--target", type=_lazy_choice("target"), default=None,
+    p.add_argument("--target", type=lazy_choice("target"), default=None,
                    help="compile target (default: ort-cpu; an artifact's own)")
-    p.add_argument("--kv-cache-strategy", type=_lazy_choice("kv cache strategy"), default=None,
+    p.add_argument("--kv-cache-strategy", type=lazy_choice("kv cache strategy"), default=None,
                    help="continuous or paged (default: the first the encoding supports)")
     p.add_argument("--reference", choices=["auto", "transformers", "ember"], default="auto",
                    help="float32 reference: transformers, ember's own float32 build, or auto (transformers where "
                         "torch is installed; default)")
     p.add_argument("--text", metavar="PATH", default=None, help="verify on this UTF-8 text instead of the shipped one")
     p.add_argument("--json", metavar="PATH", default=None, help="also write the figures as JSON to PATH")
-    _add_run_options(p, cmd_verify)
+    add_run_options(p, cmd_verify)
     add_model_commands(commands, [verbose])  # pull, models
     return parser
-
-
-def _version() -> str:
-    try:
-        return metadata.version("ember")
-    except metadata.PackageNotFoundError:
-        return "unknown"
-
-
-def _eprint(*parts: object) -> None:
-    print(*parts, file=sys.stderr, flush=True)
 
 
 # commands ---------------------------------------------------------------------------------------------
@@ -361,18 +185,18 @@ def cmd_compile(args: argparse.Namespace) -> int:
                            kv_cache_strategy=args.kv_cache_strategy, max_length=args.max_length, force=args.force,
                            kv_cache_bit_width=args.kv_cache_bit_width or 0, verify=not args.no_verify)
     if result.compiled:
-        _eprint(f"compiled {result.architecture} for {args.target} in {result.seconds:.2f} s")
+        eprint(f"compiled {result.architecture} for {args.target} in {result.seconds:.2f} s")
     else:
-        _eprint(f"already in the compile cache (verified in {result.seconds:.2f} s); --force recompiles")
+        eprint(f"already in the compile cache (verified in {result.seconds:.2f} s); --force recompiles")
     if result.verification is not None:
         from .verify_metrics import summarize
-        _eprint(summarize(result.verification))
+        eprint(summarize(result.verification))
     if args.verbose + args.verbose_global:
         from ember.compiler.artifact import MANIFEST
 
         from .lowering_report import format_lowerings
         for line in format_lowerings(json.loads((result.path / MANIFEST).read_text())):
-            _eprint(f"lowering: {line}")
+            eprint(f"lowering: {line}")
     print(result.path)
     return 0
 
@@ -381,9 +205,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .generate import GenerationStats, build_prompt, stream_text
     from .loading import load_pipeline, pipeline_config
 
-    sampling = _sampling_params(args)
+    sampling = sampling_params(args)
     loaded = load_pipeline(pipeline_config(args.model, encoding=args.encoding, max_length=args.max_length,
-                                           num_threads=args.threads, **_kv_cache_config(args)))
+                                           num_threads=args.threads, **kv_cache_config(args)))
     prompt_ids = build_prompt(loaded.tokenizer, args.prompt, system=args.system,
                               chat_template=not args.no_chat_template)
     stats = GenerationStats()
@@ -393,10 +217,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sys.stdout.write("\n")
     sys.stdout.flush()
     cut = stats.finish_reason == "length" and stats.generated_tokens >= args.max_new_tokens
-    _eprint(f"[ember] {loaded.describe()}; {stats.describe()}"
+    eprint(f"[ember] {loaded.describe()}; {stats.describe()}"
             + (f"; stopped at --max-new-tokens {args.max_new_tokens}" if cut else ""))
     if args.verbose + args.verbose_global:
-        _eprint(f"[ember] {loaded.describe_verification()}")
+        eprint(f"[ember] {loaded.describe_verification()}")
     return 0
 
 
@@ -404,10 +228,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from .chat import run_chat
     from .loading import load_pipeline, pipeline_config
 
-    sampling = _sampling_params(args)
+    sampling = sampling_params(args)
     loaded = load_pipeline(pipeline_config(args.model, encoding=args.encoding, max_length=args.max_length,
-                                           num_threads=args.threads, **_kv_cache_config(args)))
-    _eprint(f"[ember] {loaded.describe()}")
+                                           num_threads=args.threads, **kv_cache_config(args)))
+    eprint(f"[ember] {loaded.describe()}")
     return run_chat(loaded.pipeline, loaded.tokenizer, sampling, system=args.system)
 
 
@@ -437,10 +261,10 @@ def cmd_embed(args: argparse.Namespace) -> int:
         print()
         print(format_similarity(cosine_similarity(result.embeddings)), flush=True)
     n, dim = result.embeddings.shape
-    _eprint(f"[ember] {loaded.describe()}; embedded {n} text{'s' if n != 1 else ''} ({dim} dimensions) in "
+    eprint(f"[ember] {loaded.describe()}; embedded {n} text{'s' if n != 1 else ''} ({dim} dimensions) in "
             f"{result.seconds * 1000:.1f} ms, {loaded.num_threads} threads")
     if output is not None:
-        _eprint(f"wrote {save_embeddings(output, result.embeddings)}")
+        eprint(f"wrote {save_embeddings(output, result.embeddings)}")
     return 0
 
 
@@ -464,7 +288,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     print(report.format(), flush=True)
     if output is not None:
         output.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-        _eprint(f"wrote {output}")
+        eprint(f"wrote {output}")
     return 0 if report.passed else EXIT_RUNTIME_ERROR
 
 
@@ -498,10 +322,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except UsageError as error:
-        _eprint(f"ember: error: {error}")
+        eprint(f"ember: error: {error}")
         return EXIT_USAGE
     except KeyboardInterrupt:
-        _eprint("ember: interrupted")
+        eprint("ember: interrupted")
         return 130
     except BrokenPipeError:  # e.g. `ember generate ... | head`
         sys.stderr.close()
@@ -510,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(error, _expected_errors()):
             raise
         logger.debug("traceback", exc_info=True)
-        _eprint(f"ember: error: {error}")
+        eprint(f"ember: error: {error}")
         return EXIT_RUNTIME_ERROR
 
 
