@@ -23,7 +23,7 @@ from typing import Any
 
 from ember.compiler.artifact import Artifact, verify_artifact
 from ember.graphs.architectures.spec import ArchitectureSpec, WeightRules
-from ember.graphs.nn.kv_cache import KVCacheStrategy
+from ember.graphs.nn.kv_cache import DEFAULT_PAGE_SIZE, KVCacheStrategy
 
 from ..session import InferenceSession
 from .config import PipelineConfig, SupportedEncoding, WeightsFormat
@@ -120,7 +120,30 @@ def load_compiled_artifact(pipeline_config: PipelineConfig, architecture: Suppor
         raise ValueError(f"{source.path} is not a compiled ember artifact and this registry does not compile; "
                          f"compile it with `ember compile`, or use PIPELINE_REGISTRY (compiles on first use)")
     start = time.perf_counter()
-    return ResolvedArtifact(verify_artifact(source.path), False, time.perf_counter() - start)
+    artifact = verify_artifact(source.path)
+    check_asked_of_artifact(pipeline_config, artifact)
+    return ResolvedArtifact(artifact, False, time.perf_counter() - start)
+
+
+def check_asked_of_artifact(pipeline_config: PipelineConfig, artifact: Artifact) -> None:
+    """A compiled artifact is what it was compiled as: options that would change the compile (encoding, KV cache
+    strategy and bit width, page size, target) and differ from its manifest are an error, not silently ignored.
+    Options left at their defaults ask nothing."""
+    manifest, options = artifact.manifest, artifact.manifest.get("options", {})
+    asked = {"encoding": pipeline_config.encoding, "kv_cache_strategy": pipeline_config.kv_cache_strategy,
+             "kv_cache_bit_width": pipeline_config.kv_cache_bit_width or None}
+    if pipeline_config.kv_cache_page_size != DEFAULT_PAGE_SIZE:  # the default: whatever the artifact has
+        asked["kv_cache_page_size"] = pipeline_config.kv_cache_page_size
+    if pipeline_config.target != "ort-cpu":  # the default: any artifact's target is fine when none is asked
+        asked["target"] = pipeline_config.target
+    has = {"encoding": manifest.get("encoding"), "kv_cache_strategy": manifest.get("kv_cache_strategy"),
+           "kv_cache_bit_width": options.get("kv_cache_bit_width", 0),
+           "kv_cache_page_size": options.get("kv_cache_page_size"), "target": manifest.get("target")}
+    for name, value in asked.items():
+        value = getattr(value, "value", value)
+        if value is not None and value != has[name]:
+            raise ValueError(f"{artifact.path} was compiled with {name} {has[name]!r}, not the {value!r} asked for; "
+                             f"compile the source model with that option instead (`ember compile ... `)")
 
 
 @dataclass(frozen=True)

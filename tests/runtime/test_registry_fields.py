@@ -120,3 +120,19 @@ def test_weight_adapters_override_how_the_checkpoint_is_read(tmp_path):
         logits = pipeline.pipeline_model.execute(pipeline.pipeline_model.prepare_initial_token_inputs([ctx]))
         pipeline.release(ctx)
         assert bool(np.all(logits.next_token_logits == 0)) is all_zero
+
+
+@pytest.mark.parametrize("asked,message", [
+    ({"encoding": "q8_0"}, "compiled with encoding 'float32', not the 'q8_0' asked for"),
+    ({"kv_cache_strategy": "paged"}, "compiled with kv_cache_strategy 'continuous', not the 'paged' asked for"),
+    ({"kv_cache_bit_width": 8}, "compiled with kv_cache_bit_width 0, not the 8 asked for"),
+    ({"target": "ort-cpu-qdq"}, "compiled with target 'ort-cpu', not the 'ort-cpu-qdq' asked for"),
+])
+def test_options_an_artifact_was_not_compiled_with_are_refused(config, asked, message):
+    artifact = PIPELINE_REGISTRY.resolve(dataclasses.replace(config, encoding="float32",
+                                                             kv_cache_strategy="continuous")).artifact
+    with pytest.raises(ValueError, match=message):
+        PIPELINE_REGISTRY.retrieve(PipelineConfig(model_path=artifact.path, cache_dir=config.cache_dir, **asked))
+    same = PipelineConfig(model_path=artifact.path, cache_dir=config.cache_dir, encoding="float32",
+                          kv_cache_strategy="continuous", max_batch_size=1)
+    assert PIPELINE_REGISTRY.resolve(same).artifact.path == artifact.path  # what it was compiled as is fine
