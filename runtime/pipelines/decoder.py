@@ -95,7 +95,7 @@ class DecoderPipelineModel(PipelineModel, KVCacheMixin):
         strategy = KVCacheStrategy(self.artifact.manifest.get("kv_cache_strategy", KVCacheStrategy.CONTINUOUS))
         params = KVCacheParams(dtype=kv["dtype"], n_kv_heads=kv["n_kv_heads"], head_dim=kv["head_dim"],
                                num_layers=kv["num_layers"], cache_strategy=strategy,
-                               page_size=kv.get("page_size", 128))
+                               page_size=kv["page_size"])  # what the graph was built with
         first_cache = "key_cache.0" if strategy is KVCacheStrategy.PAGED else params.input_names(0)[0]
         graph_dtype = self.model.input_dtype(first_cache)
         if graph_dtype != np.dtype(params.dtype):  # the buffers must be what the kernel reads and writes
@@ -103,8 +103,11 @@ class DecoderPipelineModel(PipelineModel, KVCacheMixin):
                              f"the graph's {graph_dtype}; recompile the model")
         if available_cache_memory is None:
             available_cache_memory = psutil.virtual_memory().available // 2
-        per_sequence = self.max_seq_len * params.bytes_per_token
         budget = min(available_cache_memory, self.pipeline_config.kv_cache_bytes or available_cache_memory)
+        granule = params.page_size if strategy is KVCacheStrategy.PAGED else 1
+        reserved = PagedKVCacheManager.page_bytes(params, params.page_size) if granule > 1 else 0  # scratch page
+        self._fit_max_length(max(0, budget - reserved) // (granule * params.bytes_per_token) * granule, budget)
+        per_sequence = self.max_seq_len * params.bytes_per_token
         if strategy is KVCacheStrategy.PAGED:
             return self._paged_manager(params, budget, per_sequence)
         fits = max(1, budget // per_sequence)
@@ -113,6 +116,20 @@ class DecoderPipelineModel(PipelineModel, KVCacheMixin):
             raise ValueError(f"max_batch_size {batch} needs {batch * per_sequence / 2**30:.2f} GiB of KV cache at "
                              f"max_length {self.max_seq_len}; {budget / 2**30:.2f} GiB are allowed")
         return ContinuousKVCacheManager(params, batch, self.max_seq_len)
+
+    def _fit_max_length(self, tokens_that_fit: int, budget: int) -> None:
+        """Lower the maximum length to what the KV cache budget holds for one sequence, and say so; a length the
+        user asked for that does not fit is an error (a model's own limit, e.g. a million positions, would
+        otherwise reserve tens of GiB for one slot, whatever --kv-cache-bytes says)."""
+        if tokens_that_fit >= self.max_seq_len:
+            return
+        where = f"the KV cache budget of {budget / 2**20:.1f} MiB (--kv-cache-bytes, or half the available memory)"
+        if self.pipeline_config.max_length is not None or tokens_that_fit < 2:
+            raise ValueError(f"{where} holds {tokens_that_fit} tokens of one sequence, less than max_length "
+                             f"{self.max_seq_len}; raise --kv-cache-bytes or lower --max-length")
+        logger.warning("max_length capped to %d tokens (the model allows %d): %s holds no more", tokens_that_fit,
+                       self.max_seq_len, where)
+        self.max_seq_len = tokens_that_fit
 
     def _paged_manager(self, params: KVCacheParams, budget: int, per_sequence: int) -> PagedKVCacheManager:
         """A page pool for ``max_batch_size`` full-length sequences, within the byte budget and the page cap.

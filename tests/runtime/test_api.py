@@ -100,7 +100,8 @@ def test_sizing_classmethods(tmp_path):
     weights = DecoderPipelineModel.estimate_weights_size(config)
     import safetensors.numpy
     tensors = safetensors.numpy.load_file(tmp_path / "model.safetensors")
-    assert weights == sum(t.size * 4 for t in tensors.values())
+    rotary = 256 * 32 * 4  # the graph's cos|sin tables: max_position_embeddings x head_dim, float32
+    assert weights == sum(t.size * 4 for t in tensors.values()) + rotary
 
 
 def test_tokenizer_retrieval_without_loading_a_model(tmp_path, cache_dir):
