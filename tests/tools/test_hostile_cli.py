@@ -62,3 +62,40 @@ def test_tokenizer_code_never_runs_even_answering_yes(tmp_path, env):
     assert not marker.exists(), "the model folder's Python ran"
     assert "Do you wish to run the custom code" not in result.stdout + result.stderr
     assert json.loads((model / "tokenizer_config.json").read_text())["auto_map"]  # the crafted file is as written
+
+
+def _no_artifact(tmp_path) -> bool:
+    artifacts = tmp_path / "cache" / "artifacts"
+    return not artifacts.exists() or not any(p for p in artifacts.iterdir() if not p.name.startswith("."))
+
+
+@pytest.mark.parametrize("damage, starts, match", [
+    ("not json", "config.json", "is not valid JSON"),
+    ("architectures a string", "config.json", "architectures must be a list of class names"),
+    ("no num_attention_heads", "config.json", "num_attention_heads is missing"),
+    ("more layers than the checkpoint", "", "num_hidden_layers is 9 but the checkpoint has layers 0..1"),
+    ("no tokenizer", "", "tokenizer"),
+])
+def test_a_broken_model_folder_fails_before_compiling(tmp_path, env, damage, starts, match):
+    """config.json is checked by its architecture's spec before transformers fills in defaults, the checkpoint
+    against the config and the tokenizer before the graph is built: one line naming the problem, nothing in the
+    cache."""
+    from ..graphs.test_hostile_files import CONFIG
+
+    model = write_tiny_llama(tmp_path / "model")
+    config_file = model / "config.json"
+    if damage == "not json":
+        config_file.write_text('{"architectures": ["LlamaForCausalLM"],')
+    elif damage == "architectures a string":
+        config_file.write_text(json.dumps({**CONFIG, "architectures": "LlamaForCausalLM"}))
+    elif damage == "no num_attention_heads":
+        config_file.write_text(json.dumps({k: v for k, v in CONFIG.items() if k != "num_attention_heads"}))
+    elif damage == "more layers than the checkpoint":
+        config_file.write_text(json.dumps({**CONFIG, "num_hidden_layers": 9}))
+    else:
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (model / name).unlink()
+    line = assert_one_line_error(ember("compile", str(model), env=env),
+                                 f"{config_file}" if starts == "config.json" else starts)
+    assert match in line, line
+    assert _no_artifact(tmp_path)
