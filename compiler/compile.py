@@ -21,6 +21,7 @@ from ember.graphs.nn.transformer import ReturnLogits
 from ember.graphs.options import GraphOptions
 
 from .artifact import Artifact, write_artifact
+from .graph_runner import GraphRunner
 from .passes.lowering_record import summarize
 from .targets import get_target
 
@@ -112,17 +113,19 @@ def describe_values(values) -> list[dict[str, Any]]:
 
 def compile_graph(graph: ir.Model, output_dir: str | Path, options: CompileOptions, manifest: dict[str, Any],
                   write_extra_files: Callable[[Path], None] | None = None,
-                  calibration_tokens: tuple[list[np.ndarray], str] | None = None) -> Artifact:
+                  calibration_tokens: tuple[list[np.ndarray], str] | None = None,
+                  runner: GraphRunner | None = None) -> Artifact:
     """Lower ``graph`` for ``options.target`` and write the artifact to ``output_dir`` (atomically).
 
     ``calibration_tokens`` (rows of ids, where they came from) calibrate an integer KV cache; without them it is
-    calibrated on random ids of the manifest's vocabulary."""
+    calibrated on random ids of the manifest's vocabulary. ``runner`` runs the float model for that calibration
+    (a runtime backend, passed down by the caller: the compiler does not import the runtime)."""
     options.validate()
     target = get_target(options.target)
     start = time.perf_counter()
     lowered = target.lower(graph, options.encoding)
     if options.kv_cache_bit_width:
-        lowered, manifest = _quantize_kv_cache(lowered, options, manifest, calibration_tokens)
+        lowered, manifest = _quantize_kv_cache(lowered, options, manifest, calibration_tokens, runner)
     total_bytes = sum(v.const_value.nbytes for v in lowered.graph.initializers.values() if v.const_value is not None)
 
     def populate(tmp: Path) -> dict[str, Any]:
@@ -138,8 +141,9 @@ def compile_graph(graph: ir.Model, output_dir: str | Path, options: CompileOptio
             "options": options.to_json(),
             "target": target.name,
             "session": dict(target.session),
-            "devices": ["cpu"],
-            "ranks": [{"rank": 0, "device": "cpu", "model": "rank0/model.onnx"}],
+            "runtime": target.runtime_block(),
+            "devices": [target.device_kind],
+            "ranks": [{"rank": 0, "device": target.device_kind, "model": "rank0/model.onnx"}],
             "graph": {"inputs": describe_values(lowered.graph.inputs),
                       "outputs": describe_values(lowered.graph.outputs)},
             "lowerings": [lowering.to_json() for lowering in summarize(lowered)],
@@ -152,7 +156,8 @@ def compile_graph(graph: ir.Model, output_dir: str | Path, options: CompileOptio
 
 
 def _quantize_kv_cache(lowered: ir.Model, options: CompileOptions, manifest: dict[str, Any],
-                       calibration_tokens: tuple[list[np.ndarray], str] | None) -> tuple[ir.Model, dict[str, Any]]:
+                       calibration_tokens: tuple[list[np.ndarray], str] | None,
+                       runner: GraphRunner | None) -> tuple[ir.Model, dict[str, Any]]:
     """Calibrate and quantize the KV cache; the manifest's ``kv_params.dtype`` is then the graph's cache type."""
     from .calibration.kv_cache import calibrate_kv_cache
     from .passes.lower_attention_gqa import GQA_FORM, gqa_kv_caches
@@ -165,7 +170,7 @@ def _quantize_kv_cache(lowered: ir.Model, options: CompileOptions, manifest: dic
 
     tokens, source = calibration_tokens if calibration_tokens is not None else (None, "random")
     limits = manifest.get("limits", {})
-    lowered, summary = calibrate_kv_cache(lowered, options.kv_cache_bit_width, tokens,
+    lowered, summary = calibrate_kv_cache(lowered, options.kv_cache_bit_width, tokens, runner=runner,
                                           vocab_size=limits.get("vocab_size"), token_source=source,
                                           max_tokens=limits.get("max_position_embeddings"))
     manifest = {**manifest, "kv_cache_quantization": summary}

@@ -21,12 +21,16 @@ import numpy as np
 from ember.compiler import ArtifactError, CompileOptions, cache_key, compile_graph, verify_artifact
 from ember.compiler.artifact import Artifact
 from ember.compiler.hashing import HashMemo
+from ember.compiler.targets import get_target
 from ember.graphs.nn.kv_cache import KVCacheStrategy
 
+from .backends import backend_for
 from .pipelines.config import BLOCK_ENCODINGS, NATIVE_ENCODINGS, PipelineConfig, SupportedEncoding, WeightsFormat
 from .pipelines.model_source import ModelSource
-from .pipelines.registry import ResolvedArtifact, load_compiled_artifact
+from .pipelines.architectures import BUILTIN_ARCHITECTURES
+from .pipelines.registry import PipelineRegistry, ResolvedArtifact, load_compiled_artifact
 from .pipelines.tokenizer import TextTokenizer, check_tokenizer, export_tokenizer
+from .session import default_num_threads
 
 if TYPE_CHECKING:
     from .pipelines.registry import SupportedArchitecture
@@ -66,8 +70,6 @@ def resolve_encoding(pipeline_config: PipelineConfig, architecture: "SupportedAr
 
     Encodings that keep a checkpoint's blocks (``q4_1``, ``q4_k``) must find such blocks in the source.
     """
-    from ember.compiler.targets import get_target
-
     on_target = get_target(pipeline_config.target).encodings
     supported = [str(getattr(e, "value", e)) for e in architecture.supported_encodings]
     supported = [e for e in supported if e in on_target]
@@ -178,7 +180,10 @@ def compile_source(source: ModelSource, architecture: "SupportedArchitecture", o
         export_tokenizer(source, tmp / "tokenizer", hf_config)
 
     calibration = kv_calibration_tokens(source, hf_config, max_positions) if options.kv_cache_bit_width else None
-    return compile_graph(graph, directory, options, manifest, write_extra_files, calibration)
+    # KV cache calibration runs the float model on the backend that will run the artifact.
+    runner = (backend_for({"runtime": get_target(options.target).runtime_block()}, default_num_threads())
+              if options.kv_cache_bit_width else None)
+    return compile_graph(graph, directory, options, manifest, write_extra_files, calibration, runner)
 
 
 def kv_calibration_tokens(source: ModelSource, hf_config: Any, max_positions: int) -> tuple[Any, str]:
@@ -198,3 +203,8 @@ def kv_calibration_tokens(source: ModelSource, hf_config: Any, max_positions: in
         return tokenizer.encode(text)
 
     return calibration_tokens(encode, hf_config.vocab_size, min(CALIBRATION_TOKENS, max_positions))
+
+
+#: The registry of every built-in architecture, compiling on first use (``max.pipelines``' ``PIPELINE_REGISTRY``;
+#: ``ember.runtime.pipelines`` exports it by this name).
+PIPELINE_REGISTRY = PipelineRegistry(BUILTIN_ARCHITECTURES, artifacts=ensure_artifact)

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from ..graph_runner import GraphRunner
 from ..passes.lower_attention_gqa import gqa_kv_caches, quantize_kv_cache
 
 logger = logging.getLogger(__name__)
@@ -102,18 +103,15 @@ def calibration_tokens(encode: Callable[[str], Sequence[int]] | None, vocab_size
     return [rng.integers(0, vocab_size, n).astype(np.int64) for n in [max_tokens] + [short] * SHORT_ROWS], "random"
 
 
-def measure_kv_ranges(model: ir.Model, rows: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+def measure_kv_ranges(model: ir.Model, rows: Sequence[np.ndarray], runner: GraphRunner) -> dict[str, np.ndarray]:
     """Per past-KV input name: the largest ``|x|`` cached per (kv head, channel) when ``model`` prefills ``rows``
-    (token id sequences, each from position 0; rows of equal length run as one batch); keys with rotary pairs
-    combined (see the module doc)."""
-    import onnxruntime as ort
-
+    (token id sequences, each from position 0; rows of equal length run as one batch) on ``runner`` (a runtime
+    backend); keys with rotary pairs combined (see the module doc)."""
     caches = gqa_kv_caches(model)
     known = {"input_ids", "input_lengths", "cache_lengths"} | {n for c in caches for n in (c.key, c.value)}
     extra = [v.name for v in model.graph.inputs if v.name not in known]
     if extra:
         raise ValueError(f"KV cache calibration cannot feed the graph inputs {', '.join(extra)}")
-    presents = {c.present_key for c in caches} | {c.present_value for c in caches}
     batches: dict[int, list[np.ndarray]] = {}
     for row in rows:
         batches.setdefault(len(row), []).append(np.asarray(row, np.int64))
@@ -121,25 +119,16 @@ def measure_kv_ranges(model: ir.Model, rows: Sequence[np.ndarray]) -> dict[str, 
     with tempfile.TemporaryDirectory(prefix="ember-kv-calibration-") as tmp:
         path = Path(tmp) / "model.onnx"
         ir.save(model, path, external_data="model.onnx.data")
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
         for length, batch in batches.items():
-            binding = session.io_binding()
-            binding.bind_cpu_input("input_ids", np.stack(batch))
-            binding.bind_cpu_input("input_lengths", np.full(len(batch), length, np.int32))
-            binding.bind_cpu_input("cache_lengths", np.zeros(len(batch), np.int32))
+            inputs = {"input_ids": np.stack(batch), "input_lengths": np.full(len(batch), length, np.int32),
+                      "cache_lengths": np.zeros(len(batch), np.int32)}
             buffers: dict[str, np.ndarray] = {}
+            in_place: dict[str, tuple[str, np.ndarray]] = {}
             for cache in caches:
                 for name, output in ((cache.key, cache.present_key), (cache.value, cache.present_value)):
                     buffers[name] = np.zeros((len(batch), cache.kv_num_heads, length, cache.head_dim), np.float32)
-                    value = ort.OrtValue.ortvalue_from_numpy(buffers[name])
-                    binding.bind_ortvalue_input(name, value)
-                    binding.bind_ortvalue_output(output, value)  # shared, as the runtime binds them
-            for output in session.get_outputs():
-                if output.name not in presents:
-                    binding.bind_output(output.name, "cpu")
-            session.run_with_iobinding(binding)
+                    in_place[name] = (output, buffers[name])  # shared, as the runtime binds them
+            runner.run_graph(path, inputs, in_place)
             for cache in caches:  # [batch, heads, positions, dim] -> [heads, batch * positions, dim]
                 keys, values = (buffers[n].transpose(1, 0, 2, 3).reshape(cache.kv_num_heads, -1, cache.head_dim)
                                 for n in (cache.key, cache.value))
@@ -147,7 +136,6 @@ def measure_kv_ranges(model: ir.Model, rows: Sequence[np.ndarray]) -> dict[str, 
                          cache.key: rotation_invariant_range(keys, cache.rotary_dim, cache.rotary_interleaved)}
                 for name, bound in found.items():
                     ranges[name] = np.maximum(ranges[name], bound) if name in ranges else bound
-        del session
     return ranges
 
 
@@ -180,13 +168,15 @@ def scales_from_ranges(ranges: dict[str, np.ndarray], bit_width: int, margin: fl
 
 
 def calibrate_kv_cache(model: ir.Model, bit_width: int, rows: Sequence[np.ndarray] | None, *,
-                       vocab_size: int | None = None, max_tokens: int | None = None,
+                       runner: GraphRunner | None, vocab_size: int | None = None, max_tokens: int | None = None,
                        token_source: str = "text") -> tuple[ir.Model, dict[str, Any]]:
     """Measure the float model's KV ranges on ``rows`` of token ids (each cut to ``max_tokens``, the model's
     positions; seeded random ids when None) and rewrite it to keep an integer KV cache with the resulting scales.
     Returns the model and a summary for the artifact's manifest."""
     if bit_width not in QMAX:
         raise ValueError(f"a {bit_width}-bit KV cache cannot be calibrated; supported: {', '.join(map(str, QMAX))}")
+    if runner is None:
+        raise ValueError("a KV cache calibration runs the float model: pass a runtime backend to run it (runner=)")
     max_tokens = max_tokens or CALIBRATION_TOKENS
     if rows is None:
         if vocab_size is None:
@@ -194,7 +184,7 @@ def calibrate_kv_cache(model: ir.Model, bit_width: int, rows: Sequence[np.ndarra
         rows, token_source = calibration_tokens(None, vocab_size, min(max_tokens, CALIBRATION_TOKENS))
     rows = [np.asarray(row, dtype=np.int64)[:max_tokens] for row in rows if len(row)]
     start = time.perf_counter()
-    ranges = measure_kv_ranges(model, rows)
+    ranges = measure_kv_ranges(model, rows, runner)
     model = quantize_kv_cache(model, bit_width, scales_from_ranges(ranges, bit_width))
     seconds = time.perf_counter() - start
     tokens = sum(len(row) for row in rows)

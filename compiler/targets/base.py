@@ -28,9 +28,17 @@ class Target:
     write: Callable[[ir.Model, Path, Progress | None], list[Path]]
     # Passes that run after ``passes`` for one encoding (quantization), by encoding name.
     encoding_passes: dict[str, tuple[Pass, ...]] = field(default_factory=dict)
-    # How the engine should load what this target writes (recorded in the manifest as ``"session"``, read by
-    # ``ember.runtime.session.InferenceSession``): e.g. ``{"disabled_optimizers": [...]}`` for onnxruntime.
+    # How the engine should load what this target writes: e.g. ``{"disabled_optimizers": [...]}`` for onnxruntime
+    # (the manifest's ``"runtime"`` block's ``settings``, and ``"session"`` for older readers).
     session: dict[str, Any] = field(default_factory=dict)
+    # The device kind its artifacts run on and the runtime backend that loads them (``ember.runtime.backends``
+    # has one by this name): written to the manifest, so an artifact says what runs it.
+    device_kind: str = "cpu"
+    runtime: str = "onnxruntime-cpu"
+
+    def runtime_block(self) -> dict[str, Any]:
+        """The manifest's ``"runtime"`` block."""
+        return {"backend": self.runtime, "device_kind": self.device_kind, "settings": dict(self.session)}
 
     def lower(self, model: ir.Model, encoding: str = "float32") -> ir.Model:
         if encoding not in self.encodings:

@@ -7,8 +7,9 @@ sequences are kept packed in slots ``0..n-1`` (releasing a slot moves the last s
 one sequence's tokens are copied, once), and :meth:`arrange` swaps slots when a batch is not already a
 consecutive run.
 
-Buffers are created with ``np.zeros``, whose pages the OS maps lazily: untouched capacity costs address
-space, not memory. Their element type is ``params.dtype``, the type the artifact's graph declares for its
+Buffers come from the runtime backend (``runtime/backends/``: on the CPU, ``np.zeros``, whose pages the OS maps
+lazily, so untouched capacity costs address space, not memory), as do their views and slot copies. Their element
+type is ``params.dtype``, the type the artifact's graph declares for its
 cache: float32, or int8 for an artifact compiled with ``kv_cache_bit_width=8`` (the attention kernel
 quantizes what it writes and dequantizes what it reads; moving slots copies the int8 codes as they are,
 since the scales are the same for every slot). So a token costs ``params.bytes_per_token`` (1 byte per
@@ -18,12 +19,13 @@ from __future__ import annotations
 
 import logging
 
+from typing import Any
+
 import numpy as np
-import onnxruntime as ort
 
 from ember.graphs.nn.kv_cache import KVCacheParams
 
-from ..session import ortvalue
+from ..backends import Buffer, RuntimeBackend
 
 logger = logging.getLogger(__name__)
 
@@ -33,20 +35,29 @@ class KVCacheExhausted(RuntimeError):
 
 
 class ContinuousKVCacheManager:
-    """Slots of a contiguous KV cache, their lengths, and the OrtValues that bind them."""
+    """Slots of a contiguous KV cache (buffers from ``backend``), their lengths, and the views that bind them."""
 
-    def __init__(self, params: KVCacheParams, max_batch_size: int, max_seq_len: int):
+    def __init__(self, params: KVCacheParams, max_batch_size: int, max_seq_len: int, *, backend: RuntimeBackend):
         self.params = params
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
+        self.backend = backend
         shape = (max_batch_size, params.n_kv_heads, max_seq_len, params.head_dim)
-        dtype = np.dtype(params.dtype)
-        self.keys = [np.zeros(shape, dtype) for _ in range(params.num_layers)]
-        self.values = [np.zeros(shape, dtype) for _ in range(params.num_layers)]
+        self.key_buffers = [backend.allocate(shape, params.dtype) for _ in range(params.num_layers)]
+        self.value_buffers = [backend.allocate(shape, params.dtype) for _ in range(params.num_layers)]
         self._slot_of: dict[str, int] = {}
         self._owner: list[str | None] = [None] * max_batch_size
         self._length = np.zeros(max_batch_size, dtype=np.int64)
-        self._views: dict[tuple[int, int], list[tuple[ort.OrtValue, ort.OrtValue]]] = {}
+        self._views: dict[tuple[int, int], list[tuple[Any, Any]]] = {}
+
+    @property
+    def keys(self) -> list[np.ndarray]:
+        """Per layer, the key buffer on the host (the buffer itself on the CPU backend)."""
+        return [self.backend.to_host(b) for b in self.key_buffers]
+
+    @property
+    def values(self) -> list[np.ndarray]:
+        return [self.backend.to_host(b) for b in self.value_buffers]
 
     # bookkeeping --------------------------------------------------------------------------------
     @property
@@ -64,7 +75,7 @@ class ContinuousKVCacheManager:
 
     @property
     def nbytes(self) -> int:
-        return sum(k.nbytes + v.nbytes for k, v in zip(self.keys, self.values))
+        return sum(k.nbytes + v.nbytes for k, v in zip(self.key_buffers, self.value_buffers))
 
     def contains(self, request_id: str) -> bool:
         return request_id in self._slot_of
@@ -119,31 +130,33 @@ class ContinuousKVCacheManager:
                 self._swap(current, row)
         return 0, list(request_ids)
 
-    def bindings(self, start: int, batch: int) -> list[tuple[ort.OrtValue, ort.OrtValue]]:
-        """Per layer, (key, value) OrtValues over slots ``start .. start + batch - 1``."""
+    def bindings(self, start: int, batch: int) -> list[tuple[Any, Any]]:
+        """Per layer, (key, value) views over slots ``start .. start + batch - 1`` (made once, then cached)."""
         key = (start, batch)
         if key not in self._views:
-            self._views[key] = [(ortvalue(k[start:start + batch]), ortvalue(v[start:start + batch]))
-                                for k, v in zip(self.keys, self.values)]
+            view = self.backend.view
+            self._views[key] = [(view(k, start, start + batch), view(v, start, start + batch))
+                                for k, v in zip(self.key_buffers, self.value_buffers)]
         return self._views[key]
 
     # data movement ------------------------------------------------------------------------------
     def _move(self, src: int, dst: int) -> None:
         n = int(self._length[src])
-        for buffers in (self.keys, self.values):
-            for buf in buffers:
-                buf[dst, :, :n] = buf[src, :, :n]
+        self._copy([dst], [src], n)
         owner = self._owner[src]
         self._owner[dst], self._length[dst] = owner, n
         self._slot_of[owner] = dst
 
     def _swap(self, a: int, b: int) -> None:
         n = int(max(self._length[a], self._length[b]))
-        for buffers in (self.keys, self.values):
-            for buf in buffers:
-                buf[[a, b], :, :n] = buf[[b, a], :, :n]
+        self._copy([a, b], [b, a], n)
         self._owner[a], self._owner[b] = self._owner[b], self._owner[a]
         self._length[[a, b]] = self._length[[b, a]]
         for slot in (a, b):
             if self._owner[slot] is not None:
                 self._slot_of[self._owner[slot]] = slot
+
+    def _copy(self, dst: list[int], src: list[int], length: int) -> None:
+        """Slots ``src`` into slots ``dst``, their first ``length`` positions, in every layer's K and V."""
+        for buffer in (*self.key_buffers, *self.value_buffers):
+            self.backend.copy_rows(buffer, dst, src, (slice(None), slice(0, length)))

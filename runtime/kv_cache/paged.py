@@ -2,8 +2,8 @@
 
 Memory: per layer, one K and one V buffer of ``[num_pages * page_size, n_kv_heads, head_dim]`` rows of
 ``params.dtype``; token row ``page * page_size + offset`` holds the token at ``offset`` in that page. The
-buffers are ``np.zeros`` (the OS maps them lazily: untouched pages cost address space, not memory) and are
-bound to onnxruntime once, by pointer, as both the graph's cache input and its output: the graph writes the
+buffers come from the runtime backend (on the CPU ``np.zeros``, which the OS maps lazily: untouched pages cost
+address space, not memory) and are bound once, by address, as both the graph's cache input and its output: the graph writes the
 step's new K/V with ``ScatterND`` at the rows of the *slot mapping* and gathers each request's pages through
 its *page table*, so a step costs O(new tokens) of writes, never a copy of the cache.
 
@@ -27,12 +27,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+from typing import Any
+
 import numpy as np
-import onnxruntime as ort
 
 from ember.graphs.nn.kv_cache import KVCacheParams, KVCacheStrategy
 
-from ..session import ortvalue
+from ..backends import RuntimeBackend
 from .block_pool import SCRATCH_PAGE, CachedPage, PagePool, page_hash
 from .continuous import KVCacheExhausted
 
@@ -55,7 +56,7 @@ class _Request:
 
 
 class PagedKVCacheManager:
-    """Pages of a paged KV cache, the requests holding them, and the OrtValues that bind them.
+    """Pages of a paged KV cache, the requests holding them, and the views that bind them.
 
     Counters for metrics and tests: ``prompt_tokens_requested`` (prompt tokens over all :meth:`claim`
     calls), ``prompt_tokens_cached`` (those served from the prefix cache), ``preemptions``; the pool's
@@ -64,7 +65,7 @@ class PagedKVCacheManager:
     """
 
     def __init__(self, params: KVCacheParams, num_pages: int, page_size: int, max_seq_len: int,
-                 enable_prefix_caching: bool = True):
+                 enable_prefix_caching: bool = True, *, backend: RuntimeBackend):
         if params.cache_strategy == KVCacheStrategy.PAGED and page_size != params.page_size:
             raise ValueError(f"page_size {page_size} differs from the graph's KV cache page_size "
                              f"{params.page_size}")
@@ -77,9 +78,9 @@ class PagedKVCacheManager:
         self.pool = PagePool(num_pages, page_size)
         self.max_pages_per_seq = -(-max_seq_len // page_size)
         shape = (num_pages * page_size, params.n_kv_heads, params.head_dim)
-        dtype = np.dtype(params.dtype)
-        self.keys = [np.zeros(shape, dtype) for _ in range(params.num_layers)]
-        self.values = [np.zeros(shape, dtype) for _ in range(params.num_layers)]
+        self.backend = backend
+        self.key_buffers = [backend.allocate(shape, params.dtype) for _ in range(params.num_layers)]
+        self.value_buffers = [backend.allocate(shape, params.dtype) for _ in range(params.num_layers)]
         self._requests: dict[str, _Request] = {}
         # Page tables of live requests as one array, a row per request, so that batch_inputs gathers a
         # batch's page table with one numpy call; zero (the scratch page) past each request's pages.
@@ -87,7 +88,7 @@ class PagedKVCacheManager:
         self._table = np.zeros((rows, self.max_pages_per_seq), np.int32)
         self._free_rows = list(range(rows - 1, -1, -1))
         self._positions = np.arange(max(max_seq_len, self.max_pages_per_seq), dtype=np.int64)
-        self._bindings: list[tuple[ort.OrtValue, ort.OrtValue]] | None = None
+        self._bindings: list[tuple[Any, Any]] | None = None
         self.prompt_tokens_requested = 0
         self.prompt_tokens_cached = 0
         self.preemptions = 0
@@ -109,7 +110,7 @@ class PagedKVCacheManager:
 
     @classmethod
     def from_memory(cls, params: KVCacheParams, num_bytes: int, page_size: int, max_seq_len: int,
-                    enable_prefix_caching: bool = True) -> PagedKVCacheManager:
+                    enable_prefix_caching: bool = True, *, backend: RuntimeBackend) -> PagedKVCacheManager:
         """As many pages as fit in ``num_bytes`` (e.g. ``--kv-cache-bytes``), scratch page included.
 
         Raises ValueError when the budget cannot hold one sequence of ``max_seq_len`` tokens: such a
@@ -120,7 +121,7 @@ class PagedKVCacheManager:
         if num_bytes < needed:
             raise ValueError(f"a KV cache of {num_bytes} bytes holds {num_pages} pages of {page_size} tokens; "
                              f"one sequence of {max_seq_len} tokens needs {needed} bytes")
-        return cls(params, num_pages, page_size, max_seq_len, enable_prefix_caching)
+        return cls(params, num_pages, page_size, max_seq_len, enable_prefix_caching, backend=backend)
 
     @property
     def bytes_per_page(self) -> int:
@@ -132,7 +133,16 @@ class PagedKVCacheManager:
 
     @property
     def nbytes(self) -> int:
-        return sum(k.nbytes + v.nbytes for k, v in zip(self.keys, self.values))
+        return sum(k.nbytes + v.nbytes for k, v in zip(self.key_buffers, self.value_buffers))
+
+    @property
+    def keys(self) -> list[np.ndarray]:
+        """Per layer, the key pool on the host (the buffer itself on the CPU backend)."""
+        return [self.backend.to_host(b) for b in self.key_buffers]
+
+    @property
+    def values(self) -> list[np.ndarray]:
+        return [self.backend.to_host(b) for b in self.value_buffers]
 
     # bookkeeping --------------------------------------------------------------------------------------
     @property
@@ -322,11 +332,10 @@ class PagedKVCacheManager:
             self.pool.incref(page)
         request.pages = source.pages[:full]
         if copy is not None:
-            src_rows = slice(source.pages[full] * self.page_size, source.pages[full] * self.page_size + partial)
-            dst_rows = slice(copy * self.page_size, copy * self.page_size + partial)
-            for buffers in (self.keys, self.values):
-                for buf in buffers:
-                    buf[dst_rows] = buf[src_rows]
+            src_rows = range(source.pages[full] * self.page_size, source.pages[full] * self.page_size + partial)
+            dst_rows = range(copy * self.page_size, copy * self.page_size + partial)
+            for buffer in (*self.key_buffers, *self.value_buffers):
+                self.backend.copy_rows(buffer, dst_rows, src_rows)
             request.pages.append(copy)
         request.tokens = list(source.tokens)
         request.num_hashed, request.chain, request.chain_ok = source.num_hashed, source.chain, source.chain_ok
@@ -435,14 +444,15 @@ class PagedKVCacheManager:
         slots[~valid] = SCRATCH_PAGE * ps
         return table, slots
 
-    def bindings(self) -> list[tuple[ort.OrtValue, ort.OrtValue]]:
-        """Per layer, (key, value) OrtValues over the whole pool buffers; created once, then cached.
+    def bindings(self) -> list[tuple[Any, Any]]:
+        """Per layer, (key, value) views over the whole pool buffers; created once, then cached.
 
         Bind each as both the graph's cache input and its output: the graph's ScatterND writes the new
         K/V into the same memory, so nothing is copied per step.
         """
         if self._bindings is None:
-            self._bindings = [(ortvalue(k), ortvalue(v)) for k, v in zip(self.keys, self.values)]
+            self._bindings = [(self.backend.view(k), self.backend.view(v))
+                              for k, v in zip(self.key_buffers, self.value_buffers)]
         return self._bindings
 
     # internals ----------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """ember's pipeline layer (``max.pipelines``' public names).
 
 Names are imported on first use (PEP 562), so importing one module of this package (``context``, ``config``)
-does not import every other, and nothing here imports the compiler until a model is compiled.
+does not import every other, and nothing here imports the compiler until a model is compiled
+(``PIPELINE_REGISTRY`` comes from ``ember.runtime.compile_cache``, the compile-on-first-use module above).
 """
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from typing import Any
 _EXPORTS = {
     "KVCacheParams": "ember.graphs.nn.kv_cache", "KVCacheStrategy": "ember.graphs.nn.kv_cache",
     "ReturnLogits": "ember.graphs.nn.transformer",
-    "BUILTIN_ARCHITECTURES": ".architectures", "PIPELINE_REGISTRY": ".architectures",
+    "BUILTIN_ARCHITECTURES": ".architectures",
+    # Compiles on first use, so it lives above this package with the compile cache; exported here by MAX's name.
+    "PIPELINE_REGISTRY": "ember.runtime.compile_cache",
     "BertInputs": ".bert", "BertModelConfig": ".bert", "BertPipelineModel": ".bert",
     "PipelineConfig": ".config", "SupportedEncoding": ".config", "WeightsFormat": ".config",
     "upper_bounded_default": ".config",

@@ -1,16 +1,18 @@
-"""The built-in architecture table: one :class:`SupportedArchitecture` entry per Hugging Face class, and
-:data:`PIPELINE_REGISTRY`, which compiles on first use (``ember.runtime.compile_cache``)."""
+"""The built-in architecture table: one :class:`SupportedArchitecture` entry per Hugging Face class.
+
+``PIPELINE_REGISTRY``, the registry of these entries that compiles on first use, lives with the compile cache
+(``ember.runtime.compile_cache``), above this package: loading a compiled artifact through a registry of this
+table imports none of the compiler."""
 from __future__ import annotations
 
-from ember.graphs.architectures import BERT, GEMMA2, LLAMA, QWEN3
+from ember.graphs.architectures import BERT, GEMMA2, LLAMA, PHI3, QWEN3
 from ember.graphs.architectures.spec import ArchitectureSpec
 from ember.graphs.nn.kv_cache import KVCacheStrategy
 
-from ..compile_cache import ensure_artifact
 from .bert import BertPipelineModel
 from .config import SupportedEncoding, WeightsFormat
 from .decoder import DecoderPipelineModel
-from .registry import PipelineRegistry, PipelineTask, RopeType, SupportedArchitecture
+from .registry import PipelineTask, RopeType, SupportedArchitecture
 from .tokenizer import TextTokenizer
 
 # q4_1 / q4_k apply to GGUF files with Q4_1 / Q4_K blocks only (compile_cache.resolve_encoding checks); a GGUF's
@@ -58,11 +60,11 @@ BUILTIN_ARCHITECTURES = [
     _llama_family("Qwen2ForCausalLM", ["Qwen/Qwen2.5-0.5B-Instruct"], WeightsFormat.safetensors),
     _llama_family("Qwen3ForCausalLM", ["Qwen/Qwen3-0.6B"], WeightsFormat.safetensors, QWEN3),
     _llama_family("Gemma2ForCausalLM", ["google/gemma-2-2b-it"], WeightsFormat.safetensors, GEMMA2),
+    _llama_family("Phi3ForCausalLM", ["microsoft/Phi-3-mini-4k-instruct", "microsoft/Phi-4-mini-instruct"],
+                  WeightsFormat.safetensors, PHI3),
     _bert_family("BertModel", ["sentence-transformers/all-MiniLM-L6-v2", "BAAI/bge-small-en-v1.5"]),
     _bert_family("BertForMaskedLM", ["google-bert/bert-base-uncased"]),
     _bert_family("BertForSequenceClassification", ["cross-encoder/ms-marco-MiniLM-L-6-v2"]),
     _bert_family("RobertaModel", ["sentence-transformers/all-distilroberta-v1"]),
     _bert_family("XLMRobertaModel", ["intfloat/multilingual-e5-small"]),
 ]
-
-PIPELINE_REGISTRY = PipelineRegistry(BUILTIN_ARCHITECTURES, artifacts=ensure_artifact)

@@ -145,5 +145,5 @@ class BertPipelineModel(PipelineModel):
                  "token_type_ids": model_inputs.token_type_ids if model_inputs.token_type_ids is not None
                  else np.zeros_like(model_inputs.next_tokens_batch)}
         feeds = {k: v for k, v in feeds.items() if k in self.model.input_names}
-        (output,) = self.model.session.run([self.output_name], feeds)
+        (output,) = self.model.run_host([self.output_name], feeds)
         return ModelOutputs(logits=output)

@@ -15,14 +15,13 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import psutil
 
 from ember.graphs.nn.kv_cache import KVCacheParams, KVCacheStrategy
 from ember.graphs.nn.transformer import ReturnLogits
 
 from ..kv_cache.continuous import ContinuousKVCacheManager
 from ..kv_cache.paged import PagedKVCacheManager
-from ..session import Device, InferenceSession, LoadedModel, ortvalue
+from ..session import Device, InferenceSession, LoadedModel
 from .config import PipelineConfig
 from .context import TextContext
 from .interfaces import KVCacheMixin, ModelInputs, ModelOutputs, PipelineModel
@@ -51,7 +50,7 @@ class DecoderInputs(ModelInputs):
 
 
 class DecoderPipelineModel(PipelineModel, KVCacheMixin):
-    """A compiled decoder-only model on onnxruntime with a CONTINUOUS KV cache."""
+    """A compiled decoder-only model on its runtime backend, with a CONTINUOUS or PAGED KV cache."""
 
     def __init__(self, pipeline_config: PipelineConfig, session: InferenceSession, devices: Sequence[Device] = (),
                  kv_cache_config: Any = None, weights: Any = None, adapter: Any = None,
@@ -70,7 +69,9 @@ class DecoderPipelineModel(PipelineModel, KVCacheMixin):
         self.kv_manager = self.load_kv_manager(session, available_cache_memory)
         self.kv = (PagedBinding(self.kv_manager, self._paged_batch) if isinstance(self.kv_manager, PagedKVCacheManager)
                    else ContinuousBinding(self.kv_manager))
-        self._logits = np.zeros((self.kv.max_batch_size, self.vocab_size), dtype=np.float32)
+        # Next-token logits: one buffer from the backend, bound by address for each batch size (a view of its
+        # first rows), read back to the host after each call.
+        self._logits = self.model.backend.allocate((self.kv.max_batch_size, self.vocab_size), np.float32)
         self._logit_views: dict[int, Any] = {}
         start = time.perf_counter()
         self.warm_up()
@@ -102,7 +103,7 @@ class DecoderPipelineModel(PipelineModel, KVCacheMixin):
             raise ValueError(f"artifact {self.artifact.path}: the manifest's KV cache dtype {params.dtype} is not "
                              f"the graph's {graph_dtype}; recompile the model")
         if available_cache_memory is None:
-            available_cache_memory = psutil.virtual_memory().available // 2
+            available_cache_memory = self.model.backend.available_memory()
         budget = min(available_cache_memory, self.pipeline_config.kv_cache_bytes or available_cache_memory)
         granule = params.page_size if strategy is KVCacheStrategy.PAGED else 1
         reserved = PagedKVCacheManager.page_bytes(params, params.page_size) if granule > 1 else 0  # scratch page
@@ -115,7 +116,7 @@ class DecoderPipelineModel(PipelineModel, KVCacheMixin):
         if self.pipeline_config.max_batch_size and self.pipeline_config.max_batch_size > fits:
             raise ValueError(f"max_batch_size {batch} needs {batch * per_sequence / 2**30:.2f} GiB of KV cache at "
                              f"max_length {self.max_seq_len}; {budget / 2**30:.2f} GiB are allowed")
-        return ContinuousKVCacheManager(params, batch, self.max_seq_len)
+        return ContinuousKVCacheManager(params, batch, self.max_seq_len, backend=self.model.backend)
 
     def _fit_max_length(self, tokens_that_fit: int, budget: int) -> None:
         """Lower the maximum length to what the KV cache budget holds for one sequence, and say so; a length the
@@ -149,7 +150,7 @@ class DecoderPipelineModel(PipelineModel, KVCacheMixin):
                              f"{self.max_seq_len}; raise --kv-cache-bytes / --kv-cache-pages or lower --max-length")
         self._paged_batch = batch
         return PagedKVCacheManager(params, num_pages, params.page_size, self.max_seq_len,
-                                   enable_prefix_caching=config.enable_prefix_caching)
+                                   enable_prefix_caching=config.enable_prefix_caching, backend=self.model.backend)
 
     def warm_up(self) -> None:
         """One short prefill and one decode step on a scratch slot, so that onnxruntime's first-run work
@@ -248,15 +249,15 @@ class DecoderPipelineModel(PipelineModel, KVCacheMixin):
         self.kv.bind(model, inputs.request_ids, inputs.kv_cache_inputs)
         if self.return_logits is ReturnLogits.LAST_TOKEN:
             if batch not in self._logit_views:
-                self._logit_views[batch] = ortvalue(self._logits[:batch])
+                self._logit_views[batch] = model.backend.view(self._logits, 0, batch)
             model.bind_buffer("logits", self._logit_views[batch], output=True)
             model.run()
-            logits = self._logits[:batch].copy()
+            logits = model.backend.to_host(self._logits, 0, batch).copy()
             outputs = ModelOutputs(next_token_logits=logits)
         else:
             model.bind_output_to_host("logits")
             model.run()
-            all_logits = model.output("logits").numpy()
+            all_logits = model.output("logits")
             rows = np.arange(batch)
             outputs = ModelOutputs(next_token_logits=all_logits[rows, inputs.input_lengths - 1].copy(),
                                    logits=all_logits)

@@ -22,6 +22,7 @@ from ember.compiler.compile import CompileOptions
 from ember.compiler.passes.lower_attention_gqa import gqa_kv_caches, kv_cache_bit_widths, quantize_kv_cache
 from ember.compiler.targets import get_target
 from ember.graphs.architectures.llama import SPEC
+from ember.runtime.backends import OrtCpuBackend
 from ember.graphs.options import GraphOptions
 from ember.graphs.ir.custom.attention import apply_rotary, attention_reference
 from ember.graphs.nn.kv_cache import KVCacheStrategy
@@ -167,7 +168,7 @@ def lowered_tiny(tmp_path_factory):
 def test_measured_ranges_are_the_float_graphs_cache_maxima(lowered_tiny):
     hf_config, lowered = lowered_tiny
     rows = [np.random.default_rng(s).integers(0, hf_config.vocab_size, n) for s, n in ((0, 40), (1, 12), (2, 12))]
-    ranges = measure_kv_ranges(lowered, rows)
+    ranges = measure_kv_ranges(lowered, rows, OrtCpuBackend())  # the runtime backend runs the float graph
     caches = gqa_kv_caches(lowered)
     assert len(caches) == hf_config.num_hidden_layers and set(ranges) == {n for c in caches for n in (c.key, c.value)}
     session = ort.InferenceSession(ir.to_proto(lowered).SerializeToString(), providers=["CPUExecutionProvider"])

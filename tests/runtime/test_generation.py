@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ember.runtime.backends import OrtCpuBackend
 from ember.runtime.kv_cache import ContinuousKVCacheManager, KVCacheExhausted, KVCacheParams
 from ember.runtime.pipelines import PIPELINE_REGISTRY, FinishReason, ModelSource, PipelineConfig, SamplingParams
 from ember.runtime.pipelines.sampling import sample_row
@@ -95,7 +96,7 @@ def test_sampling_filters():
 
 def test_kv_manager_keeps_slots_packed_and_data_with_its_owner():
     params = KVCacheParams(dtype="float32", n_kv_heads=1, head_dim=2, num_layers=1)
-    manager = ContinuousKVCacheManager(params, max_batch_size=3, max_seq_len=4)
+    manager = ContinuousKVCacheManager(params, max_batch_size=3, max_seq_len=4, backend=OrtCpuBackend())
     for rid, value in (("a", 1.0), ("b", 2.0), ("c", 3.0)):
         slot = manager.claim(rid)
         manager.keys[0][slot, :, :2] = value

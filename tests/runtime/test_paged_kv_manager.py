@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ember.runtime.backends import OrtCpuBackend
 from ember.runtime.kv_cache import KVCacheExhausted, KVCacheParams, KVCacheStrategy, PagedKVCacheManager, page_hash
 
 PS = 4
@@ -16,7 +17,7 @@ PARAMS = KVCacheParams(dtype="float32", n_kv_heads=2, head_dim=3, num_layers=2)
 
 
 def make(num_pages=16, page_size=PS, max_seq_len=32, **kwargs) -> PagedKVCacheManager:
-    return PagedKVCacheManager(PARAMS, num_pages, page_size, max_seq_len, **kwargs)
+    return PagedKVCacheManager(PARAMS, num_pages, page_size, max_seq_len, backend=OrtCpuBackend(), **kwargs)
 
 
 def prefix_value(tokens) -> float:
@@ -76,25 +77,25 @@ def test_buffers_shapes_and_bytes():
 
 def test_int8_cache_counts_one_byte_per_element():
     params = KVCacheParams(dtype="int8", n_kv_heads=2, head_dim=3, num_layers=2)
-    kv = PagedKVCacheManager(params, 4, PS, 8)
+    kv = PagedKVCacheManager(params, 4, PS, 8, backend=OrtCpuBackend())
     assert kv.keys[0].dtype == np.int8 and kv.bytes_per_page == PS * 2 * 2 * 2 * 3
 
 
 def test_from_memory_sizes_the_pool_from_a_byte_budget():
     page = PagedKVCacheManager.page_bytes(PARAMS, PS)
-    kv = PagedKVCacheManager.from_memory(PARAMS, 20 * page + page // 2, PS, 32)
+    kv = PagedKVCacheManager.from_memory(PARAMS, 20 * page + page // 2, PS, 32, backend=OrtCpuBackend())
     assert kv.num_pages == 20 and kv.nbytes <= 20 * page + page // 2
     assert PagedKVCacheManager.required_bytes(PARAMS, PS, 32, num_sequences=2) == (1 + 16) * page
     with pytest.raises(ValueError, match="needs"):
-        PagedKVCacheManager.from_memory(PARAMS, 8 * page, PS, 32)  # 32 tokens need 8 pages + scratch
+        PagedKVCacheManager.from_memory(PARAMS, 8 * page, PS, 32, backend=OrtCpuBackend())  # 32 tokens need 8 pages + scratch
 
 
 def test_page_size_must_match_a_paged_graph():
     params = KVCacheParams(dtype="float32", n_kv_heads=2, head_dim=3, num_layers=2,
                            cache_strategy=KVCacheStrategy.PAGED, page_size=16)
-    PagedKVCacheManager(params, 4, 16, 32)
+    PagedKVCacheManager(params, 4, 16, 32, backend=OrtCpuBackend())
     with pytest.raises(ValueError, match="page_size"):
-        PagedKVCacheManager(params, 4, 8, 32)
+        PagedKVCacheManager(params, 4, 8, 32, backend=OrtCpuBackend())
 
 
 # requests ---------------------------------------------------------------------------------------------

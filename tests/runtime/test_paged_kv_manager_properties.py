@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from ember.runtime.backends import OrtCpuBackend
 from ember.runtime.kv_cache import KVCacheExhausted, PagedKVCacheManager
 
 from .test_paged_kv_manager import PARAMS, assert_cache_holds, run_step
@@ -24,7 +25,7 @@ class ManagerMachine(RuleBasedStateMachine):
 
     def __init__(self):
         super().__init__()
-        self.kv = PagedKVCacheManager(PARAMS, 10, 3, 18)
+        self.kv = PagedKVCacheManager(PARAMS, 10, 3, 18, backend=OrtCpuBackend())
         self.pending: dict[str, list[int]] = {}  # live request -> prompt tokens not computed yet
         self.counter = 0
 

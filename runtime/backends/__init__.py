@@ -1,0 +1,36 @@
+"""Runtime backends, one module each, and the table that picks one for an artifact (see :mod:`.base`).
+
+The manifest's ``"runtime"`` block names the backend that loads the artifact (written from the target by
+``ember.compiler``); artifacts from before the block existed are onnxruntime-CPU's.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .base import Buffer, LoadedModel, RuntimeBackend
+from .ort_cpu import OrtCpuBackend
+
+#: Backend name (the manifest's ``runtime.backend``) -> class.
+BACKENDS: dict[str, type[RuntimeBackend]] = {OrtCpuBackend.name: OrtCpuBackend}
+
+
+def runtime_of(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's runtime block: backend name, device kind and load settings."""
+    runtime = manifest.get("runtime")
+    if runtime is None:  # written before the block existed: onnxruntime CPU, settings in "session"
+        return {"backend": OrtCpuBackend.name, "device_kind": "cpu", "settings": dict(manifest.get("session", {}))}
+    return runtime
+
+
+def backend_for(manifest: dict[str, Any], num_threads: int,
+                backends: dict[str, type[RuntimeBackend]] = BACKENDS) -> RuntimeBackend:
+    """A backend instance for an artifact's manifest; a ValueError naming the backend and the known ones."""
+    runtime = runtime_of(manifest)
+    name = runtime.get("backend")
+    if name not in backends:
+        raise ValueError(f"the artifact needs runtime backend {name!r}, which this ember does not have; "
+                         f"available: {', '.join(sorted(backends))}")
+    return backends[name](runtime.get("settings", {}), num_threads)
+
+
+__all__ = ["BACKENDS", "Buffer", "LoadedModel", "OrtCpuBackend", "RuntimeBackend", "backend_for", "runtime_of"]

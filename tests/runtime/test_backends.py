@@ -1,0 +1,138 @@
+"""The runtime backend seam (issue 11): the onnxruntime-CPU backend's buffers, views, row copies and runs on real
+onnxruntime; the manifest's runtime block; a backend the build does not have, or devices of another kind, refused
+with one clear line; and a second backend plugged in through the table alone carries a whole decoder pipeline."""
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from ember.compiler.artifact import update_manifest
+from ember.runtime.backends import BACKENDS, OrtCpuBackend, backend_for, runtime_of
+from ember.runtime.pipelines import PIPELINE_REGISTRY, DecoderPipelineModel, PipelineConfig, TextGenerationPipeline
+from ember.runtime.session import Device, InferenceSession
+
+from ..reference.tiny_models import make_model
+
+RUNTIME = Path(__file__).resolve().parents[2] / "runtime"
+
+
+def test_cpu_buffers_views_and_row_copies():
+    backend = OrtCpuBackend()
+    buffer = backend.allocate((4, 3, 5), np.float32)
+    host = backend.to_host(buffer)
+    assert host.shape == (4, 3, 5) and not host.any() and buffer.nbytes == 4 * 3 * 5 * 4
+    host[:] = np.arange(60, dtype=np.float32).reshape(4, 3, 5)
+    before = host.copy()
+    backend.copy_rows(buffer, [0], [2], (slice(None), slice(0, 2)))  # a slot move, the first two positions
+    assert np.array_equal(host[0, :, :2], before[2, :, :2]) and np.array_equal(host[0, :, 2:], before[0, :, 2:])
+    backend.copy_rows(buffer, [1, 3], [3, 1])  # a swap reads before it writes
+    assert np.array_equal(host[1], before[3]) and np.array_equal(host[3], before[1])
+    assert backend.view(buffer, 1, 3).shape() == [2, 3, 5]
+    assert np.shares_memory(backend.to_host(buffer, 1, 3), host)
+
+
+def _add_one_model(path: Path) -> Path:
+    """``y = x + 1`` and ``state_out = state + x`` (the output bound to the input's buffer: written in place)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    state = helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])
+    state_out = helper.make_tensor_value_info("state_out", TensorProto.FLOAT, [2, 3])
+    one = helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])
+    graph = helper.make_graph([helper.make_node("Add", ["x", "one"], ["y"]),
+                               helper.make_node("Add", ["state", "x"], ["state_out"])],
+                              "g", [x, state], [y, state_out], [one])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), path)
+    return path
+
+
+def test_cpu_run_graph_updates_in_place(tmp_path):
+    backend = OrtCpuBackend()
+    state = np.ones((2, 3), np.float32)
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    backend.run_graph(_add_one_model(tmp_path / "m.onnx"), {"x": x}, {"state": ("state_out", state)})
+    assert np.array_equal(state, 1 + x)
+
+
+def test_unknown_backend_and_other_devices_are_refused():
+    with pytest.raises(ValueError, match=r"needs runtime backend 'tensorrt', which this ember does not have; "
+                                         r"available: onnxruntime-cpu"):
+        backend_for({"runtime": {"backend": "tensorrt", "device_kind": "cuda"}}, 1)
+    with pytest.raises(ValueError, match=r"devices cuda:0: this build runs on cpu only"):
+        InferenceSession([Device("cuda", 0)])
+
+
+def test_manifest_runtime_block_and_older_manifests(tmp_path):
+    make_model("llama-gqa-llama3", tmp_path / "model")
+    config = PipelineConfig(model_path=tmp_path / "model", cache_dir=tmp_path / "cache", max_batch_size=1)
+    artifact = PIPELINE_REGISTRY.resolve(config).artifact
+    manifest = artifact.manifest
+    assert runtime_of(manifest) == {"backend": "onnxruntime-cpu", "device_kind": "cpu",
+                                    "settings": manifest["session"]}
+    assert manifest["devices"] == ["cpu"] and manifest["ranks"][0]["device"] == "cpu"
+    older = {k: v for k, v in manifest.items() if k != "runtime"}  # written before the block existed
+    assert runtime_of(older) == runtime_of(manifest)
+    update_manifest(artifact.path, {"runtime": {**manifest["runtime"], "device_kind": "cuda"}})
+    with pytest.raises(ValueError, match="was compiled for cuda devices; this session has cpu:0"):
+        InferenceSession(num_threads=1).load(artifact.path)
+
+
+def test_threads_above_the_cpus_are_capped_with_a_warning(caplog):
+    import os
+
+    cpus = len(os.sched_getaffinity(0))
+    with caplog.at_level("WARNING"):
+        session = InferenceSession(num_threads=1000)
+    assert session.num_threads == cpus and f"--threads 1000 capped to {cpus}" in caplog.text
+
+
+class CountingBackend(OrtCpuBackend):
+    """A second backend, plugged in through the table alone: the CPU one, counting what it is asked for."""
+
+    name = "counting-cpu"
+    allocations: list[tuple] = []
+
+    def allocate(self, shape, dtype):
+        CountingBackend.allocations.append(tuple(shape))
+        return super().allocate(shape, dtype)
+
+
+def test_a_second_backend_carries_a_decoder_through_the_table(tmp_path):
+    """A manifest naming another backend loads through it, and every buffer the decoder uses (KV cache, logits)
+    comes from it: nothing in the pipeline allocates for itself."""
+    make_model("llama-gqa-llama3", tmp_path / "model")
+    config = PipelineConfig(model_path=tmp_path / "model", cache_dir=tmp_path / "cache", max_batch_size=2)
+    resolved = PIPELINE_REGISTRY.resolve(config)
+    expected = PIPELINE_REGISTRY.build_pipeline(resolved).generate_tokens([[1, 5, 9, 7]])[0]
+    artifact = update_manifest(resolved.artifact.path, {"runtime": {**resolved.manifest["runtime"],
+                                                                    "backend": "counting-cpu"}})
+    CountingBackend.allocations.clear()
+    session = InferenceSession(num_threads=1, backends={**BACKENDS, CountingBackend.name: CountingBackend})
+    model = DecoderPipelineModel(config, session, resolved=dataclasses.replace(resolved, artifact=artifact))
+    assert type(model.model.backend) is CountingBackend
+    layers = resolved.huggingface_config["num_hidden_layers"]
+    assert len(CountingBackend.allocations) == 2 * layers + 1  # K and V per layer, and the logits
+    pipeline = TextGenerationPipeline(config, model, eos_token_id=None)
+    assert pipeline.generate_tokens([[1, 5, 9, 7]])[0] == expected
+
+
+def test_only_the_backend_touches_onnxruntime_or_allocates_buffers():
+    """Static: outside runtime/backends/, no runtime module imports onnxruntime, and the KV managers and
+    pipelines make no KV buffers with np.zeros / np.empty of their own (host arrays of results are theirs)."""
+    offenders = []
+    for path in sorted(RUNTIME.rglob("*.py")):
+        if "backends" in path.parts:
+            continue
+        text = path.read_text()
+        if re.search(r"^\s*(import onnxruntime|from onnxruntime)", text, re.M) or "OrtValue" in text:
+            offenders.append(f"{path.relative_to(RUNTIME)}: onnxruntime")
+        if path.parent.name == "kv_cache" or path.name in ("decoder.py", "bert.py"):
+            for line in text.splitlines():
+                if re.search(r"np\.(zeros|empty)\(\(.*(n_kv_heads|head_dim|page_size)", line):
+                    offenders.append(f"{path.relative_to(RUNTIME)}: {line.strip()}")
+    assert offenders == []
