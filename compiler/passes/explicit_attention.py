@@ -8,8 +8,9 @@ GroupQueryAttention rejects). What they share, and what is therefore written onc
   so that padding tokens past the last position do not fail the kernel's bounds check. Unlike
   GroupQueryAttention's in-kernel rotary it takes any head size and rotary dimension.
 * Grouped attention: query heads reshaped to ``[batch, kv, group * seq, hd]`` so that each kv head meets its whole
-  group of query heads in one MatMul and K/V are never repeated; a boolean mask (causal, ``j < cache_lengths +
-  input_lengths``, the sliding window) selects the scores by ``Where`` before Softmax. The masks depend only on
+  group of query heads in one MatMul and K/V are never repeated; the op's ``scale`` multiplies q and its
+  ``softcap`` (``softcap * tanh(scores / softcap)``) bounds the scores; a boolean mask (causal, ``j < cache_lengths +
+  input_lengths``, the sliding window) then selects the scores by ``Where`` before Softmax. The masks depend only on
   the lengths, so each is built once per graph and shared by the layers.
 
 Masked scores take the dtype's lowest finite value rather than -inf, so a query with no visible key (a padding
@@ -146,6 +147,10 @@ def grouped_attention(shared: SharedValues, node: ir.Node, query: ir.Value, keys
     q = op("Reshape", [q, const(np.array([0, 0, -1, head_dim], np.int64))])
     q = op("Mul", [q, const(np.array(scale, dtype))])
     scores = op("MatMul", [q, keys], name=f"{name}/scores")  # [batch, kv, group * seq, max_len]
+    softcap = float(attrs.get("softcap", 0.0))
+    if softcap > 0:  # softcap * tanh(scores / softcap), before the mask (as the op's reference)
+        cap = const(np.array(softcap, dtype))
+        scores = op("Mul", [op("Tanh", [op("Div", [scores, cap])]), cap], name=f"{name}/softcap")
     scores = op("Where", [shared.mask(int(attrs.get("sliding_window", 0)), group), scores,
                           const(np.array(np.finfo(dtype).min, dtype))])
     probs = op("Softmax", [scores], {"axis": -1})

@@ -14,6 +14,11 @@ The kernel's modes bound what a batch may be: a first prompt (``cache_lengths`` 
 one decode token per row (any mix of cache lengths), or one row of several tokens after a cached prefix.
 The runtime forms batches within them.
 
+Scale and soft-capping: the kernel's ``scale`` (0: ``1 / sqrt(head_size)``) and ``softcap`` (0: none; else
+``softcap * tanh(scores / softcap)`` before the mask) mean what ember's attributes mean; onnxruntime 1.32's CPU
+kernel applies both in all three modes, float and int8 caches alike (``tests/compiler/test_attention_softcap.py``
+pins them against the reference), so neither is a reason to reject a node.
+
 Window: in onnxruntime >= 1.31 GroupQueryAttention's ``local_window_size`` L lets a token attend to L positions,
 itself included, which is ember's ``sliding_window`` (and transformers' ``kv_idx > q_idx - W``), so L = W.
 (Older CPU kernels kept L + 1; ``tests/compiler/test_lowering.py`` pins the meaning against the
@@ -122,6 +127,7 @@ def lower_attention_to_gqa(model: ir.Model) -> ir.Model:
             "num_heads": int(attrs["num_heads"]),
             "kv_num_heads": int(attrs["kv_num_heads"]),
             "scale": float(attrs.get("scale", 0.0)),
+            "softcap": float(attrs.get("softcap", 0.0)),
             "local_window_size": window if window > 0 else -1,
             "do_rotary": int(cos is not None),
             "rotary_interleaved": int(attrs.get("rotary_interleaved", 0)),

@@ -87,6 +87,10 @@ def silu(x: ir.Value) -> ir.Value:
     return mul(x, sigmoid(x), name="SiLU")
 
 
+def tanh(x: ir.Value) -> ir.Value:
+    return _node("Tanh", [x], x.dtype, dims(x))
+
+
 def gelu(x: ir.Value, approximate: str = "none") -> ir.Value:
     return _node("Gelu", [x], x.dtype, dims(x), {"approximate": approximate})
 

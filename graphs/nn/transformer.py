@@ -47,20 +47,34 @@ class ReturnLogits(str, enum.Enum):
 
 
 class TransformerBlock(Layer):
-    """Pre-norm block: ``h += attn(norm(h)); h += mlp(norm(h))``."""
+    """Pre-norm block: ``h += attn(norm(h)); h += mlp(norm(h))``.
 
-    def __init__(self, name: str, attention: Attention, mlp: MLP, attention_norm: RMSNorm, mlp_norm: RMSNorm):
+    ``attention_output_norm`` / ``mlp_output_norm`` (Gemma 2's ``post_attention_layernorm`` and
+    ``post_feedforward_layernorm``) normalize each sub-layer's output before its residual add, the "sandwich"
+    form: ``h += norm(attn(norm(h)))``. They are parameters of this block rather than another block class, so
+    every decoder shares one residual path (and one fusion pattern: ``Add`` then the next ``RMSNormalization``).
+    """
+
+    def __init__(self, name: str, attention: Attention, mlp: MLP, attention_norm: RMSNorm, mlp_norm: RMSNorm,
+                 attention_output_norm: RMSNorm | None = None, mlp_output_norm: RMSNorm | None = None):
         super().__init__(name)
         self.self_attn, self.mlp = attention, mlp
-        self.input_layernorm, self.post_attention_layernorm = attention_norm, mlp_norm
+        # named by role, not by checkpoint: Llama's ``post_attention_layernorm`` is the mlp_norm, Gemma 2's is
+        # the attention_output_norm (each RMSNorm carries its checkpoint name itself)
+        self.attention_norm, self.mlp_norm = attention_norm, mlp_norm
+        self.attention_output_norm, self.mlp_output_norm = attention_output_norm, mlp_output_norm
 
     def __call__(self, h: ir.Value, past_key: ir.Value, past_value: ir.Value, cache_lengths: ir.Value,
                  input_lengths: ir.Value, paged: PagedInputs | None = None) -> tuple[ir.Value, ir.Value, ir.Value]:
-        attn, present_key, present_value = self.self_attn(self.input_layernorm(h), past_key, past_value,
+        attn, present_key, present_value = self.self_attn(self.attention_norm(h), past_key, past_value,
                                                           cache_lengths, input_lengths, paged)
+        if self.attention_output_norm is not None:
+            attn = self.attention_output_norm(attn)
         with self.scope():
             h = ops.add(h, attn, name="attn_residual")
-        mlp = self.mlp(self.post_attention_layernorm(h))
+        mlp = self.mlp(self.mlp_norm(h))
+        if self.mlp_output_norm is not None:
+            mlp = self.mlp_output_norm(mlp)
         with self.scope():
             h = ops.add(h, mlp, name="mlp_residual")
         return h, present_key, present_value
@@ -71,12 +85,18 @@ class Transformer:
 
     def __init__(self, dim: int, n_heads: int, layers: Sequence[TransformerBlock], norm: RMSNorm,
                  output: Linear | TiedOutput, embedding: Embedding, kv_params: KVCacheParams,
-                 rope: RotaryEmbedding | None, return_logits: ReturnLogits = ReturnLogits.LAST_TOKEN):
+                 rope: RotaryEmbedding | None, return_logits: ReturnLogits = ReturnLogits.LAST_TOKEN,
+                 logit_softcap: float = 0.0):
+        """``logit_softcap`` > 0 bounds the logits to ``cap * tanh(logits / cap)`` (Gemma 2's
+        ``final_logit_softcapping``); it is part of the model, so the runtime's sampling sees capped logits."""
+        if logit_softcap < 0:
+            raise ValueError(f"logit_softcap must not be negative (0: none), not {logit_softcap}")
         self.dim, self.n_heads = dim, n_heads
         self.layers = list(layers)
         self.norm, self.output, self.embedding = norm, output, embedding
         self.kv_params, self.rope = kv_params, rope
         self.return_logits = ReturnLogits(return_logits)
+        self.logit_softcap = logit_softcap
 
     @property
     def paged(self) -> bool:
@@ -121,18 +141,25 @@ class Transformer:
             graph.metadata["ember.return_logits"] = self.return_logits.value
             return graph.to_model()
 
+    def _capped(self, logits: ir.Value) -> ir.Value:
+        if not self.logit_softcap:
+            return logits
+        with current_graph().scope("model.logit_softcap"):
+            cap = ops.constant(np.array(self.logit_softcap, np.float32))
+            return ops.mul(ops.tanh(ops.div(logits, cap)), cap)
+
     def _logits(self, h: ir.Value, input_lengths: ir.Value) -> ir.Value:
         if self.return_logits is ReturnLogits.LAST_TOKEN:
             # Only each row's last valid token reaches the norm and the (large) output projection.
             with current_graph().scope("model.last_token"):
                 last = ops.sub(ops.cast(input_lengths, ir.DataType.INT64), ops.constant(np.array(1, np.int64)))
                 h = ops.gather_nd(h, ops.unsqueeze(last, [1]), batch_dims=1)  # [batch, dim]
-            return self.output(self.norm(h))
+            return self._capped(self.output(self.norm(h)))
         h = self.norm(h)
         with current_graph().scope("model.all_logits"):
             batch_and_sequence = ops.shape_of(h, 0, 2)
             flat = ops.reshape(h, [-1, self.dim], ["rows", self.dim])
-        logits = self.output(flat)
+        logits = self._capped(self.output(flat))
         with current_graph().scope("model.all_logits"):
             vocab = self.embedding.vocab_size
             target = ops.concat([batch_and_sequence, ops.constant(np.array([vocab], np.int64))], axis=0)

@@ -24,12 +24,8 @@ for _schema in SCHEMAS:
 class _AttentionOp(OpRun):
     op_domain = "ember"
 
-    def _run(self, query, key, value, past_key, past_value, cache_lengths, input_lengths, cos_cache=None,
-             sin_cache=None, num_heads=None, kv_num_heads=None, scale=0.0, sliding_window=0, rotary_interleaved=0):
-        return attention_reference(query, key, value, past_key, past_value, cache_lengths, input_lengths,
-                                   cos_cache, sin_cache, num_heads=num_heads, kv_num_heads=kv_num_heads,
-                                   scale=scale, sliding_window=sliding_window,
-                                   rotary_interleaved=rotary_interleaved)
+    def _run(self, *inputs, **attributes):  # the node's attributes, named as the reference's keywords
+        return attention_reference(*inputs, **attributes)
 
 
 _AttentionOp.__name__ = "CachedAttention"
@@ -38,13 +34,8 @@ _AttentionOp.__name__ = "CachedAttention"
 class _PagedAttentionOp(OpRun):
     op_domain = "ember"
 
-    def _run(self, query, key, value, key_cache, value_cache, page_table, slot_mapping, cache_lengths, input_lengths,
-             cos_cache=None, sin_cache=None, num_heads=None, kv_num_heads=None, page_size=None, scale=0.0,
-             sliding_window=0, rotary_interleaved=0):
-        return paged_attention_reference(query, key, value, key_cache, value_cache, page_table, slot_mapping,
-                                         cache_lengths, input_lengths, cos_cache, sin_cache, num_heads=num_heads,
-                                         kv_num_heads=kv_num_heads, page_size=page_size, scale=scale,
-                                         sliding_window=sliding_window, rotary_interleaved=rotary_interleaved)
+    def _run(self, *inputs, **attributes):
+        return paged_attention_reference(*inputs, **attributes)
 
 
 _PagedAttentionOp.__name__ = "PagedAttention"

@@ -10,6 +10,10 @@ Rows are right-padded: row ``b`` holds ``input_lengths[b]`` new tokens that foll
 ``present_key``/``present_value`` (which equal ``past_key``/``past_value`` elsewhere), and it attends to
 cache positions ``j <= p`` (and ``j > p - sliding_window`` when a window is set). Outputs of padding rows
 (``i >= input_lengths[b]``) are unspecified; the reference returns zeros.
+
+Scores are ``q . k * scale`` (``scale`` 0: ``1 / sqrt(head_dim)``; Gemma 2 sets ``query_pre_attn_scalar ** -0.5``),
+then, with ``softcap`` > 0, ``softcap * tanh(scores / softcap)`` (Gemma 2's attention-logit soft-capping, which
+bounds the logits before the mask and the softmax, as transformers' eager attention does).
 """
 from __future__ import annotations
 
@@ -47,6 +51,8 @@ HEAD_ATTRIBUTES = [
 ]
 OPTION_ATTRIBUTES = [
     OpSchema.Attribute("scale", make_attribute("scale", 0.0), "softmax scale; 0 means 1/sqrt(head_dim)"),
+    OpSchema.Attribute("softcap", make_attribute("softcap", 0.0),
+                       "softcap * tanh(scores / softcap) on the scaled scores; 0: no capping"),
     OpSchema.Attribute("sliding_window", make_attribute("sliding_window", 0),
                        "attend to at most this many positions (itself included); 0: all"),
     OpSchema.Attribute("rotary_interleaved", make_attribute("rotary_interleaved", 0),
@@ -73,16 +79,27 @@ SCHEMA = OpSchema(
 )
 
 
+def option_attributes(scale: float = 0.0, softcap: float = 0.0, sliding_window: int = 0,
+                      rotary_interleaved: bool = False) -> dict:
+    """The :data:`OPTION_ATTRIBUTES` as node attributes, typed as the schema declares them (both ops emit them)."""
+    if softcap < 0 or scale < 0 or sliding_window < 0:
+        raise ValueError(f"scale ({scale}), softcap ({softcap}) and sliding_window ({sliding_window}) must not be "
+                         f"negative (0: the default)")
+    return {"scale": float(scale), "softcap": float(softcap), "sliding_window": int(sliding_window),
+            "rotary_interleaved": int(rotary_interleaved)}
+
+
 def attention(query: ir.Value, key: ir.Value, value: ir.Value, past_key: ir.Value, past_value: ir.Value,
               cache_lengths: ir.Value, input_lengths: ir.Value, cos_cache: ir.Value | None,
               sin_cache: ir.Value | None, *, num_heads: int, kv_num_heads: int, scale: float = 0.0,
-              sliding_window: int = 0, rotary_interleaved: bool = False) -> tuple[ir.Value, ir.Value, ir.Value]:
+              softcap: float = 0.0, sliding_window: int = 0,
+              rotary_interleaved: bool = False) -> tuple[ir.Value, ir.Value, ir.Value]:
     """Emit ``ember.CachedAttention``; returns ``(output, present_key, present_value)``."""
     inputs = [query, key, value, past_key, past_value, cache_lengths, input_lengths]
     if cos_cache is not None:
         inputs += [cos_cache, sin_cache]
-    attrs = {"num_heads": num_heads, "kv_num_heads": kv_num_heads, "scale": float(scale),
-             "sliding_window": int(sliding_window), "rotary_interleaved": int(rotary_interleaved)}
+    attrs = {"num_heads": num_heads, "kv_num_heads": kv_num_heads,
+             **option_attributes(scale, softcap, sliding_window, rotary_interleaved)}
     kv_shape = dims(past_key)
     out, pk, pv = current_graph().add_node(
         "CachedAttention", inputs, attrs, domain=EMBER_DOMAIN,
@@ -106,7 +123,7 @@ def apply_rotary(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, interleaved: b
 
 def attention_reference(query, key, value, past_key, past_value, cache_lengths, input_lengths, cos_cache=None,
                         sin_cache=None, *, num_heads: int, kv_num_heads: int, scale: float = 0.0,
-                        sliding_window: int = 0, rotary_interleaved: int = 0):
+                        softcap: float = 0.0, sliding_window: int = 0, rotary_interleaved: int = 0):
     """numpy semantics of ``ember.CachedAttention`` (see the module doc)."""
     batch, seq, _ = query.shape
     head_dim = query.shape[2] // num_heads
@@ -130,6 +147,8 @@ def attention_reference(query, key, value, past_key, past_value, cache_lengths, 
         keys = np.repeat(present_key[b, :, :total], group, axis=0).astype(np.float32)
         values = np.repeat(present_value[b, :, :total], group, axis=0).astype(np.float32)
         scores = qb.astype(np.float32) @ keys.transpose(0, 2, 1) * scale
+        if softcap > 0:
+            scores = softcap * np.tanh(scores / softcap)
         allowed = np.arange(total)[None, :] <= positions[:, None]
         if sliding_window > 0:
             allowed &= np.arange(total)[None, :] > positions[:, None] - sliding_window

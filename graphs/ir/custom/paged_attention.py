@@ -28,7 +28,7 @@ from ..graph import current_graph
 from ..ops import dims
 from ..versions import EMBER_DOMAIN, EMBER_OPSET
 from .attention import (ACTIVATION_TYPES, HEAD_ATTRIBUTES, LENGTH_INPUTS, NEW_TOKEN_INPUTS, OPTION_ATTRIBUTES,
-                        OUTPUT, ROTARY_INPUTS, attention_reference)
+                        OUTPUT, ROTARY_INPUTS, attention_reference, option_attributes)
 
 SCHEMA = OpSchema(
     "PagedAttention", EMBER_DOMAIN, EMBER_OPSET,
@@ -58,15 +58,14 @@ SCHEMA = OpSchema(
 def paged_attention(query: ir.Value, key: ir.Value, value: ir.Value, key_cache: ir.Value, value_cache: ir.Value,
                     page_table: ir.Value, slot_mapping: ir.Value, cache_lengths: ir.Value, input_lengths: ir.Value,
                     cos_cache: ir.Value | None, sin_cache: ir.Value | None, *, num_heads: int, kv_num_heads: int,
-                    page_size: int, scale: float = 0.0, sliding_window: int = 0,
+                    page_size: int, scale: float = 0.0, softcap: float = 0.0, sliding_window: int = 0,
                     rotary_interleaved: bool = False) -> tuple[ir.Value, ir.Value, ir.Value]:
     """Emit ``ember.PagedAttention``; returns ``(output, key_cache_out, value_cache_out)``."""
     inputs = [query, key, value, key_cache, value_cache, page_table, slot_mapping, cache_lengths, input_lengths]
     if cos_cache is not None:
         inputs += [cos_cache, sin_cache]
     attrs = {"num_heads": num_heads, "kv_num_heads": kv_num_heads, "page_size": int(page_size),
-             "scale": float(scale), "sliding_window": int(sliding_window),
-             "rotary_interleaved": int(rotary_interleaved)}
+             **option_attributes(scale, softcap, sliding_window, rotary_interleaved)}
     pool_shape = dims(key_cache)
     out, key_out, value_out = current_graph().add_node(
         "PagedAttention", inputs, attrs, domain=EMBER_DOMAIN,
@@ -81,12 +80,12 @@ def pool_rows(page_table: np.ndarray, positions: np.ndarray, page_size: int) -> 
 
 def paged_attention_reference(query, key, value, key_cache, value_cache, page_table, slot_mapping, cache_lengths,
                               input_lengths, cos_cache=None, sin_cache=None, *, num_heads: int, kv_num_heads: int,
-                              page_size: int, scale: float = 0.0, sliding_window: int = 0,
+                              page_size: int, scale: float = 0.0, softcap: float = 0.0, sliding_window: int = 0,
                               rotary_interleaved: int = 0):
     """numpy semantics of ``ember.PagedAttention`` (see the module doc).
 
     Each row's pages are gathered into a contiguous cache and handed to CachedAttention's reference, so the
-    two ops share one meaning (rotary, window, grouping); this function only adds the paging.
+    two ops share one meaning (rotary, window, grouping, scale, soft-capping); this function only adds the paging.
     """
     batch, pages = page_table.shape
     length = pages * page_size
@@ -96,7 +95,7 @@ def paged_attention_reference(query, key, value, key_cache, value_cache, page_ta
     past_value = value_cache[rows].transpose(0, 2, 1, 3)
     out, present_key, present_value = attention_reference(
         query, key, value, past_key, past_value, cache_lengths, input_lengths, cos_cache, sin_cache,
-        num_heads=num_heads, kv_num_heads=kv_num_heads, scale=scale, sliding_window=sliding_window,
+        num_heads=num_heads, kv_num_heads=kv_num_heads, scale=scale, softcap=softcap, sliding_window=sliding_window,
         rotary_interleaved=rotary_interleaved)
     key_out, value_out = key_cache.copy(), value_cache.copy()
     for b in range(batch):
