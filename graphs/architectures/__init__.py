@@ -9,10 +9,11 @@ from __future__ import annotations
 from .bert import SPEC as BERT
 from .gemma2 import SPEC as GEMMA2
 from .llama import SPEC as LLAMA
+from .phi3 import SPEC as PHI3
 from .qwen3 import SPEC as QWEN3
 from .spec import ArchitectureSpec
 
-SPECS: tuple[ArchitectureSpec, ...] = (LLAMA, QWEN3, GEMMA2, BERT)
+SPECS: tuple[ArchitectureSpec, ...] = (LLAMA, QWEN3, GEMMA2, PHI3, BERT)
 
 
 def spec_for(hf_architecture: str | None, specs: tuple[ArchitectureSpec, ...] = SPECS) -> ArchitectureSpec | None:
@@ -31,5 +32,5 @@ def gguf_architectures(specs: tuple[ArchitectureSpec, ...] = SPECS) -> dict[str,
     return {gguf: hf for s in specs for gguf, hf in s.gguf_architectures.items()}
 
 
-__all__ = ["ArchitectureSpec", "BERT", "GEMMA2", "LLAMA", "QWEN3", "SPECS", "gguf_architectures", "spec_for",
+__all__ = ["ArchitectureSpec", "BERT", "GEMMA2", "LLAMA", "PHI3", "QWEN3", "SPECS", "gguf_architectures", "spec_for",
            "spec_for_gguf"]

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ember.graphs.nn.kv_cache import KVCacheStrategy
+from ember.graphs.nn.kv_cache import DEFAULT_PAGE_SIZE, KVCacheStrategy
 from ember.graphs.nn.transformer import ReturnLogits
 
 
@@ -69,7 +69,7 @@ class PipelineConfig:
     # PAGED: at most this many pages (besides the byte cap), and whether full pages are shared by prefix.
     kv_cache_pages: int | None = None
     enable_prefix_caching: bool = True
-    kv_cache_page_size: int = 16
+    kv_cache_page_size: int = DEFAULT_PAGE_SIZE
     # 0: float KV cache; 8: int8 with scales calibrated at compile time (ort-cpu, continuous strategy).
     kv_cache_bit_width: int = 0
     force_compile: bool = False

@@ -31,7 +31,11 @@ VARIANTS = {
     "mistral-window": (MistralConfig, MistralForCausalLM, dict(num_key_value_heads=2, sliding_window=8,
                                                                tie_word_embeddings=False)),
     # q/k/v bias
-    "qwen2-bias": (Qwen2Config, Qwen2ForCausalLM, dict(num_key_value_heads=2, tie_word_embeddings=False)),
+    "qwen2-bias": (Qwen2Config, Qwen2ForCausalLM, dict(num_key_value_heads=2, tie_word_embeddings=False,
+                                                       vector_std=0.1)),
+    # Llama's attention_bias: q/k/v and o_proj biases
+    "llama-attention-bias": (LlamaConfig, LlamaForCausalLM, dict(num_key_value_heads=2, attention_bias=True,
+                                                                 tie_word_embeddings=False, vector_std=0.1)),
 }
 
 
@@ -49,7 +53,14 @@ def save_tokenizer(directory: Path, size: int = VOCAB) -> None:
 def make_model(variant: str, directory: Path, seed: int = 0):
     """Save the variant's random checkpoint + tokenizer into ``directory``; returns the torch model."""
     config_class, model_class, extra = VARIANTS[variant]
-    config = config_class(**COMMON, **extra)
+    extra = dict(extra)
+    vector_std = extra.pop("vector_std", 0.0)  # biases off transformers' zero init, so that they are tested
+    return save_random_model(config_class(**COMMON, **extra), model_class, directory, seed, vector_std)
+
+
+def save_random_model(config, model_class, directory: Path, seed: int = 0, vector_std: float = 0.0):
+    """A random ``model_class(config)`` (eager attention) and the tokenizer, saved into ``directory``; returns the
+    torch model. ``vector_std`` > 0 also moves the 1-D weights (norms, biases) off their initial constants."""
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = model_class(config).eval()
@@ -57,6 +68,8 @@ def make_model(variant: str, directory: Path, seed: int = 0):
         for p in model.parameters():
             if p.dim() > 1:
                 p.normal_(0.0, 0.08)
+            elif vector_std:
+                p.add_(torch.randn_like(p) * vector_std)
     model.save_pretrained(directory)
     save_tokenizer(directory)
     return model

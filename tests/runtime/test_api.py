@@ -44,7 +44,8 @@ def test_registry_duplicates_and_override():
 
 def test_builtin_architectures():  # the text-generation ones
     decoders = {a.name for a in BUILTIN_ARCHITECTURES if a.task is PipelineTask.TEXT_GENERATION}
-    assert decoders == {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
+    assert decoders == {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                        "Gemma2ForCausalLM", "Phi3ForCausalLM"}
     encoders = {a.name for a in BUILTIN_ARCHITECTURES if a.task is PipelineTask.EMBEDDINGS_GENERATION}
     assert encoders == {"BertModel", "BertForMaskedLM", "BertForSequenceClassification", "RobertaModel",
                         "XLMRobertaModel"}

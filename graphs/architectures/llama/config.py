@@ -56,7 +56,7 @@ class LlamaArchConfig:
     rms_norm_eps: float
     rope_theta: float
     rope_scaling: RopeScaling
-    max_position_embeddings: int
+    max_position_embeddings: int  # the positions the model takes (longrope: fewer, see graphs/nn/rotary.py)
     tie_word_embeddings: bool
     attention_bias: bool
     mlp_bias: bool
@@ -101,8 +101,9 @@ class LlamaArchConfig:
         rope = getattr(hf_config, "rope_parameters", None) or {}
         theta = _positive_number(rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0)),
                                  f"{where}: rope_theta")
+        max_positions = count("max_position_embeddings", maximum=MAX_POSITIONS)
         try:
-            scaling = RopeScaling.from_hf(rope if rope else getattr(hf_config, "rope_scaling", None))
+            scaling = RopeScaling.from_hf(rope if rope else getattr(hf_config, "rope_scaling", None), max_positions)
         except ValueError as error:
             raise ValueError(f"{where}: {error}") from None
         partial = _positive_number(rope.get("partial_rotary_factor",
@@ -111,6 +112,16 @@ class LlamaArchConfig:
         if partial > 1 or int(head_dim * partial) < 2 or int(head_dim * partial) % 2:
             raise ValueError(f"{where}: partial_rotary_factor {partial} of head_dim {head_dim} is not an even "
                              f"number of rotary dimensions")
+        try:
+            scaling.check_rotary_dim(int(head_dim * partial))
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from None
+        if scaling.max_positions is not None and scaling.max_positions < max_positions:
+            logger.warning("%s: rope scaling %r matches transformers up to original_max_position_embeddings %d "
+                           "(beyond, transformers recomputes every position with other factors, which a KV cache "
+                           "cannot follow): the model takes %d positions, not max_position_embeddings %d", where,
+                           scaling.rope_type, scaling.max_positions, scaling.max_positions, max_positions)
+            max_positions = scaling.max_positions
         num_layers = count("num_hidden_layers")
         hidden_act = getattr(hf_config, "hidden_act", "silu")
         if not isinstance(hidden_act, str) or hidden_act not in ACTIVATIONS:
@@ -137,7 +148,7 @@ class LlamaArchConfig:
             rms_norm_eps=_positive_number(getattr(hf_config, "rms_norm_eps", None), f"{where}: rms_norm_eps"),
             rope_theta=theta,
             rope_scaling=scaling,
-            max_position_embeddings=count("max_position_embeddings", maximum=MAX_POSITIONS),
+            max_position_embeddings=max_positions,
             tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
             attention_bias=bool(getattr(hf_config, "attention_bias", arch == "Qwen2ForCausalLM")),
             mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),

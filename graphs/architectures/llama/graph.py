@@ -26,6 +26,7 @@ def build_transformer(config: LlamaArchConfig, weights: AdaptedWeights,
     """The layers of one Llama/Mistral/Qwen2 checkpoint (``page_size``: tokens per page of a PAGED cache)."""
     params = kv_params(config, strategy, page_size=page_size)
 
+    # transformers gives o_proj a bias with attention_bias (Llama) but not Qwen2's q/k/v-only bias: the checkpoint says.
     def linear(path: str, bias: bool) -> Linear:
         return Linear(path, weights[f"{path}.weight"], weights[f"{path}.bias"] if bias else None)
 
@@ -37,7 +38,7 @@ def build_transformer(config: LlamaArchConfig, weights: AdaptedWeights,
         attention = Attention(
             f"{p}.self_attn",
             linear(f"{p}.self_attn.q_proj", config.attention_bias), linear(f"{p}.self_attn.k_proj", config.attention_bias),
-            linear(f"{p}.self_attn.v_proj", config.attention_bias), linear(f"{p}.self_attn.o_proj", False),
+            linear(f"{p}.self_attn.v_proj", config.attention_bias), linear(f"{p}.self_attn.o_proj", f"{p}.self_attn.o_proj.bias" in weights),
             num_heads=config.num_heads, num_kv_heads=config.num_kv_heads, head_dim=config.head_dim, rope=rope,
             sliding_window=config.sliding_windows[i])
         mlp = MLP(f"{p}.mlp", linear(f"{p}.mlp.gate_proj", config.mlp_bias), linear(f"{p}.mlp.up_proj", config.mlp_bias),
