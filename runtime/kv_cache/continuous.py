@@ -25,7 +25,8 @@ import numpy as np
 
 from ember.graphs.nn.kv_cache import KVCacheParams
 
-from ..backends import Buffer, RuntimeBackend
+from ..backends import RuntimeBackend
+from .layer_buffers import LayerBuffers
 
 logger = logging.getLogger(__name__)
 
@@ -34,30 +35,18 @@ class KVCacheExhausted(RuntimeError):
     """No free slot (or no room left in a slot) for a request; the caller queues or preempts it."""
 
 
-class ContinuousKVCacheManager:
+class ContinuousKVCacheManager(LayerBuffers):
     """Slots of a contiguous KV cache (buffers from ``backend``), their lengths, and the views that bind them."""
 
     def __init__(self, params: KVCacheParams, max_batch_size: int, max_seq_len: int, *, backend: RuntimeBackend):
         self.params = params
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
-        self.backend = backend
-        shape = (max_batch_size, params.n_kv_heads, max_seq_len, params.head_dim)
-        self.key_buffers = [backend.allocate(shape, params.dtype) for _ in range(params.num_layers)]
-        self.value_buffers = [backend.allocate(shape, params.dtype) for _ in range(params.num_layers)]
+        super().__init__(params, (max_batch_size, params.n_kv_heads, max_seq_len, params.head_dim), backend)
         self._slot_of: dict[str, int] = {}
         self._owner: list[str | None] = [None] * max_batch_size
         self._length = np.zeros(max_batch_size, dtype=np.int64)
         self._views: dict[tuple[int, int], list[tuple[Any, Any]]] = {}
-
-    @property
-    def keys(self) -> list[np.ndarray]:
-        """Per layer, the key buffer on the host (the buffer itself on the CPU backend)."""
-        return [self.backend.to_host(b) for b in self.key_buffers]
-
-    @property
-    def values(self) -> list[np.ndarray]:
-        return [self.backend.to_host(b) for b in self.value_buffers]
 
     # bookkeeping --------------------------------------------------------------------------------
     @property
@@ -72,10 +61,6 @@ class ContinuousKVCacheManager:
     def bytes_per_slot(self) -> int:
         """Bytes one slot (one sequence of up to ``max_seq_len`` tokens) takes over all layers, K and V."""
         return self.max_seq_len * self.params.bytes_per_token
-
-    @property
-    def nbytes(self) -> int:
-        return sum(k.nbytes + v.nbytes for k, v in zip(self.key_buffers, self.value_buffers))
 
     def contains(self, request_id: str) -> bool:
         return request_id in self._slot_of
@@ -158,5 +143,5 @@ class ContinuousKVCacheManager:
 
     def _copy(self, dst: list[int], src: list[int], length: int) -> None:
         """Slots ``src`` into slots ``dst``, their first ``length`` positions, in every layer's K and V."""
-        for buffer in (*self.key_buffers, *self.value_buffers):
+        for buffer in self.all_buffers:
             self.backend.copy_rows(buffer, dst, src, (slice(None), slice(0, length)))

@@ -34,6 +34,7 @@ import numpy as np
 from ember.graphs.nn.kv_cache import KVCacheParams, KVCacheStrategy
 
 from ..backends import RuntimeBackend
+from .layer_buffers import LayerBuffers
 from .block_pool import SCRATCH_PAGE, CachedPage, PagePool, page_hash
 from .continuous import KVCacheExhausted
 
@@ -55,7 +56,7 @@ class _Request:
         self.chain_ok = True  # False after a hash collision or with prefix caching off
 
 
-class PagedKVCacheManager:
+class PagedKVCacheManager(LayerBuffers):
     """Pages of a paged KV cache, the requests holding them, and the views that bind them.
 
     Counters for metrics and tests: ``prompt_tokens_requested`` (prompt tokens over all :meth:`claim`
@@ -78,9 +79,7 @@ class PagedKVCacheManager:
         self.pool = PagePool(num_pages, page_size)
         self.max_pages_per_seq = -(-max_seq_len // page_size)
         shape = (num_pages * page_size, params.n_kv_heads, params.head_dim)
-        self.backend = backend
-        self.key_buffers = [backend.allocate(shape, params.dtype) for _ in range(params.num_layers)]
-        self.value_buffers = [backend.allocate(shape, params.dtype) for _ in range(params.num_layers)]
+        super().__init__(params, shape, backend)
         self._requests: dict[str, _Request] = {}
         # Page tables of live requests as one array, a row per request, so that batch_inputs gathers a
         # batch's page table with one numpy call; zero (the scratch page) past each request's pages.
@@ -130,19 +129,6 @@ class PagedKVCacheManager:
     @property
     def num_pages(self) -> int:
         return self.pool.num_pages
-
-    @property
-    def nbytes(self) -> int:
-        return sum(k.nbytes + v.nbytes for k, v in zip(self.key_buffers, self.value_buffers))
-
-    @property
-    def keys(self) -> list[np.ndarray]:
-        """Per layer, the key pool on the host (the buffer itself on the CPU backend)."""
-        return [self.backend.to_host(b) for b in self.key_buffers]
-
-    @property
-    def values(self) -> list[np.ndarray]:
-        return [self.backend.to_host(b) for b in self.value_buffers]
 
     # bookkeeping --------------------------------------------------------------------------------------
     @property
@@ -334,7 +320,7 @@ class PagedKVCacheManager:
         if copy is not None:
             src_rows = range(source.pages[full] * self.page_size, source.pages[full] * self.page_size + partial)
             dst_rows = range(copy * self.page_size, copy * self.page_size + partial)
-            for buffer in (*self.key_buffers, *self.value_buffers):
+            for buffer in self.all_buffers:
                 self.backend.copy_rows(buffer, dst_rows, src_rows)
             request.pages.append(copy)
         request.tokens = list(source.tokens)
