@@ -121,6 +121,9 @@ def compile_graph(graph: ir.Model, output_dir: str | Path, options: CompileOptio
     calibrated on random ids of the manifest's vocabulary. ``runner`` runs the float model for that calibration
     (a runtime backend, passed down by the caller: the compiler does not import the runtime)."""
     options.validate()
+    if options.kv_cache_bit_width and runner is None:  # before the lowering, not after it
+        raise ValueError(f"a {options.kv_cache_bit_width}-bit KV cache is calibrated by running the float model: "
+                         f"pass a runtime backend to run it (runner=)")
     target = get_target(options.target)
     start = time.perf_counter()
     lowered = target.lower(graph, options.encoding)

@@ -35,10 +35,14 @@ class Target:
     # has one by this name): written to the manifest, so an artifact says what runs it.
     device_kind: str = "cpu"
     runtime: str = "onnxruntime-cpu"
+    # The engine's execution providers, in order of preference (onnxruntime's names).
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
 
     def runtime_block(self) -> dict[str, Any]:
-        """The manifest's ``"runtime"`` block."""
-        return {"backend": self.runtime, "device_kind": self.device_kind, "settings": dict(self.session)}
+        """The manifest's ``"runtime"`` block: the backend, its device kind, and its load settings (providers and
+        the target's session settings)."""
+        return {"backend": self.runtime, "device_kind": self.device_kind,
+                "settings": {"providers": list(self.providers), **self.session}}
 
     def lower(self, model: ir.Model, encoding: str = "float32") -> ir.Model:
         if encoding not in self.encodings:

@@ -18,14 +18,20 @@ def runtime_of(manifest: dict[str, Any]) -> dict[str, Any]:
     """The manifest's runtime block: backend name, device kind and load settings."""
     runtime = manifest.get("runtime")
     if runtime is None:  # written before the block existed: onnxruntime CPU, settings in "session"
-        return {"backend": OrtCpuBackend.name, "device_kind": "cpu", "settings": dict(manifest.get("session", {}))}
+        return {"backend": OrtCpuBackend.name, "device_kind": "cpu",
+                "settings": {"providers": list(OrtCpuBackend.providers), **manifest.get("session", {})}}
     return runtime
 
 
 def backend_for(manifest: dict[str, Any], num_threads: int,
                 backends: dict[str, type[RuntimeBackend]] = BACKENDS) -> RuntimeBackend:
     """A backend instance for an artifact's manifest; a ValueError naming the backend and the known ones."""
-    runtime = runtime_of(manifest)
+    return backend_from_runtime(runtime_of(manifest), num_threads, backends)
+
+
+def backend_from_runtime(runtime: dict[str, Any], num_threads: int,
+                         backends: dict[str, type[RuntimeBackend]] = BACKENDS) -> RuntimeBackend:
+    """A backend instance for a runtime block (a manifest's, or a target's before it has written one)."""
     name = runtime.get("backend")
     if name not in backends:
         raise ValueError(f"the artifact needs runtime backend {name!r}, which this ember does not have; "
@@ -33,4 +39,5 @@ def backend_for(manifest: dict[str, Any], num_threads: int,
     return backends[name](runtime.get("settings", {}), num_threads)
 
 
-__all__ = ["BACKENDS", "Buffer", "LoadedModel", "OrtCpuBackend", "RuntimeBackend", "backend_for", "runtime_of"]
+__all__ = ["BACKENDS", "Buffer", "LoadedModel", "OrtCpuBackend", "RuntimeBackend", "backend_for", "backend_from_runtime",
+           "runtime_of"]

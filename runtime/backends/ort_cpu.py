@@ -90,8 +90,8 @@ class OrtCpuModel(LoadedModel):
 
 
 class OrtCpuBackend(RuntimeBackend):
-    """See the module docstring. ``settings``: ``disabled_optimizers`` (onnxruntime fusions the target measured
-    as slower)."""
+    """See the module docstring. ``settings``: ``providers`` (the target's; CPU's by default) and
+    ``disabled_optimizers`` (onnxruntime fusions the target measured as slower)."""
 
     name = "onnxruntime-cpu"
     device_kind = "cpu"
@@ -122,7 +122,8 @@ class OrtCpuBackend(RuntimeBackend):
         return options
 
     def _session(self, model_path: Path) -> ort.InferenceSession:
-        return ort.InferenceSession(str(model_path), sess_options=self.session_options(), providers=list(self.providers),
+        providers = list(self.settings.get("providers", self.providers))
+        return ort.InferenceSession(str(model_path), sess_options=self.session_options(), providers=providers,
                                     disabled_optimizers=list(self.settings.get("disabled_optimizers", [])))
 
     def load(self, artifact: "Artifact", rank: int = 0) -> OrtCpuModel:

@@ -73,7 +73,7 @@ def test_manifest_runtime_block_and_older_manifests(tmp_path):
     artifact = PIPELINE_REGISTRY.resolve(config).artifact
     manifest = artifact.manifest
     assert runtime_of(manifest) == {"backend": "onnxruntime-cpu", "device_kind": "cpu",
-                                    "settings": manifest["session"]}
+                                    "settings": {"providers": ["CPUExecutionProvider"], **manifest["session"]}}
     assert manifest["devices"] == ["cpu"] and manifest["ranks"][0]["device"] == "cpu"
     older = {k: v for k, v in manifest.items() if k != "runtime"}  # written before the block existed
     assert runtime_of(older) == runtime_of(manifest)
@@ -119,6 +119,21 @@ def test_a_second_backend_carries_a_decoder_through_the_table(tmp_path):
     assert len(CountingBackend.allocations) == 2 * layers + 1  # K and V per layer, and the logits
     pipeline = TextGenerationPipeline(config, model, eos_token_id=None)
     assert pipeline.generate_tokens([[1, 5, 9, 7]])[0] == expected
+
+
+def test_an_int8_kv_cache_compile_without_a_backend_to_calibrate_on_is_refused_before_lowering(tmp_path):
+    from ember.compiler import CompileOptions, compile_graph
+
+    with pytest.raises(ValueError, match="8-bit KV cache is calibrated by running the float model: pass a runtime"):
+        compile_graph(None, tmp_path / "artifact", CompileOptions(kv_cache_bit_width=8), {})
+    assert not (tmp_path / "artifact").exists()
+
+
+def test_the_compiler_never_imports_onnxruntime():
+    """The compiler runs graphs only through a runner the caller passes down (a runtime backend)."""
+    compiler = RUNTIME.parent / "compiler"
+    assert [str(p.relative_to(compiler)) for p in sorted(compiler.rglob("*.py"))
+            if re.search(r"^\s*(import onnxruntime|from onnxruntime)", p.read_text(), re.M)] == []
 
 
 def test_only_the_backend_touches_onnxruntime_or_allocates_buffers():
