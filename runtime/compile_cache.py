@@ -4,27 +4,28 @@ This module sits above the pipeline layer (it imports the compiler; nothing in `
 registry that compiles on first use (``PIPELINE_REGISTRY``) is given :func:`ensure_artifact` as its artifact
 provider, and pipeline models receive the artifact already resolved.
 
-The key is computed from the source's bytes (sha256, remembered by size and mtime) and the options the
-user gave, so a cached artifact is found without opening the checkpoint. An artifact whose files no
-longer match its manifest is reported and recompiled.
+The key is computed from the source's bytes (sha256, remembered by the files' stat: ``compiler/hashing.py``) and
+the options the user gave, so a cached artifact is found without opening the checkpoint. An artifact whose files
+no longer match its manifest is reported and recompiled in place, under the artifact's cross-process lock.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ember.compiler import ArtifactError, CompileOptions, cache_key, compile_graph, verify_artifact
+from ember.compiler import ArtifactError, CompileOptions, artifact_lock, cache_key, compile_graph, verify_artifact
 from ember.compiler.artifact import Artifact
 from ember.compiler.hashing import HashMemo
 from ember.compiler.targets import get_target
 from ember.graphs.nn.kv_cache import KVCacheStrategy
 
-from .backends import backend_for
+from .backends import backend_from_runtime
 from .pipelines.config import BLOCK_ENCODINGS, NATIVE_ENCODINGS, PipelineConfig, SupportedEncoding, WeightsFormat
 from .pipelines.model_source import ModelSource
 from .pipelines.architectures import BUILTIN_ARCHITECTURES
@@ -128,7 +129,16 @@ def rules_fingerprint(architecture: "SupportedArchitecture") -> str:
 def ensure_artifact(pipeline_config: PipelineConfig, architecture: "SupportedArchitecture",
                     source: ModelSource) -> ResolvedArtifact:
     """The verified artifact for this model and configuration, compiling it if the cache has none (an
-    ``ArtifactProvider``: ``PIPELINE_REGISTRY``'s)."""
+    ``ArtifactProvider``: ``PIPELINE_REGISTRY``'s).
+
+    Check, compile and publish run as one step under the artifact's cross-process lock
+    (``ember.compiler.artifact_lock``): processes started together on an empty cache compile once, the others
+    wait and then load what the first wrote, and no process verifies a folder another is replacing. A cached
+    folder that fails verification (a damaged or added file, an edited or deleted manifest, half a folder) is
+    removed and compiled again in place: everything under the cache's artifacts folder is ember's. With
+    ``force_compile`` a valid one is replaced once the new compile is done. Temporary folders that killed
+    compiles left are removed on the way. A cache that cannot be written fails here, before any compile, unless
+    it already holds this artifact (a read-only cache still serves loads)."""
     if source.kind == "artifact":
         return load_compiled_artifact(pipeline_config, architecture, source)
     start = time.perf_counter()
@@ -136,13 +146,46 @@ def ensure_artifact(pipeline_config: PipelineConfig, architecture: "SupportedArc
     options = compile_options(pipeline_config, architecture, source)
     sha = source_sha256(source, cache_dir)
     directory = cache_dir / ARTIFACTS_DIR / f"{architecture.name}-{cache_key(sha + rules_fingerprint(architecture), options)}"
-    if directory.exists() and not pipeline_config.force_compile:
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        lock = artifact_lock.acquire(directory)
+    except OSError as error:
+        return _from_unwritable_cache(directory, pipeline_config.force_compile, error, start)
+    try:
+        artifact_lock.remove_stale_temps(directory.parent, held=directory.name)
+        if os.path.lexists(directory):
+            try:
+                artifact = verify_artifact(directory)
+                if not pipeline_config.force_compile:
+                    return ResolvedArtifact(artifact, False, time.perf_counter() - start)
+            except ArtifactError as error:
+                logger.warning("%s; compiling it again in place", error)
+                artifact_lock.discard(directory)
+        try:
+            artifact_lock.check_writable(directory)
+        except OSError as error:
+            raise _unwritable(directory, error) from None
+        artifact = compile_source(source, architecture, options, directory, sha)
+    finally:
+        lock.release()
+    return ResolvedArtifact(artifact, True, time.perf_counter() - start)
+
+
+def _from_unwritable_cache(directory: Path, force: bool, error: OSError, start: float) -> ResolvedArtifact:
+    """The artifact from a cache that cannot be written (no lock can be taken there, and none is needed: nothing
+    can replace it), if it holds a valid one and no recompile is asked; else :func:`_unwritable`."""
+    if os.path.lexists(directory) and not force:
         try:
             return ResolvedArtifact(verify_artifact(directory), False, time.perf_counter() - start)
-        except ArtifactError as error:
-            logger.warning("%s; recompiling", error)
-    artifact = compile_source(source, architecture, options, directory, sha)
-    return ResolvedArtifact(artifact, True, time.perf_counter() - start)
+        except ArtifactError as damaged:
+            logger.warning("%s", damaged)
+    raise _unwritable(directory, error) from None
+
+
+def _unwritable(directory: Path, error: OSError) -> ArtifactError:
+    return ArtifactError(f"the compile cache {directory.parent} is not writable ({error.strerror or error}): "
+                         f"cannot compile {directory.name} into it; set EMBER_CACHE (or the cache_dir option) to "
+                         f"a writable directory")
 
 
 def compile_source(source: ModelSource, architecture: "SupportedArchitecture", options: CompileOptions,
@@ -181,7 +224,7 @@ def compile_source(source: ModelSource, architecture: "SupportedArchitecture", o
 
     calibration = kv_calibration_tokens(source, hf_config, max_positions) if options.kv_cache_bit_width else None
     # KV cache calibration runs the float model on the backend that will run the artifact.
-    runner = (backend_for({"runtime": get_target(options.target).runtime_block()}, default_num_threads())
+    runner = (backend_from_runtime(get_target(options.target).runtime_block(), default_num_threads())
               if options.kv_cache_bit_width else None)
     return compile_graph(graph, directory, options, manifest, write_extra_files, calibration, runner)
 

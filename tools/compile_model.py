@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ember.compiler import artifact_lock
 from ember.compiler.artifact import MANIFEST, ArtifactError
 from ember.runtime.pipelines import PIPELINE_REGISTRY, ModelSource, PipelineConfig, SupportedArchitecture
 from ember.runtime.compile_cache import compile_options, compile_source, ensure_artifact, source_sha256
@@ -42,7 +43,13 @@ def architecture_for(source: ModelSource) -> SupportedArchitecture:
 
 
 def _check_output_dir(directory: Path, force: bool) -> None:
-    """Refuse to overwrite anything but an ember artifact, and that only with ``force``."""
+    """Refuse to overwrite anything but an ember artifact, and that only with ``force``; and a folder that cannot
+    be written into, before compiling rather than after (``artifact_lock.check_writable``)."""
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        artifact_lock.check_writable(directory)
+    except OSError as error:
+        raise ValueError(f"cannot write the artifact into {directory.parent}: {error.strerror or error}") from None
     if not directory.exists():
         return
     if not directory.is_dir():

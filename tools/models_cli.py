@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -113,7 +112,8 @@ def model_rows() -> list[ModelRow]:
 
 
 def artifact_rows(cache_dir: Path) -> list[ArtifactRow]:
-    """The compiled artifacts in the cache, newest first (folders being written start with a dot: skipped)."""
+    """The compiled artifacts in the cache, newest first (folders being written and lock files start with a dot:
+    skipped; ``ember.compiler.artifact_lock``)."""
     from ember.runtime.pipelines.model_store import folder_bytes
 
     root = _artifacts(cache_dir)
@@ -237,6 +237,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_models_rm(args: argparse.Namespace) -> int:
+    from ember.compiler import artifact_lock
     from ember.runtime.pipelines.config import default_cache_dir
     from ember.runtime.pipelines.model_store import (PACKAGED_MODELS, folder_bytes, installed_path, models_dir,
                                                      remove_stored)
@@ -276,7 +277,8 @@ def cmd_models_rm(args: argparse.Namespace) -> int:
             print(f"{name}: not in the model store")
     for what, folder in doomed.items():
         size = folder_bytes(folder)
-        shutil.rmtree(folder)
+        with artifact_lock.holding(folder):  # not while a process compiles or verifies it
+            artifact_lock.discard(folder)
         freed += size
         print(f"removed {what} ({format_bytes(size)})")
     print(f"freed {format_bytes(freed)}")

@@ -59,7 +59,8 @@ def test_runtime_import_does_not_import_the_compiler(module):
 
 def test_running_a_compiled_artifact_needs_none_of_the_compiler(tmp_path):
     """The deployment path: a registry that does not compile loads an artifact and generates; of the compiler only
-    the artifact format (``ember.compiler.artifact`` and its hashing) is imported, never its passes or targets."""
+    the artifact format (``ember.compiler.artifact``, its hashing and its lock) is imported, never its passes or
+    targets."""
     from ..reference.tiny_models import make_model
     from ember.runtime.pipelines import PIPELINE_REGISTRY, PipelineConfig
 
@@ -74,4 +75,5 @@ def test_running_a_compiled_artifact_needs_none_of_the_compiler(tmp_path):
             "print(sorted(m for m in sys.modules if m.startswith('ember.compiler')))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "['ember.compiler', 'ember.compiler.artifact', 'ember.compiler.hashing']"
+    assert result.stdout.strip() == ("['ember.compiler', 'ember.compiler.artifact', 'ember.compiler.artifact_lock', "
+                                     "'ember.compiler.hashing']")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ember.compiler.artifact import MANIFEST, ArtifactError, update_manifest, verify_artifact
+from ember.compiler.artifact import MANIFEST, ArtifactError, sealed, update_manifest, verify_artifact
 from ember.tools.cli import main
 from ember.tools.verify import shipped_text, text_ids
 from ember.tools.verify_metrics import (THRESHOLDS, Agreement, GreedyResult, greedy_agreement, kl_divergence,
@@ -121,7 +121,7 @@ def double_one_weight(artifact: Path, name: str) -> None:
     data_file.write_bytes(bytes(data))
     manifest = json.loads((artifact / MANIFEST).read_text())
     manifest["files"][f"rank0/{where['location']}"]["sha256"] = hashlib.sha256(data).hexdigest()
-    (artifact / MANIFEST).write_text(json.dumps(manifest))
+    (artifact / MANIFEST).write_text(json.dumps(sealed(manifest)))  # resealed: the manifest checks itself
 
 
 def test_a_broken_artifact_fails_with_exit_1(float32_artifact, ember_cache, tmp_path, capsys):
