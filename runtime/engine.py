@@ -16,6 +16,7 @@ import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+from .kv_cache.paged import PagedKVCacheManager
 from .pipelines.context import SamplingParams
 from .pipelines.text_generation import TextGenerationPipeline
 from .scheduler import Scheduler, SchedulerConfig, StepOutput
@@ -48,6 +49,24 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished
+
+    # --- read-only KV cache figures for the server's /metrics (runtime/serve/metrics.py) ---------------------
+    def kv_cache_usage(self) -> dict[str, int | str]:
+        """The KV cache's occupancy now, read without the step lock (a snapshot; it may be mid-step).
+
+        ``unit`` is ``page`` (paged: ``used`` pages held by a request, ``free`` pages an allocation can take,
+        evictable prefix-cache pages included, ``total`` all but the scratch page) or ``slot`` (continuous).
+        ``prefix_cache_queries`` / ``prefix_cache_hits``: prompt tokens admitted and those served from the prefix
+        cache, since the engine's model was loaded (0 for the continuous strategy, which has no prefix cache)."""
+        manager = self.pipeline.pipeline_model.kv_manager
+        if not isinstance(manager, PagedKVCacheManager):
+            return {"unit": "slot", "used": manager.num_active, "free": manager.free_slots,
+                    "total": manager.max_batch_size, "prefix_cache_queries": 0, "prefix_cache_hits": 0}
+        pool = manager.pool
+        return {"unit": "page", "used": pool.num_referenced, "free": pool.num_available, "total": pool.num_usable,
+                "prefix_cache_queries": manager.prompt_tokens_requested,
+                "prefix_cache_hits": manager.prompt_tokens_cached}
+    # --- end of the read-only KV cache figures --------------------------------------------------------------
 
     def step(self) -> list[StepOutput]:
         """One scheduler step over every request in flight: schedule, execute (the model runner), update."""

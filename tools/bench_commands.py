@@ -101,6 +101,8 @@ def _cmd_bench_serving(args: argparse.Namespace) -> int:
     kv["kv_cache_strategy"] = kv["kv_cache_strategy"] or "paged"
     if args.prefix_cache and kv["kv_cache_strategy"] != "paged":
         raise UsageError("--prefix-cache needs the paged KV cache")
+    if args.http and not args.concurrency:
+        raise UsageError("--http needs --concurrency (the levels to measure)")
     levels = args.concurrency or []
     prompt_tokens = max([args.prompt_tokens + args.new_tokens] + ([512 + 2] if args.prefix_cache else []))
     config = pipeline_config(args.model, encoding=args.encoding[0] if args.encoding else None,
@@ -111,7 +113,11 @@ def _cmd_bench_serving(args: argparse.Namespace) -> int:
     report = {"model": args.model or "SmolLM2-135M-Instruct (embedded default)",
               "encoding": loaded.pipeline.pipeline_model.artifact.manifest["encoding"],
               "kv_cache_strategy": kv["kv_cache_strategy"], "threads": loaded.num_threads}
-    if levels:
+    if levels and args.http:
+        from .bench_http import run_http_benchmark
+        report["http"] = run_http_benchmark(loaded.pipeline, loaded.tokenizer, levels, prompt_tokens=args.prompt_tokens,
+                                            new_tokens=args.new_tokens, runs=args.runs)
+    elif levels:
         report["concurrency"] = run_concurrency_benchmark(loaded.pipeline, loaded.tokenizer, levels,
                                                           prompt_tokens=args.prompt_tokens,
                                                           new_tokens=args.new_tokens, runs=args.runs)

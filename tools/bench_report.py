@@ -215,9 +215,27 @@ def format_serving_report(report: dict[str, Any]) -> str:
                          f"{_num(row['ttft_median_s'], 1e3):>11}  {_num(row['ttft_p90_s'], 1e3):>11}  "
                          f"{_num(row['itl_median_s'], 1e3):>10}  {_num(row['itl_p90_s'], 1e3):>10}  "
                          f"{row['scheduler']['preemptions']:>7}")
+    if report.get("http"):
+        lines += _http_lines(report["http"])
     prefix = report.get("prefix_cache")
     if prefix:
         lines.append(f"prefix cache: {prefix['prompt_tokens']}-token prompt sharing {prefix['shared_tokens']} tokens: "
                      f"TTFT miss {prefix['ttft_miss_s'] * 1e3:.1f} ms, hit {prefix['ttft_hit_s'] * 1e3:.1f} ms "
                      f"({prefix['speedup']:.2f}x faster; medians of {prefix['runs']})")
     return "\n".join(lines)
+
+
+def _http_lines(http: dict[str, Any]) -> list[str]:
+    """``ember bench --concurrency ... --http``: per level, through HTTP and through the engine, and their ratio."""
+    lines = [f"{http['prompt_tokens']}-token prompts, {http['new_tokens']} new tokens each, medians of "
+             f"{http['runs']} runs; HTTP: streaming /v1/completions on 127.0.0.1, engine: driven directly",
+             f"{'concurrency':>11}  {'via':>6}  {'output tok/s':>12}  {'TTFT p50 ms':>11}  {'TTFT p90 ms':>11}  "
+             f"{'ITL p50 ms':>10}  {'ITL p90 ms':>10}  {'HTTP/engine':>11}"]
+    for level, row in http["levels"].items():
+        for via in ("engine", "http"):
+            data = row[via]
+            ratio = f"{row['http_over_engine_tok_s']:>11.3f}" if via == "http" else f"{'':>11}"
+            lines.append(f"{level:>11}  {via:>6}  {data['output_tok_s']:>12.1f}  {_num(data['ttft_median_s'], 1e3):>11}  "
+                         f"{_num(data['ttft_p90_s'], 1e3):>11}  {_num(data['itl_median_s'], 1e3):>10}  "
+                         f"{_num(data['itl_p90_s'], 1e3):>10}  {ratio}")
+    return lines

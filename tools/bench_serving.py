@@ -52,13 +52,32 @@ def run_concurrent(engine: LLMEngine, prompts: Sequence[Sequence[int]], new_toke
         for out in outputs:
             if out.token is not None:
                 stamps[out.request_id].append(now)
-    wall = time.perf_counter() - start
-    ttft = [s[0] - submitted[r] for r, s in stamps.items()]
+    return summarize_stamps(submitted, stamps, time.perf_counter() - start)
+
+
+def summarize_stamps(submitted: dict[str, float], stamps: dict[str, list[float]], wall: float,
+                     output_tokens: int | None = None) -> dict[str, Any]:
+    """Throughput, TTFT and inter-token latency from each request's submit time and token arrival times
+    (``output_tokens``: the count, when a stamp may stand for several tokens, as an HTTP chunk may)."""
+    ttft = [s[0] - submitted[r] for r, s in stamps.items() if s]
     gaps = [b - a for s in stamps.values() for a, b in zip(s, s[1:])]
-    total = sum(len(s) for s in stamps.values())
-    return {"requests": len(prompts), "output_tokens": total, "wall_s": wall, "output_tok_s": total / wall,
+    total = sum(len(s) for s in stamps.values()) if output_tokens is None else output_tokens
+    return {"requests": len(submitted), "output_tokens": total, "wall_s": wall, "output_tok_s": total / wall,
             "ttft_s": {"median": _percentile(ttft, 50), "p90": _percentile(ttft, 90)},
             "itl_s": {"median": _percentile(gaps, 50), "p90": _percentile(gaps, 90)}}
+
+
+def median_of_runs(samples: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """The medians over runs of :func:`summarize_stamps`' figures (throughput, TTFT and ITL median and p90)."""
+    def median(values: list[float | None]) -> float:
+        present = [v for v in values if v is not None]
+        return float(np.median(present)) if present else float("nan")
+
+    return {"output_tok_s": median([x["output_tok_s"] for x in samples]),
+            "ttft_median_s": median([x["ttft_s"]["median"] for x in samples]),
+            "ttft_p90_s": median([x["ttft_s"]["p90"] for x in samples]),
+            "itl_median_s": median([x["itl_s"]["median"] for x in samples]),
+            "itl_p90_s": median([x["itl_s"]["p90"] for x in samples])}
 
 
 def run_concurrency_benchmark(pipeline: Any, tokenizer: Any, levels: Sequence[int], *, prompt_tokens: int = 64,
@@ -80,14 +99,7 @@ def run_concurrency_benchmark(pipeline: Any, tokenizer: Any, levels: Sequence[in
             stats[n] = describe(engine.scheduler.stats)
     report: dict[str, Any] = {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "runs": runs, "levels": {}}
     for n in levels:
-        s = samples[n]
-        report["levels"][n] = {
-            "output_tok_s": float(np.median([x["output_tok_s"] for x in s])),
-            "ttft_median_s": float(np.median([x["ttft_s"]["median"] for x in s])),
-            "ttft_p90_s": float(np.median([x["ttft_s"]["p90"] for x in s])),
-            "itl_median_s": float(np.median([x["itl_s"]["median"] for x in s if x["itl_s"]["median"] is not None])),
-            "itl_p90_s": float(np.median([x["itl_s"]["p90"] for x in s if x["itl_s"]["p90"] is not None])),
-            "scheduler": stats[n], "samples": s}
+        report["levels"][n] = {**median_of_runs(samples[n]), "scheduler": stats[n], "samples": samples[n]}
     base = report["levels"][min(levels)]["output_tok_s"]
     for n in levels:
         report["levels"][n]["speedup_vs_lowest"] = report["levels"][n]["output_tok_s"] / base

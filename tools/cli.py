@@ -1,5 +1,5 @@
 """The ``ember`` command line: ``ember <command> [options]`` (``list``, ``compile``, ``generate``, ``chat``, ``embed``,
-``bench``, ``verify``, ``pull``, ``models``).
+``bench``, ``verify``, ``pull``, ``models``, ``serve``).
 
 Heavy imports (onnxruntime, onnx_ir, transformers) happen inside the commands, so ``ember --help`` and
 ``ember --version`` are quick; torch is imported only by ``ember bench --compare hf``, ``--compare st`` and
@@ -20,6 +20,7 @@ from .cli_options import (EXIT_RUNTIME_ERROR, EXIT_USAGE, EmberArgumentParser, U
                           add_sampling_options, add_threads, encoding_list, eprint, kv_cache_config, lazy_choice,
                           non_negative, positive, positive_list, sampling_params, version)
 from .models_cli import add_commands as add_model_commands
+from .serve import add_command as add_serve_command
 
 logger = logging.getLogger("ember.tools")
 
@@ -135,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text generation: serve N concurrent requests through the engine (continuous batching; "
                         "--prompt-tokens / --new-tokens each) and report total output tokens/s, time to first "
                         "token and inter-token latency per level, e.g. 1,4,16 (default strategy: paged)")
+    p.add_argument("--http", action="store_true",
+                   help="with --concurrency: also send the requests through `ember serve`'s HTTP server (on "
+                        "127.0.0.1 in this process) and compare with the engine driven directly in the same run")
     p.add_argument("--prefix-cache", action="store_true",
                    help="text generation: time to first token of a 512-token prompt sharing 448 tokens with a "
                         "finished request (prefix-cache hit) against a cold one (paged KV cache)")
@@ -166,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", default=None, help="also write the figures as JSON to PATH")
     add_run_options(p, cmd_verify)
     add_model_commands(commands, [verbose])  # pull, models
+    add_serve_command(commands, [verbose])
     return parser
 
 
