@@ -115,7 +115,8 @@ def test_flipped_bytes_with_their_mtime_restored_are_found(artifact):
     assert (data.stat().st_size, data.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
     with pytest.raises(ArtifactError) as error:
         verify_artifact(artifact)
-    assert one_line(error) == f"artifact {artifact}: file rank0/model.onnx.data does not match its sha256 in the manifest"
+    assert one_line(error) == (f"artifact {artifact}: file rank0/model.onnx.data does not match its sha256 in the "
+                               f"manifest")
 
 
 def test_a_copied_artifact_is_hashed_again_not_trusted_by_path(artifact, tmp_path):

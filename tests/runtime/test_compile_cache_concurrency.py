@@ -37,19 +37,19 @@ WORKER = textwrap.dedent("""
     from ember.runtime.pipelines import PIPELINE_REGISTRY, PipelineConfig, SamplingParams
 
     model, root = sys.argv[1], Path(sys.argv[2])
-    for round in range(int(sys.argv[3])):
-        print(json.dumps({"ready": round}), flush=True)
-        while not (root / f"go{round}").exists():
+    for turn in range(int(sys.argv[3])):
+        print(json.dumps({"ready": turn}), flush=True)
+        while not (root / f"go{turn}").exists():
             time.sleep(0.002)
         try:
-            config = PipelineConfig(model_path=model, cache_dir=root / f"cache{round}", max_batch_size=1)
+            config = PipelineConfig(model_path=model, cache_dir=root / f"cache{turn}", max_batch_size=1)
             pipe = PIPELINE_REGISTRY.retrieve(config)[1]
             tokens = pipe.generate_tokens([[1, 5, 9]], SamplingParams(max_new_tokens=2, ignore_eos=True))
             resolved = pipe.pipeline_model.resolved
-            print(json.dumps({"round": round, "compiled": resolved.compiled, "tokens": tokens,
+            print(json.dumps({"round": turn, "compiled": resolved.compiled, "tokens": tokens,
                               "path": str(resolved.artifact.path)}), flush=True)
         except Exception as error:
-            print(json.dumps({"round": round, "error": f"{type(error).__name__}: {error}"}), flush=True)
+            print(json.dumps({"round": turn, "error": f"{type(error).__name__}: {error}"}), flush=True)
 """)
 
 
@@ -73,14 +73,14 @@ def test_concurrent_first_runs_compile_once_and_all_load(model, tmp_path):
     watchdog = threading.Timer(TIMEOUT_S, lambda: [w.kill() for w in workers])  # a hang fails, never blocks CI
     watchdog.start()
     try:
-        for round in range(ROUNDS):
-            assert [read_json_line(w, log) for w, log in zip(workers, logs)] == [{"ready": round}] * PROCESSES
-            (tmp_path / f"go{round}").touch()
+        for turn in range(ROUNDS):
+            assert [read_json_line(w, log) for w, log in zip(workers, logs)] == [{"ready": turn}] * PROCESSES
+            (tmp_path / f"go{turn}").touch()
             results = [read_json_line(w, log) for w, log in zip(workers, logs)]
             assert [r.get("error") for r in results] == [None] * PROCESSES, results
             assert sum(r["compiled"] for r in results) == 1, results
             assert len({r["path"] for r in results}) == 1 and len({str(r["tokens"]) for r in results}) == 1
-            artifacts = tmp_path / f"cache{round}" / "artifacts"
+            artifacts = tmp_path / f"cache{turn}" / "artifacts"
             assert [p.name for p in artifacts.iterdir() if p.is_dir()] == [Path(results[0]["path"]).name]
             verify_artifact(results[0]["path"])
     finally:
