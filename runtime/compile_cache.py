@@ -34,7 +34,7 @@ from .pipelines.tokenizer import TextTokenizer, check_tokenizer, export_tokenize
 from .session import default_num_threads
 
 if TYPE_CHECKING:
-    from .pipelines.registry import SupportedArchitecture
+    from .pipelines.supported_architecture import SupportedArchitecture
 
 logger = logging.getLogger(__name__)
 

@@ -28,8 +28,9 @@ _EXPORTS = {
     "default_model_path": ".model_source",
     "ModelFetchError": ".model_store",
     "PoolingConfig": ".pooling_config",
-    "PipelineRegistry": ".registry", "PipelineTask": ".registry", "RopeType": ".registry",
-    "SupportedArchitecture": ".registry", "get_pipeline_for_task": ".registry",
+    "PipelineRegistry": ".registry", "get_pipeline_for_task": ".registry",
+    "PipelineTask": ".supported_architecture", "RopeType": ".supported_architecture",
+    "SupportedArchitecture": ".supported_architecture", "ResolvedModel": ".supported_architecture",
     "TextGenerationPipeline": ".text_generation", "TextResponse": ".text_generation",
     "TextTokenizer": ".tokenizer",
 }

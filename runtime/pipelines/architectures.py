@@ -12,7 +12,7 @@ from ember.graphs.nn.kv_cache import KVCacheStrategy
 from .bert import BertPipelineModel
 from .config import SupportedEncoding, WeightsFormat
 from .decoder import DecoderPipelineModel
-from .registry import PipelineTask, RopeType, SupportedArchitecture
+from .supported_architecture import PipelineTask, RopeType, SupportedArchitecture
 from .tokenizer import TextTokenizer
 
 # q4_1 / q4_k apply to GGUF files with Q4_1 / Q4_K blocks only (compile_cache.resolve_encoding checks); a GGUF's

@@ -22,7 +22,7 @@ from .model_source import ModelSource
 from .pooling_config import PoolingConfig
 
 if TYPE_CHECKING:
-    from .registry import ResolvedModel
+    from .supported_architecture import ResolvedModel
 
 logger = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from .interfaces import KVCacheMixin, ModelInputs, ModelOutputs, PipelineModel
 from .kv_binding import ContinuousBinding, PagedBinding
 
 if TYPE_CHECKING:
-    from .registry import ResolvedModel
+    from .supported_architecture import ResolvedModel
 
 logger = logging.getLogger(__name__)
 

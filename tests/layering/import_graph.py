@@ -1,5 +1,5 @@
-"""ember's import graph, read from the source (every ``import``, at module level or inside a function, except
-those under ``if TYPE_CHECKING:``), so the layering tests see the imports a module makes late as well."""
+"""ember's import graph, read from the source (every ``import``: at module level, inside a function or under
+``if TYPE_CHECKING:``), so the layering tests see the imports a module makes late, and those for types, as well."""
 from __future__ import annotations
 
 import ast
@@ -20,22 +20,13 @@ def modules(package: str) -> dict[str, Path]:
     return {module_name(p): p for p in sorted((ROOT / package).rglob("*.py"))}
 
 
-def _type_checking_only(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> bool:
-    while node in parents:
-        node = parents[node]
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            return True
-    return False
-
-
 def imports_of(name: str, path: Path) -> set[str]:
     """The ember modules ``name`` imports (``from x import y`` counts ``x.y`` when that is a module)."""
     tree = ast.parse(path.read_text())
-    parents = {child: parent for parent in ast.walk(tree) for child in ast.iter_child_nodes(parent)}
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
     for node in ast.walk(tree):
-        if not isinstance(node, (ast.Import, ast.ImportFrom)) or _type_checking_only(node, parents):
+        if not isinstance(node, (ast.Import, ast.ImportFrom)):
             continue
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
