@@ -97,6 +97,10 @@ class OrtCpuBackend(RuntimeBackend):
     device_kind = "cpu"
     providers = ("CPUExecutionProvider",)
 
+    def __init__(self, settings: dict[str, Any] | None = None, num_threads: int = 1):
+        super().__init__(settings, num_threads)
+        self._graph_sessions: dict[Path, ort.InferenceSession] = {}
+
     def allocate(self, shape: Sequence[int], dtype: Any) -> Buffer:
         array = np.zeros(tuple(shape), np.dtype(dtype))
         return Buffer(tuple(array.shape), array.dtype, array, array)
@@ -138,7 +142,10 @@ class OrtCpuBackend(RuntimeBackend):
 
     def run_graph(self, model_path: Path, inputs: dict[str, np.ndarray],
                   in_place: dict[str, tuple[str, np.ndarray]]) -> None:
-        session = self._session(model_path)
+        # One session per model for this backend's life: a calibration runs the same model once per prompt length.
+        if model_path not in self._graph_sessions:
+            self._graph_sessions[model_path] = self._session(model_path)
+        session = self._graph_sessions[model_path]
         binding = session.io_binding()
         for name, array in inputs.items():
             binding.bind_cpu_input(name, array)
