@@ -21,6 +21,7 @@ from ember.graphs.nn.transformer import ReturnLogits
 from ember.graphs.options import GraphOptions
 
 from .artifact import Artifact, write_artifact
+from .compile_progress import CompileProgress
 from .graph_runner import GraphRunner
 from .passes.lowering_record import summarize
 from .targets import get_target
@@ -106,6 +107,13 @@ def cache_key(source_sha256: str, options: CompileOptions) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
+def compile_stage_count(options: CompileOptions, before: int = 0) -> int:
+    """The stages :func:`compile_graph` counts for ``options`` (lowering passes, calibration, writing), plus
+    ``before`` of the caller's own."""
+    target = get_target(options.target)
+    return before + len(target.passes_for(options.encoding)) + bool(options.kv_cache_bit_width) + 1
+
+
 def describe_values(values) -> list[dict[str, Any]]:
     return [{"name": v.name, "dtype": v.dtype.name if v.dtype is not None else None,
              "shape": [d if isinstance(d, int) else str(d) for d in (v.shape or [])]} for v in values]
@@ -114,21 +122,28 @@ def describe_values(values) -> list[dict[str, Any]]:
 def compile_graph(graph: ir.Model, output_dir: str | Path, options: CompileOptions, manifest: dict[str, Any],
                   write_extra_files: Callable[[Path], None] | None = None,
                   calibration_tokens: tuple[list[np.ndarray], str] | None = None,
-                  runner: GraphRunner | None = None) -> Artifact:
+                  runner: GraphRunner | None = None, progress: CompileProgress | None = None) -> Artifact:
     """Lower ``graph`` for ``options.target`` and write the artifact to ``output_dir`` (atomically).
 
     ``calibration_tokens`` (rows of ids, where they came from) calibrate an integer KV cache; without them it is
     calibrated on random ids of the manifest's vocabulary. ``runner`` runs the float model for that calibration
-    (a runtime backend, passed down by the caller: the compiler does not import the runtime)."""
+    (a runtime backend, passed down by the caller: the compiler does not import the runtime). ``progress`` counts
+    the stages (:func:`compile_stage_count`); a caller that did work before (reading the checkpoint) passes its own,
+    else one is made here."""
     options.validate()
     if options.kv_cache_bit_width and runner is None:  # before the lowering, not after it
         raise ValueError(f"a {options.kv_cache_bit_width}-bit KV cache is calibrated by running the float model: "
                          f"pass a runtime backend to run it (runner=)")
     target = get_target(options.target)
     start = time.perf_counter()
-    lowered = target.lower(graph, options.encoding)
+    if progress is None:
+        with CompileProgress(compile_stage_count(options)) as own:
+            return compile_graph(graph, output_dir, options, manifest, write_extra_files, calibration_tokens,
+                                 runner, own)
+    lowered = target.lower(graph, options.encoding, progress)
     if options.kv_cache_bit_width:
-        lowered, manifest = _quantize_kv_cache(lowered, options, manifest, calibration_tokens, runner)
+        with progress.stage("calibrating the KV cache"):
+            lowered, manifest = _quantize_kv_cache(lowered, options, manifest, calibration_tokens, runner)
     total_bytes = sum(v.const_value.nbytes for v in lowered.graph.initializers.values() if v.const_value is not None)
 
     def populate(tmp: Path) -> dict[str, Any]:
@@ -152,7 +167,8 @@ def compile_graph(graph: ir.Model, output_dir: str | Path, options: CompileOptio
             "lowerings": [lowering.to_json() for lowering in summarize(lowered)],
         }
 
-    artifact = write_artifact(Path(output_dir), populate)
+    with progress.stage("writing"):
+        artifact = write_artifact(Path(output_dir), populate)
     logger.info("compiled %s for %s in %.1f s -> %s", manifest.get("architecture"), target.name,
                 time.perf_counter() - start, artifact.path)
     return artifact

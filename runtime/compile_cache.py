@@ -21,6 +21,8 @@ import numpy as np
 
 from ember.compiler import ArtifactError, CompileOptions, artifact_lock, cache_key, compile_graph, verify_artifact
 from ember.compiler.artifact import Artifact
+from ember.compiler.compile import compile_stage_count
+from ember.compiler.compile_progress import CompileProgress
 from ember.compiler.hashing import HashMemo
 from ember.compiler.targets import get_target
 from ember.graphs.nn.kv_cache import KVCacheStrategy
@@ -191,8 +193,6 @@ def _unwritable(directory: Path, error: OSError) -> ArtifactError:
 def compile_source(source: ModelSource, architecture: "SupportedArchitecture", options: CompileOptions,
                    directory: Path, sha: str) -> Artifact:
     """Build the architecture's graph from the checkpoint and compile it into ``directory``."""
-    import json
-
     hf_config = source.hf_config()
     check_tokenizer(source)  # a tokenizer or chat template that cannot work fails now, not after the compile
     spec = architecture.spec
@@ -200,7 +200,21 @@ def compile_source(source: ModelSource, architecture: "SupportedArchitecture", o
     weights = spec.adapt(arch_config, source.open_weights(), source.weights_format.value,
                          {WeightsFormat(f).value: rules for f, rules in architecture.weight_adapters.items()})
     spec.check_checkpoint(arch_config, weights)
-    graph = spec.build_graph(arch_config, weights, options.graph_options())
+    progress = CompileProgress(compile_stage_count(options, before=1), f"compiling {source.path.name}")
+    with progress:  # the bar closes whatever happens
+        with progress.stage("reading the weights into the graph"):
+            graph = spec.build_graph(arch_config, weights, options.graph_options())
+        return _lower_and_write(graph, source, architecture, options, directory, sha, hf_config, arch_config,
+                                progress)
+
+
+def _lower_and_write(graph: Any, source: ModelSource, architecture: "SupportedArchitecture", options: CompileOptions,
+                     directory: Path, sha: str, hf_config: Any, arch_config: Any,
+                     progress: CompileProgress) -> Artifact:
+    """The rest of :func:`compile_source` once the graph is built: the manifest, then lower and write."""
+    import json
+
+    spec = architecture.spec
     kv = spec.kv_params(arch_config, KVCacheStrategy(options.kv_cache_strategy), "float32", options.kv_cache_page_size)
     max_positions = architecture.pipeline_model.calculate_max_seq_len(PipelineConfig(model_path=source.path),
                                                                       hf_config)
@@ -226,7 +240,7 @@ def compile_source(source: ModelSource, architecture: "SupportedArchitecture", o
     # KV cache calibration runs the float model on the backend that will run the artifact.
     runner = (backend_from_runtime(get_target(options.target).runtime_block(), default_num_threads())
               if options.kv_cache_bit_width else None)
-    return compile_graph(graph, directory, options, manifest, write_extra_files, calibration, runner)
+    return compile_graph(graph, directory, options, manifest, write_extra_files, calibration, runner, progress)
 
 
 def kv_calibration_tokens(source: ModelSource, hf_config: Any, max_positions: int) -> tuple[Any, str]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ import onnx_ir as ir
 
 from ember.graphs.nn.kv_cache import KVCacheStrategy
 
+from ..compile_progress import CompileProgress, pass_name
 from ..passes.base import Pass
 from ..passes.lowering_record import refuse_unlowered
 
@@ -44,11 +46,17 @@ class Target:
         return {"backend": self.runtime, "device_kind": self.device_kind,
                 "settings": {"providers": list(self.providers), **self.session}}
 
-    def lower(self, model: ir.Model, encoding: str = "float32") -> ir.Model:
+    def passes_for(self, encoding: str) -> tuple[Pass, ...]:
+        """Every pass a compile in ``encoding`` runs, in order."""
         if encoding not in self.encodings:
             raise ValueError(f"target {self.name} does not support encoding {encoding!r}; "
                              f"supported: {', '.join(self.encodings)}")
-        for compiler_pass in self.passes + self.encoding_passes.get(encoding, ()):
-            model = compiler_pass(model)
+        return self.passes + self.encoding_passes.get(encoding, ())
+
+    def lower(self, model: ir.Model, encoding: str = "float32", progress: CompileProgress | None = None) -> ir.Model:
+        """Run the passes (each a stage of ``progress``), then refuse any custom op left unlowered."""
+        for compiler_pass in self.passes_for(encoding):
+            with progress.stage(f"lowering: {pass_name(compiler_pass)}") if progress else nullcontext():
+                model = compiler_pass(model)
         refuse_unlowered(model, self.name)
         return model

@@ -145,8 +145,8 @@ class PipelineRegistry:
         """The tokenizer of a model: an artifact's own, a Hugging Face folder's, or (for a GGUF) the one its
         artifact carries (from the registry's provider: compiled if it compiles; no session is created)."""
         source = ModelSource.resolve(huggingface_repo)
-        if source.kind == "artifact":
-            return TextTokenizer(source.path / "tokenizer")
+        if source.kind == "artifact":  # verified first: the tokenizer's loader reads whatever its folder holds
+            return TextTokenizer(verify_artifact(source.path).tokenizer_dir)
         if source.kind == "hf" and (source.path / "tokenizer.json").is_file():
             return TextTokenizer(source.path)
         config = pipeline_config or PipelineConfig(model_path=huggingface_repo)

@@ -83,3 +83,22 @@ def test_kv_cache_buffers_are_updated_in_place(model_dir, cache_dir):
     assert [k.ctypes.data for k in manager.keys] == addresses
     pipe.release(ctx)
     assert manager.num_active == 0
+
+
+@pytest.mark.parametrize("encoding", ["float32", "q4_0"])
+def test_a_compile_shows_every_stage_not_only_the_writing(model_dir, cache_dir, caplog, encoding):
+    """Progress covers the whole compile: reading the weights into the graph, each lowering pass of the target for
+    that encoding, then writing; the bar's total is that count (so its percentage is honest)."""
+    import logging
+
+    from ember.compiler import CompileOptions
+    from ember.compiler.compile import compile_stage_count
+    from ember.compiler.compile_progress import pass_name
+    from ember.compiler.targets import get_target
+
+    caplog.set_level(logging.DEBUG, logger="ember.compiler.compile_progress")
+    pipeline(model_dir, cache_dir / encoding, encoding=encoding)
+    stages = [record.args[0] for record in caplog.records if record.msg.startswith("compile stage")]
+    passes = [f"lowering: {pass_name(p)}" for p in get_target("ort-cpu").passes_for(encoding)]
+    assert stages == ["reading the weights into the graph", *passes, "writing"]
+    assert len(stages) == compile_stage_count(CompileOptions(encoding=encoding), before=1)

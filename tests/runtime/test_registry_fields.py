@@ -136,3 +136,28 @@ def test_options_an_artifact_was_not_compiled_with_are_refused(config, asked, me
     same = PipelineConfig(model_path=artifact.path, cache_dir=config.cache_dir, encoding="float32",
                           kv_cache_strategy="continuous", max_batch_size=1)
     assert PIPELINE_REGISTRY.resolve(same).artifact.path == artifact.path  # what it was compiled as is fine
+
+
+@pytest.mark.parametrize("tamper", ["edit", "add"])
+def test_an_artifacts_tokenizer_is_read_only_after_the_artifact_verifies(config, tmp_path, tamper):
+    """The tokenizer's loader reads whatever its folder holds, so a compiled artifact given as the model is verified
+    before its tokenizer is loaded, as before its graphs are."""
+    import shutil
+
+    from ember.compiler.artifact import ArtifactError
+
+    _, pipeline = PIPELINE_REGISTRY.retrieve(config)
+    copy = tmp_path / "artifact"
+    shutil.copytree(pipeline.pipeline_model.artifact.path, copy)
+    assert isinstance(PIPELINE_REGISTRY.retrieve_tokenizer(PipelineConfig(model_path=copy)), TextTokenizer)
+    if tamper == "edit":
+        with open(copy / "tokenizer" / "tokenizer.json", "a") as out:
+            out.write(" ")
+        expected = "tokenizer/tokenizer.json has"
+    else:
+        (copy / "tokenizer" / "tokenization_evil.py").write_text("raise SystemExit('ran')\n")
+        expected = "tokenizer/tokenization_evil.py is not in the manifest"
+    with pytest.raises(ArtifactError, match=expected):
+        PIPELINE_REGISTRY.retrieve_tokenizer(PipelineConfig(model_path=copy))
+    with pytest.raises(ArtifactError, match=expected):
+        PipelineRegistry(BUILTIN_ARCHITECTURES).get_active_tokenizer(copy)
