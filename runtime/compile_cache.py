@@ -68,8 +68,8 @@ def parameter_count(source: ModelSource) -> int:
 
 def resolve_encoding(pipeline_config: PipelineConfig, architecture: "SupportedArchitecture",
                      source: ModelSource, exact_below: int = EXACT_DEFAULT_PARAMETERS) -> str:
-    """The encoding asked for; else float32 for a model of fewer than ``exact_below`` parameters; else the GGUF's
-    own (its dominant block type); else the architecture's default.
+    """The encoding asked for; else float16 on a GPU target; else float32 for a model of fewer than ``exact_below``
+    parameters; else the GGUF's own (its dominant block type); else the architecture's default.
 
     Encodings that keep a checkpoint's blocks (``q4_1``, ``q4_k``) must find such blocks in the source.
     """
@@ -78,6 +78,8 @@ def resolve_encoding(pipeline_config: PipelineConfig, architecture: "SupportedAr
     supported = [e for e in supported if e in on_target]
     block_types = source.block_types()
     encoding = pipeline_config.encoding
+    if encoding is None and get_target(pipeline_config.target).device_kind == "cuda" and "float16" in supported:
+        encoding = SupportedEncoding.float16  # a GPU's native precision (its tensor cores); float32 on request
     if encoding is None and "float32" in supported and parameter_count(source) < exact_below:
         encoding = SupportedEncoding.float32
     if encoding is None:

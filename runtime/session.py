@@ -35,6 +35,15 @@ def CPU(id: int = 0) -> Device:  # noqa: N802 - MAX spells device constructors t
     return Device("cpu", id)
 
 
+def parse_device(text: str) -> Device:
+    """``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (``--device``, ``PipelineConfig.device``) as a :class:`Device`; a
+    ValueError in one line for anything else."""
+    kind, _, index = str(text).strip().partition(":")
+    if kind not in ("cpu", "cuda") or (index and not index.isdigit()):
+        raise ValueError(f"device {text!r} is not cpu, cuda or cuda:N")
+    return Device(kind, int(index or 0))
+
+
 def default_num_threads() -> int:
     """CPUs available to this process (onnxruntime's intra-op threads)."""
     try:
@@ -81,8 +90,11 @@ class InferenceSession:
         return self.backend(artifact.manifest).load(artifact, rank)
 
     def backend(self, manifest: dict[str, Any]) -> RuntimeBackend:
-        """The backend an artifact's manifest names, with this session's threads."""
-        return backend_for(manifest, self.num_threads, self.backends)
+        """The backend an artifact's manifest names, with this session's threads, on this session's first device of
+        the artifact's device kind."""
+        kind = runtime_of(manifest).get("device_kind", "cpu")
+        index = next((d.id for d in self.devices if d.kind == kind), 0)
+        return backend_for(manifest, self.num_threads, self.backends, index)
 
 
-__all__ = ["Device", "CPU", "InferenceSession", "LoadedModel", "default_num_threads"]
+__all__ = ["Device", "CPU", "InferenceSession", "LoadedModel", "default_num_threads", "parse_device"]

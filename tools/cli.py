@@ -16,9 +16,9 @@ import os
 import sys
 
 from .cli_options import (EXIT_RUNTIME_ERROR, EXIT_USAGE, EmberArgumentParser, UsageError,
-                          add_kv_cache_bit_width, add_kv_cache_options, add_model_options, add_run_options,
+                          add_kv_cache_bit_width, add_kv_cache_options, add_device_option, add_model_options, add_run_options,
                           add_sampling_options, add_threads, encoding_list, eprint, kv_cache_config, lazy_choice,
-                          non_negative, positive, positive_list, sampling_params, version)
+                          non_negative, placement, positive, positive_list, sampling_params, version)
 from .models_cli import add_commands as add_model_commands
 from .serve import add_command as add_serve_command
 
@@ -35,17 +35,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="log more (-v: info, -vv: debug and tracebacks); also accepted after the command")
     commands = parser.add_subparsers(dest="command", metavar="<command>", parser_class=EmberArgumentParser)
 
-    p = commands.add_parser("list", parents=[verbose], help="list the supported architectures",
+    p = commands.add_parser("list", parents=[verbose], help="list the supported architectures and targets",
                             description="List the architectures ember compiles, with tasks, encodings "
-                                        "(and their KV cache strategies) and example repositories.")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+                                        "(and their KV cache strategies) and example repositories; then the "
+                                        "compile targets, with device, runtime, encodings and KV cache strategies.")
+    p.add_argument("--json", action="store_true",
+                   help='print JSON instead of tables: {"architectures": [...], "targets": [...]}')
     p.set_defaults(handler=cmd_list)
 
     p = commands.add_parser("compile", parents=[verbose], help="compile a model into an artifact",
                             description="Compile an HF model directory or a .gguf file. Without -o the artifact "
                                         "goes to the compile cache ($EMBER_CACHE or ~/.cache/ember).")
     p.add_argument("model", metavar="MODEL", help="a Hugging Face model directory or a .gguf file")
-    p.add_argument("--target", type=lazy_choice("target"), default="ort-cpu", help="compile target (default: ort-cpu)")
+    p.add_argument("--target", type=lazy_choice("target"), default="ort-cpu",
+                   help="compile target (default: ort-cpu; `ember list` shows them)")
+    add_device_option(p)
     p.add_argument("-o", "--output", metavar="DIR", default=None, help="write the artifact directory here")
     add_model_options(p)
     p.add_argument("--kv-cache-strategy", type=lazy_choice("kv cache strategy"), default=None,
@@ -168,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "torch is installed; default)")
     p.add_argument("--text", metavar="PATH", default=None, help="verify on this UTF-8 text instead of the shipped one")
     p.add_argument("--json", metavar="PATH", default=None, help="also write the figures as JSON to PATH")
-    add_run_options(p, cmd_verify)
+    add_run_options(p, cmd_verify, target=False)
     add_model_commands(commands, [verbose])  # pull, models
     add_serve_command(commands, [verbose])
     return parser
@@ -176,17 +180,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 # commands ---------------------------------------------------------------------------------------------
 def cmd_list(args: argparse.Namespace) -> int:
-    from .architectures import describe_architectures, format_architectures
+    from .architectures import describe_architectures, describe_targets, format_architectures, format_targets
 
-    rows = describe_architectures()
-    print(json.dumps(rows, indent=2) if args.json else format_architectures(rows))
+    rows, targets = describe_architectures(), describe_targets()
+    if args.json:
+        print(json.dumps({"architectures": rows, "targets": targets}, indent=2))
+    else:
+        print(f"{format_architectures(rows)}\n\n{format_targets(targets)}")
     return 0
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
     from .compile_model import compile_model
 
-    result = compile_model(args.model, args.output, target=args.target, encoding=args.encoding,
+    result = compile_model(args.model, args.output, target=args.target, device=args.device, encoding=args.encoding,
                            kv_cache_strategy=args.kv_cache_strategy, max_length=args.max_length, force=args.force,
                            kv_cache_bit_width=args.kv_cache_bit_width or 0, verify=not args.no_verify)
     if result.compiled:
@@ -212,7 +219,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     sampling = sampling_params(args)
     loaded = load_pipeline(pipeline_config(args.model, encoding=args.encoding, max_length=args.max_length,
-                                           num_threads=args.threads, **kv_cache_config(args)))
+                                           num_threads=args.threads, **kv_cache_config(args), **placement(args)))
     prompt_ids = build_prompt(loaded.tokenizer, args.prompt, system=args.system,
                               chat_template=not args.no_chat_template)
     stats = GenerationStats()
@@ -235,7 +242,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     sampling = sampling_params(args)
     loaded = load_pipeline(pipeline_config(args.model, encoding=args.encoding, max_length=args.max_length,
-                                           num_threads=args.threads, **kv_cache_config(args)))
+                                           num_threads=args.threads, **kv_cache_config(args), **placement(args)))
     eprint(f"[ember] {loaded.describe()}")
     return run_chat(loaded.pipeline, loaded.tokenizer, sampling, system=args.system)
 
@@ -255,7 +262,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     texts = read_lines(args.file) if args.file is not None else list(args.texts)
     config = pipeline_config(embeddings_model(args.model), encoding=args.encoding, max_length=args.max_length,
                              num_threads=args.threads, max_batch_size=args.batch_size,
-                             truncation=not args.no_truncation)
+                             truncation=not args.no_truncation, **placement(args))
     loaded = load_pipeline(config, task=PipelineTask.EMBEDDINGS_GENERATION)
     check_lengths(loaded.pipeline, texts, f"line {{n}} of {args.file}" if args.file is not None else "TEXT {n}")
     result = embed_texts(loaded.pipeline, texts, batch_size=args.batch_size, progress=args.file is not None)
@@ -288,6 +295,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         raise UsageError(f"--json {args.json}: no directory {output.parent}")
     report = verify_model(VerifyOptions(model=args.model, encoding=args.encoding,
                                         kv_cache_strategy=args.kv_cache_strategy, target=args.target,
+                                        device=args.device,
                                         reference=args.reference, text=Path(args.text) if args.text else None,
                                         max_length=args.max_length, num_threads=args.threads))
     print(report.format(), flush=True)

@@ -167,11 +167,35 @@ def sampling_params(args: argparse.Namespace):
         raise UsageError(str(error)) from None
 
 
-def add_run_options(parser: argparse.ArgumentParser, handler: Callable[[argparse.Namespace], int]) -> None:
-    """The options of the commands that load and run a model (the model's, the threads), then the handler."""
+def add_device_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", type=device_name, default=None, metavar="DEVICE",
+                        help="cpu, cuda or cuda:N (default: device 0 of the kind the target compiles for)")
+
+
+def device_name(value: str) -> str:
+    """``--device``: checked like ``PipelineConfig.device`` (cpu, cuda, cuda:N)."""
+    kind, _, index = value.strip().partition(":")
+    if kind not in ("cpu", "cuda") or (index and not index.isdigit()):
+        raise argparse.ArgumentTypeError(f"invalid device {value!r} (cpu, cuda or cuda:N)")
+    return value.strip()
+
+
+def add_run_options(parser: argparse.ArgumentParser, handler: Callable[[argparse.Namespace], int],
+                    target: bool = True) -> None:
+    """The options of the commands that load and run a model (the model's, where it runs, the threads), then the
+    handler; ``target=False`` for a command that declares ``--target`` itself."""
     add_model_options(parser)
+    if target:
+        parser.add_argument("--target", type=lazy_choice("target"), default=None,
+                            help="compile target (default: ort-cpu; an artifact's own; `ember list` shows them)")
+    add_device_option(parser)
     add_threads(parser)
     parser.set_defaults(handler=handler)
+
+
+def placement(args: argparse.Namespace) -> dict:
+    """The PipelineConfig fields of ``--target`` / ``--device`` (a target left unset asks nothing of an artifact)."""
+    return {"target": args.target or "ort-cpu", "device": args.device}
 
 
 def version() -> str:

@@ -64,13 +64,14 @@ def _check_output_dir(directory: Path, force: bool) -> None:
 
 
 def compile_model(model: str | Path, output_dir: str | Path | None = None, *, target: str = "ort-cpu",
-                  encoding: str | None = None, kv_cache_strategy: str | None = None, max_length: int | None = None,
+                  device: str | None = None, encoding: str | None = None, kv_cache_strategy: str | None = None, max_length: int | None = None,
                   force: bool = False, cache_dir: str | Path | None = None,
                   kv_cache_bit_width: int = 0, verify: bool = False) -> CompileResult:
     """Compile ``model`` (an HF directory or a .gguf file) into ``output_dir``, or into the compile cache; with
     ``verify`` (``ember compile`` unless ``--no-verify``), measure a quantized artifact's accuracy if its
     manifest has no figures yet."""
-    config = PipelineConfig(model_path=model, target=target, encoding=encoding, kv_cache_strategy=kv_cache_strategy,
+    config = PipelineConfig(model_path=model, target=target, device=device, encoding=encoding,
+                            kv_cache_strategy=kv_cache_strategy,
                             max_length=max_length, cache_dir=cache_dir, force_compile=force,
                             kv_cache_bit_width=kv_cache_bit_width)
     source = ModelSource.resolve(model)

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .cli_options import (UsageError, add_kv_cache_bit_width, add_kv_cache_options, add_run_options, byte_size,
+from .cli_options import (UsageError, add_kv_cache_bit_width, add_kv_cache_options, add_run_options, byte_size, placement,
                           eprint, kv_cache_config, positive)
 
 DEFAULT_PORT = 8000
@@ -82,7 +82,8 @@ def load_models(args: argparse.Namespace) -> Any:
         kv = kv_cache_config(args)
         kv["kv_cache_strategy"] = kv["kv_cache_strategy"] or "paged"
         loaded = load_pipeline(pipeline_config(args.model, encoding=args.encoding, max_length=args.max_length,
-                                               num_threads=args.threads, max_batch_size=args.max_batch_size, **kv))
+                                               num_threads=args.threads, max_batch_size=args.max_batch_size, **kv,
+                                               **placement(args)))
         eprint(f"[ember] text generation: {loaded.describe()}")
         generator = ServedGenerator(served_name(args.model, args.served_model_name, "text"), loaded.pipeline,
                                     loaded.tokenizer, SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens))
@@ -90,7 +91,7 @@ def load_models(args: argparse.Namespace) -> Any:
         embeddings_source = args.model if encoder_only else (args.embeddings_model or None)  # None: the default
         config = pipeline_config(embeddings_model(embeddings_source), num_threads=args.threads,
                                  max_batch_size=EMBEDDINGS_BATCH_SIZE, encoding=args.encoding if encoder_only else None,
-                                 truncation=False)
+                                 truncation=False, **(placement(args) if encoder_only else {"device": args.device}))
         loaded = load_pipeline(config, task=PipelineTask.EMBEDDINGS_GENERATION)
         eprint(f"[ember] embeddings: {loaded.describe()}")
         name = served_name(embeddings_source, args.served_model_name if encoder_only else None, "embeddings")

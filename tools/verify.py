@@ -67,6 +67,7 @@ class VerifyOptions:
     encoding: str | None = None
     kv_cache_strategy: str | None = None
     target: str | None = None  # None: ort-cpu (for an artifact: the one it was compiled for)
+    device: str | None = None  # None: device 0 of the target's kind
     reference: str = "auto"  # auto | transformers | ember
     workload: Workload = FULL
     text: Path | None = None  # None: the shipped text
@@ -178,7 +179,8 @@ def _pipeline(model: str | Path, options: VerifyOptions, max_length: int) -> Any
 
 def _config(model: str | Path, options: VerifyOptions, max_length: int | None = None) -> PipelineConfig:
     return PipelineConfig(model_path=model, encoding=options.encoding, kv_cache_strategy=options.kv_cache_strategy,
-                          target=options.target or "ort-cpu", max_length=max_length, max_batch_size=1,
+                          target=options.target or "ort-cpu", device=options.device, max_length=max_length,
+                          max_batch_size=1,
                           return_logits=ReturnLogits.ALL, num_threads=options.num_threads,
                           cache_dir=options.cache_dir)
 

@@ -24,19 +24,19 @@ def runtime_of(manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def backend_for(manifest: dict[str, Any], num_threads: int,
-                backends: dict[str, type[RuntimeBackend]] = BACKENDS) -> RuntimeBackend:
+                backends: dict[str, type[RuntimeBackend]] = BACKENDS, device_index: int = 0) -> RuntimeBackend:
     """A backend instance for an artifact's manifest; a ValueError naming the backend and the known ones."""
-    return backend_from_runtime(runtime_of(manifest), num_threads, backends)
+    return backend_from_runtime(runtime_of(manifest), num_threads, backends, device_index)
 
 
 def backend_from_runtime(runtime: dict[str, Any], num_threads: int,
-                         backends: dict[str, type[RuntimeBackend]] = BACKENDS) -> RuntimeBackend:
+                         backends: dict[str, type[RuntimeBackend]] = BACKENDS, device_index: int = 0) -> RuntimeBackend:
     """A backend instance for a runtime block (a manifest's, or a target's before it has written one)."""
     name = runtime.get("backend")
     if name not in backends:
         raise ValueError(f"the artifact needs runtime backend {name!r}, which this ember does not have; "
                          f"available: {', '.join(sorted(backends))}")
-    return backends[name](runtime.get("settings", {}), num_threads)
+    return backends[name](runtime.get("settings", {}), num_threads, device_index)
 
 
 __all__ = ["BACKENDS", "Buffer", "LoadedModel", "OrtCpuBackend", "RuntimeBackend", "backend_for", "backend_from_runtime",

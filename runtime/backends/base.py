@@ -80,9 +80,10 @@ class RuntimeBackend(abc.ABC):
     name: str
     device_kind: str
 
-    def __init__(self, settings: dict[str, Any] | None = None, num_threads: int = 1):
+    def __init__(self, settings: dict[str, Any] | None = None, num_threads: int = 1, device_index: int = 0):
         self.settings = dict(settings or {})
         self.num_threads = num_threads
+        self.device_index = device_index  # which device of its kind (``cuda:N``); 0 on the host
 
     @abc.abstractmethod
     def allocate(self, shape: Sequence[int], dtype: Any) -> Buffer:

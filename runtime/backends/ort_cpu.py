@@ -97,8 +97,8 @@ class OrtCpuBackend(RuntimeBackend):
     device_kind = "cpu"
     providers = ("CPUExecutionProvider",)
 
-    def __init__(self, settings: dict[str, Any] | None = None, num_threads: int = 1):
-        super().__init__(settings, num_threads)
+    def __init__(self, settings: dict[str, Any] | None = None, num_threads: int = 1, device_index: int = 0):
+        super().__init__(settings, num_threads, device_index)
         self._graph_sessions: dict[Path, ort.InferenceSession] = {}
 
     def allocate(self, shape: Sequence[int], dtype: Any) -> Buffer:

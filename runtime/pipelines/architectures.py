@@ -18,7 +18,10 @@ from .tokenizer import TextTokenizer
 # q4_1 / q4_k apply to GGUF files with Q4_1 / Q4_K blocks only (compile_cache.resolve_encoding checks); a GGUF's
 # default encoding is its own block type where listed here.
 _BOTH = [KVCacheStrategy.CONTINUOUS, KVCacheStrategy.PAGED]
-_LLAMA_ENCODINGS = {SupportedEncoding.float32: list(_BOTH), SupportedEncoding.q8_0: list(_BOTH),
+# float16 / bfloat16 are GPU encodings: a target lists the encodings it compiles (`ember list`), and the registry
+# offers an architecture's encodings only on the targets that have them.
+_LLAMA_ENCODINGS = {SupportedEncoding.float32: list(_BOTH), SupportedEncoding.float16: list(_BOTH),
+                    SupportedEncoding.bfloat16: list(_BOTH), SupportedEncoding.q8_0: list(_BOTH),
                     SupportedEncoding.q4_0: list(_BOTH), SupportedEncoding.q4_1: list(_BOTH),
                     SupportedEncoding.q4_k: list(_BOTH)}
 
@@ -44,7 +47,8 @@ def _bert_family(name: str, examples: list[str]) -> SupportedArchitecture:
         name=name,
         example_repo_ids=examples,
         default_encoding=SupportedEncoding.float32,
-        supported_encodings={SupportedEncoding.float32: [], SupportedEncoding.w8a8: []},  # no KV cache
+        supported_encodings={SupportedEncoding.float32: [], SupportedEncoding.float16: [],  # no KV cache
+                             SupportedEncoding.bfloat16: [], SupportedEncoding.w8a8: []},
         pipeline_model=BertPipelineModel,
         task=PipelineTask.EMBEDDINGS_GENERATION,
         tokenizer=TextTokenizer,

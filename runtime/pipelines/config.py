@@ -62,6 +62,8 @@ class PipelineConfig:
     encoding: SupportedEncoding | str | None = None
     kv_cache_strategy: KVCacheStrategy | str | None = None
     target: str = "ort-cpu"
+    # Where the model runs: "cpu", "cuda" or "cuda:N"; None: device 0 of the kind the target compiles for.
+    device: str | None = None
     cache_dir: Path | str | None = None
     num_threads: int | None = None
     return_logits: ReturnLogits = ReturnLogits.LAST_TOKEN
@@ -90,6 +92,10 @@ class PipelineConfig:
             self.kv_cache_strategy = KVCacheStrategy(self.kv_cache_strategy)
         self.return_logits = ReturnLogits(self.return_logits)
         self.cache_dir = Path(self.cache_dir) if self.cache_dir else default_cache_dir()
+        if self.device is not None:
+            from ..session import parse_device
+
+            parse_device(self.device)  # a bad device fails here, before anything is compiled
         if self.max_length is not None and self.max_length < 1:
             raise ValueError(f"max_length must be positive, got {self.max_length}")
         if not isinstance(self.kv_cache_bit_width, int) or self.kv_cache_bit_width < 0:  # the target names its own

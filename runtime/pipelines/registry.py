@@ -21,7 +21,8 @@ from typing import Any
 from ember.compiler.artifact import Artifact, verify_artifact
 from ember.graphs.nn.kv_cache import DEFAULT_PAGE_SIZE
 
-from ..session import InferenceSession
+from ..backends import BACKENDS, RuntimeBackend, runtime_of
+from ..session import InferenceSession, parse_device
 from .config import PipelineConfig
 from .embeddings import EmbeddingsPipeline
 from .model_source import ModelSource
@@ -77,12 +78,15 @@ def _key(huggingface_repo: Any) -> str:
 class PipelineRegistry:
     """The set of supported architectures, with per-model caches of configs and tokenizers.
 
-    ``artifacts`` provides each resolved model's artifact (see the module docstring)."""
+    ``artifacts`` provides each resolved model's artifact (see the module docstring); ``backends`` is the table of
+    runtime backends its sessions may load artifacts with (``ember.runtime.backends.BACKENDS`` by default)."""
 
     def __init__(self, architectures: Iterable[SupportedArchitecture] = (),
-                 artifacts: ArtifactProvider = load_compiled_artifact):
+                 artifacts: ArtifactProvider = load_compiled_artifact,
+                 backends: dict[str, type[RuntimeBackend]] = BACKENDS):
         self.architectures: dict[str, SupportedArchitecture] = {}
         self.artifacts = artifacts
+        self.backends = backends
         self._configs: dict[str, Any] = {}
         self._tokenizers: dict[str, Any] = {}
         for architecture in architectures:
@@ -182,11 +186,12 @@ class PipelineRegistry:
 
         return tokenizer_factory, pipeline_factory
 
-    @staticmethod
-    def build_pipeline(model: ResolvedModel) -> Any:
-        """The pipeline of a resolved model: its session, pipeline model, tokenizer and pipeline class."""
+    def build_pipeline(self, model: ResolvedModel) -> Any:
+        """The pipeline of a resolved model: its session (on the configured device, else device 0 of the kind the
+        artifact was compiled for), pipeline model, tokenizer and pipeline class."""
         architecture, config = model.architecture, model.pipeline_config
-        session = InferenceSession(num_threads=config.num_threads)
+        device = parse_device(config.device or runtime_of(model.artifact.manifest).get("device_kind", "cpu"))
+        session = InferenceSession([device], num_threads=config.num_threads, backends=self.backends)
         pipeline_model = architecture.pipeline_model(config, session, resolved=model)
         tokenizer = architecture.tokenizer(model.artifact.tokenizer_dir)
         extra = ({"context_validators": architecture.context_validators}

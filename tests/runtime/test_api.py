@@ -55,7 +55,8 @@ def test_builtin_architectures():  # the text-generation ones
         assert arch.task is PipelineTask.TEXT_GENERATION
         assert arch.supported_encodings[SupportedEncoding.float32] == [KVCacheStrategy.CONTINUOUS,
                                                                         KVCacheStrategy.PAGED]
-        assert set(arch.supported_encodings) == {SupportedEncoding.float32, SupportedEncoding.q8_0, SupportedEncoding.q4_0,
+        assert set(arch.supported_encodings) == {SupportedEncoding.float32, SupportedEncoding.float16,
+                                                SupportedEncoding.bfloat16, SupportedEncoding.q8_0, SupportedEncoding.q4_0,
                                                 SupportedEncoding.q4_1, SupportedEncoding.q4_k}
     assert get_pipeline_for_task(PipelineTask.TEXT_GENERATION) is TextGenerationPipeline
     assert get_pipeline_for_task(PipelineTask.EMBEDDINGS_GENERATION).__name__ == "EmbeddingsPipeline"

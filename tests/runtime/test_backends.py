@@ -151,3 +151,52 @@ def test_only_the_backend_touches_onnxruntime_or_allocates_buffers():
                 if re.search(r"np\.(zeros|empty)\(\(.*(n_kv_heads|head_dim|page_size)", line):
                     offenders.append(f"{path.relative_to(RUNTIME)}: {line.strip()}")
     assert offenders == []
+
+
+def test_devices_parse_and_bad_ones_fail_before_anything_is_compiled():
+    from ember.runtime.session import parse_device
+
+    assert parse_device("cpu") == Device("cpu", 0) and parse_device("cuda:3") == Device("cuda", 3)
+    assert parse_device("cuda") == Device("cuda", 0)
+    for bad in ("gpu", "cuda:x", "cuda:-1", ""):
+        with pytest.raises(ValueError, match="is not cpu, cuda or cuda:N"):
+            parse_device(bad)
+        with pytest.raises(ValueError, match="is not cpu, cuda or cuda:N"):
+            PipelineConfig(device=bad)
+
+
+class HostAsCudaBackend(OrtCpuBackend):
+    """The CPU backend declared for the cuda device kind: checks which device index a pipeline's session hands a
+    backend of that kind (its graphs still run on the host)."""
+
+    name = "host-as-cuda"
+    device_kind = "cuda"
+    indices: list[int] = []
+
+    def load(self, artifact, rank=0):
+        HostAsCudaBackend.indices.append(self.device_index)
+        return super().load(artifact, rank)
+
+
+def test_a_registry_loads_with_its_backends_table_on_the_configured_device(tmp_path):
+    """``PipelineRegistry(backends=...)`` is the table its sessions use; the session runs on ``PipelineConfig.device``
+    (else device 0 of the artifact's kind) and hands the backend that device's index."""
+    from ember.runtime.pipelines import BUILTIN_ARCHITECTURES, PipelineRegistry
+    from ember.runtime.pipelines.registry import load_compiled_artifact
+
+    make_model("llama-gqa-llama3", tmp_path / "model")
+    config = PipelineConfig(model_path=tmp_path / "model", cache_dir=tmp_path / "cache", max_batch_size=1)
+    resolved = PIPELINE_REGISTRY.resolve(config)
+    expected = PIPELINE_REGISTRY.build_pipeline(resolved).generate_tokens([[1, 5, 9, 7]])[0]
+    artifact = update_manifest(resolved.artifact.path, {"runtime": {**resolved.manifest["runtime"],
+                                                                    "backend": "host-as-cuda", "device_kind": "cuda"}})
+    registry = PipelineRegistry(BUILTIN_ARCHITECTURES, artifacts=load_compiled_artifact,
+                                backends={**BACKENDS, HostAsCudaBackend.name: HostAsCudaBackend})
+    HostAsCudaBackend.indices.clear()
+    for device, index in ((None, 0), ("cuda:2", 2)):
+        _, pipeline = registry.retrieve(PipelineConfig(model_path=artifact.path, max_batch_size=1, device=device))
+        assert pipeline.pipeline_model.session.devices == [Device("cuda", index)]
+        assert pipeline.generate_tokens([[1, 5, 9, 7]])[0] == expected
+    assert HostAsCudaBackend.indices == [0, 2]
+    with pytest.raises(ValueError, match="was compiled for cuda devices; this session has cpu:0"):
+        registry.retrieve(PipelineConfig(model_path=artifact.path, max_batch_size=1, device="cpu"))

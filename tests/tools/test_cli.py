@@ -58,8 +58,17 @@ def test_list_names_the_architectures():
     for name in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"):
         assert name in result.stdout
     assert "float32" in result.stdout and "continuous" in result.stdout
-    rows = json.loads(ember("list", "--json").stdout)
-    assert {r["name"] for r in rows} >= {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
+    listed = json.loads(ember("list", "--json").stdout)
+    assert {r["name"] for r in listed["architectures"]} >= {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
+    from ember.compiler.targets import TARGETS
+
+    targets = {t["name"]: t for t in listed["targets"]}
+    assert set(targets) == set(TARGETS)  # every target, with what it compiles
+    for name, target in TARGETS.items():
+        assert targets[name]["encodings"] == list(target.encodings)
+        assert targets[name]["kv_cache_strategies"] == [s.value for s in target.kv_strategies]
+        assert targets[name]["device_kind"] == target.device_kind
+        assert name in result.stdout and ", ".join(target.encodings) in result.stdout
 
 
 def test_usage_errors_exit_2(tmp_path):
