@@ -8,6 +8,7 @@ Layout::
     config.json              the model's Hugging Face config (the runtime needs no source checkpoint)
     tokenizer/               tokenizer files, chat template, generation config
     rank<N>/model.onnx(+ .data)
+    engines/<kind>-trt<version>.plan   TensorRT engines, one per device kind, added after the compile
 
 An artifact is written into a temporary sibling directory and renamed into place, under the artifact's
 cross-process lock (:mod:`.artifact_lock`: who may write, and how the temporary folders of a killed writer are
@@ -23,6 +24,14 @@ not a signature (whoever edits on purpose can reseal). Against a hostile artifac
 on the manifest before anything it names is opened: every path (``files``, ``ranks[].model``) must be relative and
 stay inside the artifact, links included, and every rank's model must be among the verified files
 (``../../etc/shadow`` is refused without being read).
+
+Engines (``engines/*.plan``) are listed in the manifest's own ``engines`` table, not in ``files``, and verified the
+same way (size and sha256; a file in ``engines/`` that the table does not list is refused like any other). They
+differ from ``files`` in who writes them and when: ``files`` is what the compile produced, sealed once and never
+changed after (:func:`update_manifest` refuses to touch it), while an engine is built later, on whichever GPU loads
+the artifact first, and a stale one is replaced; so only :func:`set_engines` changes that table, under the
+artifact's lock, after the engine file is in place. What an entry means beyond its file (device kind, TensorRT
+version, the model it was built from) is :mod:`.engine_files`' business.
 """
 from __future__ import annotations
 
@@ -45,6 +54,9 @@ SCHEMA_VERSION = 2  # 2: the manifest hashes itself (manifest_sha256); paths che
 MANIFEST = "manifest.json"
 _VERIFIED = ".verified.json"
 _SEAL = "manifest_sha256"
+#: The manifest's table of TensorRT engine files (module docstring) and the folder they lie in.
+ENGINES = "engines"
+ENGINES_DIR = "engines"
 #: Names the manifest may not list: itself, and the verification memo (rewritten on every load).
 _RESERVED = frozenset({MANIFEST, _VERIFIED})
 
@@ -181,25 +193,53 @@ def _check_paths(directory: Path, manifest: dict[str, Any]) -> None:
         if model not in files:
             raise ArtifactError(f"artifact {directory}: rank model {model!r} is not among the files the manifest "
                                 f"verifies")
+    engines = manifest.get(ENGINES, {})
+    if not isinstance(engines, dict):
+        raise ArtifactError(f"artifact {directory}: the manifest's {ENGINES} is not a table")
+    for rel in files:
+        if Path(rel).parts[0] == ENGINES_DIR:
+            raise ArtifactError(f"artifact {directory}: file {rel!r} is listed among the compiled files; engines "
+                                f"belong in the manifest's {ENGINES} table")
+    for rel, entry in engines.items():
+        _inside(directory, rel, "engine")
+        if len(Path(rel).parts) != 2 or Path(rel).parts[0] != ENGINES_DIR or not rel.endswith(".plan") \
+                or not (isinstance(entry, dict) and isinstance(entry.get("size"), int)
+                        and isinstance(entry.get("sha256"), str)):
+            raise ArtifactError(f"artifact {directory}: the manifest's entry for engine {rel!r} is not a size and a "
+                                f"sha256 of a file {ENGINES_DIR}/<name>.plan")
+
+
+def check_file(directory: Path, rel: str, expected: dict[str, Any], memo: HashMemo | None = None) -> Path:
+    """The file ``rel`` of the artifact in ``directory`` if it exists with the size and sha256 of its manifest
+    entry ``expected`` (through the verification memo); else an ArtifactError of one line that names it."""
+    file = _inside(directory, rel, "file")
+    if not file.is_file():
+        raise ArtifactError(f"artifact {directory}: file {rel} listed in the manifest is missing")
+    size = file.stat().st_size
+    if size != expected["size"]:
+        raise ArtifactError(f"artifact {directory}: file {rel} has {size} bytes, the manifest says "
+                            f"{expected['size']}")
+    if (memo or HashMemo(directory / _VERIFIED)).sha256(file) != expected["sha256"]:
+        raise ArtifactError(f"artifact {directory}: file {rel} does not match its sha256 in the manifest")
+    return file
+
+
+def remember_sha256(directory: Path, rel: str, digest: str) -> None:
+    """Tell the verification memo the sha256 of a file just written into the artifact (hashed as it was written),
+    so that the next verification does not read it again."""
+    HashMemo(directory / _VERIFIED).record(directory / rel, digest)
 
 
 def verify_artifact(directory: str | Path) -> Artifact:
-    """The artifact, after checking its manifest (:func:`read_manifest`), that every file the manifest lists exists
-    with its size and sha256, and that the artifact holds no other file."""
+    """The artifact, after checking its manifest (:func:`read_manifest`), that every file the manifest lists
+    (``files`` and ``engines``) exists with its size and sha256, and that the artifact holds no other file."""
     directory = Path(directory)
     manifest = read_manifest(directory)
     memo = HashMemo(directory / _VERIFIED)
-    for rel, expected in manifest["files"].items():
-        file = _inside(directory, rel, "file")
-        if not file.is_file():
-            raise ArtifactError(f"artifact {directory}: file {rel} listed in the manifest is missing")
-        size = file.stat().st_size
-        if size != expected["size"]:
-            raise ArtifactError(f"artifact {directory}: file {rel} has {size} bytes, the manifest says "
-                                f"{expected['size']}")
-        if memo.sha256(file) != expected["sha256"]:
-            raise ArtifactError(f"artifact {directory}: file {rel} does not match its sha256 in the manifest")
-    unlisted = min(_present_files(directory) - manifest["files"].keys(), default=None)
+    listed = {**manifest["files"], **manifest.get(ENGINES, {})}
+    for rel, expected in listed.items():
+        check_file(directory, rel, expected, memo)
+    unlisted = min(_present_files(directory) - listed.keys(), default=None)
     if unlisted is not None:  # the tokenizer's loader, for one, reads whatever its folder holds
         raise ArtifactError(f"artifact {directory}: file {unlisted} is not in the manifest (added after the "
                             f"compile)")
@@ -224,7 +264,7 @@ def _present_files(directory: Path) -> set[str]:
 
 
 #: Manifest keys that describe the files themselves; :func:`update_manifest` never changes them.
-_FILE_KEYS = frozenset({"schema_version", "files", _SEAL})
+_FILE_KEYS = frozenset({"schema_version", "files", ENGINES, _SEAL})
 
 
 def update_manifest(directory: str | Path, updates: dict[str, Any]) -> Artifact:
@@ -232,12 +272,31 @@ def update_manifest(directory: str | Path, updates: dict[str, Any]) -> Artifact:
     accuracy measured after the compile), atomically: a temporary file renamed over ``manifest.json``, so a
     reader sees the old manifest or the new one, never half of one. The manifest is checked first (an edited one
     is not blessed by resealing it) and resealed with the updates, so the artifact still verifies; the keys that
-    verification reads (``schema_version``, ``files``, ``manifest_sha256``) are refused."""
+    verification reads (``schema_version``, ``files``, ``engines``, ``manifest_sha256``) are refused."""
     directory = Path(directory)
     touched = _FILE_KEYS.intersection(updates)
     if touched:
         raise ArtifactError(f"update_manifest may not change {', '.join(sorted(touched))}")
-    manifest = sealed({**read_manifest(directory), **updates})
+    return _replace_manifest(directory, sealed({**read_manifest(directory), **updates}))
+
+
+def set_engines(directory: str | Path, engines: dict[str, dict[str, Any]]) -> Artifact:
+    """Replace the manifest's ``engines`` table (module docstring) by ``engines`` and reseal it, atomically as
+    :func:`update_manifest` does. The caller holds the artifact's lock (:mod:`.artifact_lock`) and has put every
+    listed file in place already: each is checked against its entry (size and sha256) before the manifest names it,
+    so a manifest never lists an engine that does not verify. Files the old table listed and the new one does not
+    are the caller's to delete, after this returns."""
+    directory = Path(directory)
+    manifest = sealed({**read_manifest(directory), ENGINES: engines})
+    _check_paths(directory, manifest)
+    memo = HashMemo(directory / _VERIFIED)
+    for rel, expected in engines.items():
+        check_file(directory, rel, expected, memo)
+    return _replace_manifest(directory, manifest)
+
+
+def _replace_manifest(directory: Path, manifest: dict[str, Any]) -> Artifact:
+    """Write the sealed ``manifest`` over ``manifest.json`` through a temporary file renamed over it."""
     fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", dir=directory)
     try:
         os.fchmod(fd, (directory / MANIFEST).stat().st_mode & 0o777)  # mkstemp's 0600 would hide it from others
