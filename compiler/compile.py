@@ -22,6 +22,7 @@ from ember.graphs.options import GraphOptions
 
 from .artifact import Artifact, write_artifact
 from .compile_progress import CompileProgress
+from .engine_files import engine_key_material, installed_tensorrt_version
 from .graph_runner import GraphRunner
 from .passes.lowering_record import summarize
 from .targets import get_target
@@ -102,8 +103,15 @@ def toolchain_versions() -> dict[str, str]:
 
 
 def cache_key(source_sha256: str, options: CompileOptions) -> str:
-    payload = json.dumps({"source": source_sha256, "options": options.to_json(), "versions": toolchain_versions()},
-                         sort_keys=True)
+    """The compile cache's key: source, options, toolchain, the device kind the target compiles for and, for a
+    TensorRT target, the installed TensorRT version (the engines per GPU model are keyed inside the artifact:
+    ``engine_files``)."""
+    target = get_target(options.target)
+    material = {"source": source_sha256, "options": options.to_json(), "versions": toolchain_versions(),
+                "device_kind": target.device_kind}
+    if target.runtime == "tensorrt":
+        material.update(engine_key_material(installed_tensorrt_version()))
+    payload = json.dumps(material, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
@@ -144,6 +152,7 @@ def compile_graph(graph: ir.Model, output_dir: str | Path, options: CompileOptio
     if options.kv_cache_bit_width:
         with progress.stage("calibrating the KV cache"):
             lowered, manifest = _quantize_kv_cache(lowered, options, manifest, calibration_tokens, runner)
+    manifest = _kv_dtype_of_graph(lowered, manifest)
     total_bytes = sum(v.const_value.nbytes for v in lowered.graph.initializers.values() if v.const_value is not None)
 
     def populate(tmp: Path) -> dict[str, Any]:
@@ -174,12 +183,31 @@ def compile_graph(graph: ir.Model, output_dir: str | Path, options: CompileOptio
     return artifact
 
 
+_CACHE_INPUT_PREFIXES = ("past_key_values.", "key_cache.")
+
+
+def _kv_dtype_of_graph(lowered: ir.Model, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's ``kv_params.dtype`` set to what the lowered graph's cache inputs are (float16 after a half
+    conversion, int8 after KV quantization): the runtime allocates the buffers the kernel reads and writes."""
+    if "kv_params" not in manifest:
+        return manifest
+    cache = next((v for v in lowered.graph.inputs if v.name.startswith(_CACHE_INPUT_PREFIXES)), None)
+    if cache is None or cache.dtype is None:
+        return manifest
+    return {**manifest, "kv_params": {**manifest["kv_params"], "dtype": _numpy_name(cache.dtype)}}
+
+
+def _numpy_name(dtype: ir.DataType) -> str:
+    """numpy's name of an ONNX element type ("bfloat16" from ml_dtypes, which onnx-ir uses)."""
+    return "bfloat16" if dtype == ir.DataType.BFLOAT16 else np.dtype(dtype.numpy()).name
+
+
 def _quantize_kv_cache(lowered: ir.Model, options: CompileOptions, manifest: dict[str, Any],
                        calibration_tokens: tuple[list[np.ndarray], str] | None,
                        runner: GraphRunner | None) -> tuple[ir.Model, dict[str, Any]]:
-    """Calibrate and quantize the KV cache; the manifest's ``kv_params.dtype`` is then the graph's cache type."""
+    """Calibrate and quantize the KV cache (the manifest's ``kv_params.dtype`` then follows the graph's cache)."""
     from .calibration.kv_cache import calibrate_kv_cache
-    from .passes.lower_attention_gqa import GQA_FORM, gqa_kv_caches
+    from .passes.lower_attention_gqa import GQA_FORM
 
     others = [lowering for lowering in summarize(lowered) if lowering.op == "CachedAttention"
               and lowering.form != GQA_FORM]
@@ -192,9 +220,4 @@ def _quantize_kv_cache(lowered: ir.Model, options: CompileOptions, manifest: dic
     lowered, summary = calibrate_kv_cache(lowered, options.kv_cache_bit_width, tokens, runner=runner,
                                           vocab_size=limits.get("vocab_size"), token_source=source,
                                           max_tokens=limits.get("max_position_embeddings"))
-    manifest = {**manifest, "kv_cache_quantization": summary}
-    if "kv_params" in manifest:
-        cache = gqa_kv_caches(lowered)[0]
-        key = next(v for v in lowered.graph.inputs if v.name == cache.key)
-        manifest["kv_params"] = {**manifest["kv_params"], "dtype": np.dtype(key.dtype.numpy()).name}
-    return lowered, manifest
+    return lowered, {**manifest, "kv_cache_quantization": summary}  # kv_params.dtype: _kv_dtype_of_graph

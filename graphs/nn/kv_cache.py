@@ -4,6 +4,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+import ml_dtypes  # noqa: F401  (registers "bfloat16" with numpy: a GPU target's KV cache dtype)
 import numpy as np
 
 #: Tokens per page of a PAGED cache, everywhere a default is needed (graph, compiler, pipeline config): the
