@@ -9,9 +9,12 @@ from typing import Any
 
 from .base import Buffer, LoadedModel, RuntimeBackend
 from .ort_cpu import OrtCpuBackend
+from .ort_cuda import OrtCudaBackend
+from .tensorrt import TensorRTBackend
 
-#: Backend name (the manifest's ``runtime.backend``) -> class.
-BACKENDS: dict[str, type[RuntimeBackend]] = {OrtCpuBackend.name: OrtCpuBackend}
+#: Backend name (the manifest's ``runtime.backend``) -> class. The GPU backends' modules import on a CPU-only
+#: install (onnxruntime-gpu's CUDA provider, cuda-python and TensorRT are loaded when one is constructed).
+BACKENDS: dict[str, type[RuntimeBackend]] = {b.name: b for b in (OrtCpuBackend, OrtCudaBackend, TensorRTBackend)}
 
 
 def runtime_of(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -39,5 +42,5 @@ def backend_from_runtime(runtime: dict[str, Any], num_threads: int,
     return backends[name](runtime.get("settings", {}), num_threads, device_index)
 
 
-__all__ = ["BACKENDS", "Buffer", "LoadedModel", "OrtCpuBackend", "RuntimeBackend", "backend_for", "backend_from_runtime",
-           "runtime_of"]
+__all__ = ["BACKENDS", "Buffer", "LoadedModel", "OrtCpuBackend", "OrtCudaBackend", "RuntimeBackend", "TensorRTBackend",
+           "backend_for", "backend_from_runtime", "runtime_of"]

@@ -20,6 +20,14 @@ if TYPE_CHECKING:
     from ember.compiler.artifact import Artifact
 
 
+def same_size(shape: Sequence[int], new_shape: Sequence[int]) -> tuple[int, ...]:
+    """``new_shape`` as a tuple, when it holds exactly the elements of ``shape`` (a view may only reshape)."""
+    new_shape = tuple(int(d) for d in new_shape)
+    if int(np.prod(shape, dtype=np.int64)) != int(np.prod(new_shape, dtype=np.int64)):
+        raise ValueError(f"a view of shape {tuple(shape)} cannot be bound as {new_shape}: the sizes differ")
+    return new_shape
+
+
 @dataclass(frozen=True, eq=False)
 class Buffer:
     """A device buffer a backend allocated: its shape and dtype, the backend's handle, and the host array that
@@ -43,6 +51,13 @@ class LoadedModel(abc.ABC):
     input_names: list[str]
     output_names: list[str]
     load_seconds: float
+
+    @property
+    def shape_limits(self) -> dict[str, int]:
+        """Symbolic dimension (``batch``, ``max_length``, ``pages``, ``pool_rows``, ...) -> the largest size this
+        loaded model accepts; empty when any size runs (onnxruntime). A TensorRT engine's optimization profile
+        fixes them when it is built, and the pipeline sizes its KV cache and batches to fit."""
+        return {}
 
     @abc.abstractmethod
     def input_dtype(self, name: str) -> np.dtype:
@@ -90,8 +105,11 @@ class RuntimeBackend(abc.ABC):
         """A zero-filled buffer on the device."""
 
     @abc.abstractmethod
-    def view(self, buffer: Buffer, start: int | None = None, stop: int | None = None) -> Any:
-        """What binds rows ``start:stop`` of ``buffer`` (all rows by default) without copying."""
+    def view(self, buffer: Buffer, start: int | None = None, stop: int | None = None, *,
+             shape: Sequence[int] | None = None) -> Any:
+        """What binds rows ``start:stop`` of ``buffer`` (all rows by default) without copying; ``shape`` binds the
+        same bytes with another shape of the same size (C order), e.g. a page-major ``[pages, page_size, ...]``
+        view of a ``[pages * page_size, ...]`` pool for a kernel that wants it."""
 
     @abc.abstractmethod
     def copy_rows(self, buffer: Buffer, dst: Sequence[int], src: Sequence[int], within: tuple = ()) -> None:

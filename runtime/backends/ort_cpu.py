@@ -17,7 +17,7 @@ import numpy as np
 import onnxruntime as ort
 import psutil
 
-from .base import Buffer, LoadedModel, RuntimeBackend
+from .base import Buffer, LoadedModel, RuntimeBackend, same_size
 
 if TYPE_CHECKING:
     from ember.compiler.artifact import Artifact
@@ -105,9 +105,10 @@ class OrtCpuBackend(RuntimeBackend):
         array = np.zeros(tuple(shape), np.dtype(dtype))
         return Buffer(tuple(array.shape), array.dtype, array, array)
 
-    def view(self, buffer: Buffer, start: int | None = None, stop: int | None = None) -> ort.OrtValue:
+    def view(self, buffer: Buffer, start: int | None = None, stop: int | None = None, *,
+             shape: Sequence[int] | None = None) -> ort.OrtValue:
         array = buffer.handle if start is None and stop is None else buffer.handle[start:stop]
-        return ortvalue(array)
+        return ortvalue(array if shape is None else array.reshape(same_size(array.shape, shape)))
 
     def copy_rows(self, buffer: Buffer, dst: Sequence[int], src: Sequence[int], within: tuple = ()) -> None:
         array = buffer.handle

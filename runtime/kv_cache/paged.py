@@ -88,6 +88,7 @@ class PagedKVCacheManager(LayerBuffers):
         self._free_rows = list(range(rows - 1, -1, -1))
         self._positions = np.arange(max(max_seq_len, self.max_pages_per_seq), dtype=np.int64)
         self._bindings: list[tuple[Any, Any]] | None = None
+        self._bindings_page_major = False
         self.prompt_tokens_requested = 0
         self.prompt_tokens_cached = 0
         self.preemptions = 0
@@ -430,15 +431,20 @@ class PagedKVCacheManager(LayerBuffers):
         slots[~valid] = SCRATCH_PAGE * ps
         return table, slots
 
-    def bindings(self) -> list[tuple[Any, Any]]:
+    def bindings(self, page_major: bool = False) -> list[tuple[Any, Any]]:
         """Per layer, (key, value) views over the whole pool buffers; created once, then cached.
 
         Bind each as both the graph's cache input and its output: the graph's ScatterND writes the new
-        K/V into the same memory, so nothing is copied per step.
+        K/V into the same memory, so nothing is copied per step. ``page_major`` views the same bytes as
+        ``[num_pages, page_size, n_kv_heads, head_dim]``, the layout onnxruntime's contrib PagedAttention
+        kernel reads (row ``page * page_size + offset`` is element ``[page, offset]`` of it).
         """
-        if self._bindings is None:
-            self._bindings = [(self.backend.view(k), self.backend.view(v))
+        if self._bindings is None or self._bindings_page_major != page_major:
+            shape = ((self.pool.num_pages, self.page_size, self.params.n_kv_heads, self.params.head_dim)
+                     if page_major else None)
+            self._bindings = [(self.backend.view(k, shape=shape), self.backend.view(v, shape=shape))
                               for k, v in zip(self.key_buffers, self.value_buffers)]
+            self._bindings_page_major = page_major
         return self._bindings
 
     # internals ----------------------------------------------------------------------------------------

@@ -66,9 +66,10 @@ class DecoderPipelineModel(PipelineModel, KVCacheMixin):
         self.max_seq_len = upper_bounded_max_len(pipeline_config, self.artifact.manifest)
         self.vocab_size = int(self.artifact.manifest["limits"]["vocab_size"])
         self.model: LoadedModel = self.load_model(session)
+        self._fit_engine_lengths(self.model.shape_limits)
         self.kv_manager = self.load_kv_manager(session, available_cache_memory)
-        self.kv = (PagedBinding(self.kv_manager, self._paged_batch) if isinstance(self.kv_manager, PagedKVCacheManager)
-                   else ContinuousBinding(self.kv_manager))
+        self.kv = (PagedBinding(self.kv_manager, self._paged_batch, page_major=self._page_major_pools())
+                   if isinstance(self.kv_manager, PagedKVCacheManager) else ContinuousBinding(self.kv_manager))
         # Next-token logits: one buffer from the backend, bound by address for each batch size (a view of its
         # first rows), read back to the host after each call.
         self._logits = self.model.backend.allocate((self.kv.max_batch_size, self.vocab_size), np.float32)
@@ -112,11 +113,41 @@ class DecoderPipelineModel(PipelineModel, KVCacheMixin):
         if strategy is KVCacheStrategy.PAGED:
             return self._paged_manager(params, budget, per_sequence)
         fits = max(1, budget // per_sequence)
-        batch = self.pipeline_config.max_batch_size or min(DEFAULT_MAX_BATCH_SIZE, fits)
+        batch = self._batch_limit(self.pipeline_config.max_batch_size or min(DEFAULT_MAX_BATCH_SIZE, fits))
         if self.pipeline_config.max_batch_size and self.pipeline_config.max_batch_size > fits:
             raise ValueError(f"max_batch_size {batch} needs {batch * per_sequence / 2**30:.2f} GiB of KV cache at "
                              f"max_length {self.max_seq_len}; {budget / 2**30:.2f} GiB are allowed")
         return ContinuousKVCacheManager(params, batch, self.max_seq_len, backend=self.model.backend)
+
+    def _fit_engine_lengths(self, limits: dict[str, int]) -> None:
+        """Follow a loaded model whose shapes were fixed when it was built (a TensorRT engine's profile): the
+        continuous cache buffer is exactly its ``max_length``; the paged table holds at most ``pages`` pages."""
+        asked = self.pipeline_config.max_length
+        engine_length = limits.get("max_length") or limits.get("pages", 0) * int(
+            self.artifact.manifest["kv_params"]["page_size"])
+        if not engine_length:
+            return
+        if "max_length" in limits:  # continuous: the buffer is bound whole, so it is exactly the engine's length
+            if asked is not None and asked != engine_length:
+                raise ValueError(f"the engine of {self.artifact.path} holds sequences of exactly {engine_length} "
+                                 f"tokens in its continuous KV cache; pass --max-length {engine_length} or none")
+            self.max_seq_len = engine_length
+        elif asked is not None and asked > engine_length:
+            raise ValueError(f"max_length {asked} is more than the {engine_length} tokens the engine of "
+                             f"{self.artifact.path} was built for; rebuild it with a larger --max-length")
+        else:
+            self.max_seq_len = min(self.max_seq_len, engine_length)
+
+    def _batch_limit(self, batch: int) -> int:
+        """``batch`` within what the loaded model runs at once (a TensorRT engine's profile); an explicit
+        ``max_batch_size`` above it is an error."""
+        limit = self.model.shape_limits.get("batch")
+        if limit is None or batch <= limit:
+            return batch
+        if self.pipeline_config.max_batch_size:
+            raise ValueError(f"max_batch_size {batch} is more than the {limit} rows the engine of "
+                             f"{self.artifact.path} was built for")
+        return limit
 
     def _fit_max_length(self, tokens_that_fit: int, budget: int) -> None:
         """Lower the maximum length to what the KV cache budget holds for one sequence, and say so; a length the
@@ -138,9 +169,16 @@ class DecoderPipelineModel(PipelineModel, KVCacheMixin):
         Pages are taken as tokens arrive, so the pool may be smaller than the batch's worst case: requests
         then queue, or the newest is preempted (runtime/scheduler.py)."""
         config = self.pipeline_config
-        batch = config.max_batch_size or DEFAULT_MAX_PAGED_BATCH_SIZE
+        batch = self._batch_limit(config.max_batch_size or DEFAULT_MAX_PAGED_BATCH_SIZE)
         page_bytes = PagedKVCacheManager.page_bytes(params, params.page_size)
         wanted = PagedKVCacheManager.required_bytes(params, params.page_size, self.max_seq_len, batch)
+        pool_rows = self.model.shape_limits.get("pool_rows")
+        if pool_rows is not None:  # an engine's pool is fixed at build time: exactly that many pages
+            wanted = pool_rows // params.page_size * page_bytes
+            if wanted > budget:
+                raise ValueError(f"the engine of {self.artifact.path} binds a pool of {pool_rows // params.page_size}"
+                                 f" pages ({wanted / 2**20:.1f} MiB), more than the KV cache budget of "
+                                 f"{budget / 2**20:.1f} MiB; raise --kv-cache-bytes or rebuild the engine")
         num_pages = min(wanted, budget) // page_bytes
         if config.kv_cache_pages is not None:
             num_pages = min(num_pages, config.kv_cache_pages + 1)  # + the scratch page
@@ -151,6 +189,12 @@ class DecoderPipelineModel(PipelineModel, KVCacheMixin):
         self._paged_batch = batch
         return PagedKVCacheManager(params, num_pages, params.page_size, self.max_seq_len,
                                    enable_prefix_caching=config.enable_prefix_caching, backend=self.model.backend)
+
+    def _page_major_pools(self) -> bool:
+        """Whether the graph reads its paged pools as ``[pages, page_size, kv, head_dim]`` (onnxruntime's contrib
+        PagedAttention on ort-cuda) rather than ember's ``[pages * page_size, kv, head_dim]`` rows."""
+        shapes = {v["name"]: v["shape"] for v in self.artifact.manifest.get("graph", {}).get("inputs", [])}
+        return len(shapes.get("key_cache.0", ())) == 4
 
     def warm_up(self) -> None:
         """One short prefill and one decode step on a scratch slot, so that onnxruntime's first-run work

@@ -126,9 +126,10 @@ class ContinuousBinding:
 class PagedBinding:
     """Pages of a PAGED cache (see the module docstring)."""
 
-    def __init__(self, manager: PagedKVCacheManager, max_batch_size: int):
+    def __init__(self, manager: PagedKVCacheManager, max_batch_size: int, page_major: bool = False):
         self.manager = manager
         self.max_batch_size = max_batch_size
+        self.page_major = page_major  # the graph's pools are [pages, page_size, kv, head_dim] (contrib kernel)
         self._bound: tuple[LoadedModel, list] | None = None
 
     def admit(self, context: TextContext) -> bool:
@@ -176,7 +177,7 @@ class PagedBinding:
     def bind(self, model: LoadedModel, request_ids: list[str], kv: PagedKVInputs) -> None:
         model.bind_input("page_table", kv.page_table)
         model.bind_input("slot_mapping", kv.slot_mapping)
-        pools = self.manager.bindings()
+        pools = self.manager.bindings(self.page_major)
         if self._bound is not None and self._bound[0] is model and self._bound[1] is pools:
             return  # the pools are bound once per model (see ContinuousBinding.bind)
         self._bound = (model, pools)

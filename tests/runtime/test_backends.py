@@ -60,11 +60,11 @@ def test_cpu_run_graph_updates_in_place(tmp_path):
 
 
 def test_unknown_backend_and_other_devices_are_refused():
-    with pytest.raises(ValueError, match=r"needs runtime backend 'tensorrt', which this ember does not have; "
-                                         r"available: onnxruntime-cpu"):
-        backend_for({"runtime": {"backend": "tensorrt", "device_kind": "cuda"}}, 1)
-    with pytest.raises(ValueError, match=r"devices cuda:0: this build runs on cpu only"):
-        InferenceSession([Device("cuda", 0)])
+    with pytest.raises(ValueError, match=r"needs runtime backend 'vulkan', which this ember does not have; "
+                                         r"available: onnxruntime-cpu, onnxruntime-cuda, tensorrt"):
+        backend_for({"runtime": {"backend": "vulkan", "device_kind": "vulkan"}}, 1)
+    with pytest.raises(ValueError, match=r"devices rocm:0: this build runs on cpu, cuda only"):
+        InferenceSession([Device("rocm", 0)])
 
 
 def test_manifest_runtime_block_and_older_manifests(tmp_path):
@@ -200,3 +200,81 @@ def test_a_registry_loads_with_its_backends_table_on_the_configured_device(tmp_p
     assert HostAsCudaBackend.indices == [0, 2]
     with pytest.raises(ValueError, match="was compiled for cuda devices; this session has cpu:0"):
         registry.retrieve(PipelineConfig(model_path=artifact.path, max_batch_size=1, device="cpu"))
+
+
+def test_a_view_binds_the_same_bytes_with_another_shape():
+    """A paged pool ``[pages * page_size, kv, hd]`` bound page-major ``[pages, page_size, kv, hd]`` (the layout
+    onnxruntime's contrib PagedAttention reads): no copy, and a shape of another size is refused."""
+    backend = OrtCpuBackend()
+    buffer = backend.allocate((6, 2, 3), np.float32)
+    backend.to_host(buffer)[:] = np.arange(36, dtype=np.float32).reshape(6, 2, 3)
+    view = backend.view(buffer, shape=(3, 2, 2, 3))
+    assert view.shape() == [3, 2, 2, 3]
+    assert np.array_equal(view.numpy()[1, 0], backend.to_host(buffer)[2])  # page 1, offset 0 = row 2
+    backend.to_host(buffer)[5, 1, 2] = -1.0
+    assert view.numpy()[2, 1, 1, 2] == -1.0  # the same memory
+    with pytest.raises(ValueError, match=r"cannot be bound as \(3, 2, 2, 2\): the sizes differ"):
+        backend.view(buffer, shape=(3, 2, 2, 2))
+
+
+def test_paged_bindings_page_major_are_views_of_the_pool():
+    from ember.graphs.nn.kv_cache import KVCacheParams, KVCacheStrategy
+    from ember.runtime.kv_cache.paged import PagedKVCacheManager
+
+    params = KVCacheParams(dtype="float32", n_kv_heads=2, head_dim=3, num_layers=2,
+                           cache_strategy=KVCacheStrategy.PAGED, page_size=4)
+    manager = PagedKVCacheManager(params, num_pages=5, page_size=4, max_seq_len=16, backend=OrtCpuBackend())
+    assert manager.bindings()[0][0].shape() == [20, 2, 3]
+    key, value = manager.bindings(page_major=True)[1]
+    assert key.shape() == value.shape() == [5, 4, 2, 3]
+    manager.keys[1][9] = 7.0  # row 9 = page 2, offset 1
+    assert (key.numpy()[2, 1] == 7.0).all()
+    assert manager.bindings(page_major=True) is manager.bindings(page_major=True)  # made once
+
+
+class FixedShapesBackend(OrtCpuBackend):
+    """The CPU backend whose loaded models report fixed shape limits, as a TensorRT engine's optimization profile
+    does (TensorRT cannot run here): the decoder must size its KV cache and batches to them."""
+
+    name = "fixed-shapes"
+    limits: dict[str, int] = {}
+
+    def load(self, artifact, rank=0):
+        model = super().load(artifact, rank)
+        limits = dict(FixedShapesBackend.limits)
+        model.__class__ = type("FixedShapesModel", (type(model),), {"shape_limits": property(lambda _: limits)})
+        return model
+
+
+@pytest.mark.parametrize("strategy", ["continuous", "paged"])
+def test_the_decoder_follows_a_loaded_models_fixed_shapes(tmp_path, strategy):
+    from ember.runtime.pipelines import BUILTIN_ARCHITECTURES, PipelineRegistry
+    from ember.runtime.pipelines.registry import load_compiled_artifact
+
+    make_model("llama-gqa-llama3", tmp_path / "model")
+    config = PipelineConfig(model_path=tmp_path / "model", cache_dir=tmp_path / "cache", max_batch_size=1,
+                            kv_cache_strategy=strategy)
+    resolved = PIPELINE_REGISTRY.resolve(config)
+    expected = PIPELINE_REGISTRY.build_pipeline(resolved).generate_tokens([[1, 5, 9, 7]])[0]
+    artifact = update_manifest(resolved.artifact.path, {"runtime": {**resolved.manifest["runtime"],
+                                                                    "backend": FixedShapesBackend.name}})
+    registry = PipelineRegistry(BUILTIN_ARCHITECTURES, artifacts=load_compiled_artifact,
+                                backends={**BACKENDS, FixedShapesBackend.name: FixedShapesBackend})
+    page_size = resolved.manifest["kv_params"]["page_size"]
+    FixedShapesBackend.limits = ({"batch": 2, "sequence": 48, "max_length": 48} if strategy == "continuous" else
+                                 {"batch": 2, "sequence": 48, "pages": 3, "pool_rows": 7 * page_size})
+    _, pipeline = registry.retrieve(PipelineConfig(model_path=artifact.path))
+    model = pipeline.pipeline_model
+    assert model.kv.max_batch_size == 2  # the engine's batch, not the default 8 / 32
+    if strategy == "continuous":
+        assert model.max_seq_len == 48 and model.kv_manager.keys[0].shape[2] == 48
+    else:
+        assert model.max_seq_len == 3 * page_size and model.kv_manager.pool.num_pages == 7
+    tokens = pipeline.generate_tokens([[1, 5, 9, 7]])[0]
+    assert len(tokens) == model.max_seq_len - 4 and tokens == expected[:len(tokens)]  # stops at the engine's length
+    with pytest.raises(ValueError, match="max_batch_size 4 is more than the 2 rows the engine"):
+        registry.retrieve(PipelineConfig(model_path=artifact.path, max_batch_size=4))
+    wrong_length = {"continuous": r"exactly 48 tokens in its continuous KV cache; pass --max-length 48 or none",
+                    "paged": rf"max_length 100 is more than the {3 * page_size} tokens the engine"}[strategy]
+    with pytest.raises(ValueError, match=wrong_length):
+        registry.retrieve(PipelineConfig(model_path=artifact.path, max_length=100))
