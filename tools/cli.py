@@ -319,6 +319,12 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     compiler = sys.modules.get("ember.compiler")
     if compiler is not None:
         errors.append(compiler.ArtifactError)
+    # No GPU, no CUDA build of onnxruntime, no TensorRT, an engine TensorRT refused: one line each
+    for module, names in (("ember.runtime.backends.cuda_memory", ("DeviceUnavailable", "CudaError")),
+                          ("ember.compiler.cuda_device", ("CudaUnavailable",)),
+                          ("ember.compiler.tensorrt_engine", ("TensorRTUnavailable", "EngineBuildError"))):
+        loaded = sys.modules.get(module)
+        errors.extend(getattr(loaded, name) for name in names if loaded is not None)
     return tuple(errors)
 
 

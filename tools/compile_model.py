@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from ember.compiler import artifact_lock
-from ember.compiler.artifact import MANIFEST, ArtifactError
+from ember.compiler.artifact import MANIFEST, Artifact, ArtifactError
+from ember.compiler.targets import get_target
 from ember.runtime.pipelines import PIPELINE_REGISTRY, ModelSource, PipelineConfig, SupportedArchitecture
 from ember.runtime.compile_cache import compile_options, compile_source, ensure_artifact, source_sha256
 from ember.runtime.pipelines.config import upper_bounded_default
+from ember.runtime.session import parse_device
 
 logger = logging.getLogger(__name__)
 
@@ -78,11 +80,15 @@ def compile_model(model: str | Path, output_dir: str | Path | None = None, *, ta
     architecture = architecture_for(source)
     options = compile_options(config, architecture, source)  # with the encoders' pooling options
     options.validate()
+    kind = get_target(options.target).device_kind
+    if device is not None and parse_device(device).kind != kind:
+        raise ValueError(f"--device {device}: target {options.target} compiles for {kind} devices")
     if max_length is not None:
         # The graph's sequence dimension is symbolic; the limit is checked here and applied at run time.
         upper_bounded_default(source.hf_config().max_position_embeddings, max_length)
     if output_dir is None:
         resolved = ensure_artifact(config, architecture, source)
+        _build_tensorrt_engine(resolved.artifact, device, max_length)
         result = CompileResult(Path(resolved.artifact.path), resolved.compiled, resolved.seconds, architecture.name)
         return _with_verification(result, resolved.artifact.manifest, config) if verify else result
     directory = Path(output_dir).expanduser().resolve()
@@ -90,21 +96,47 @@ def compile_model(model: str | Path, output_dir: str | Path | None = None, *, ta
     start = time.perf_counter()
     sha = source_sha256(source, Path(config.cache_dir))
     artifact = compile_source(source, architecture, options, directory, sha)
+    _build_tensorrt_engine(artifact, device, max_length)
     seconds = time.perf_counter() - start
     logger.info("compiled %s into %s in %.2f s", source.path, artifact.path, seconds)
     result = CompileResult(Path(artifact.path), True, seconds, architecture.name)
     return _with_verification(result, artifact.manifest, config) if verify else result
 
 
+def _build_tensorrt_engine(artifact: Artifact, device: str | None, max_length: int | None) -> Path | None:
+    """``--target tensorrt``: the engine for the GPU ``--device`` names (cuda:0 by default), built into the artifact
+    now where this machine has that GPU and TensorRT; else a warning that the first load on a GPU builds it (the
+    artifact holds one engine per GPU kind: ``ember.compiler.engine_files``)."""
+    if artifact.manifest.get("runtime", {}).get("backend") != "tensorrt":
+        return None
+    from ember.compiler.cuda_device import CudaUnavailable, probe_cuda_device
+    from ember.compiler.tensorrt_engine import TensorRTUnavailable, ensure_engine
+    from ember.runtime.backends.tensorrt import engine_limits
+
+    index = parse_device(device).id if device else 0
+    try:
+        description = probe_cuda_device(index)
+        limits = engine_limits(artifact.manifest, {"max_length": max_length} if max_length else {})
+        path = ensure_engine(artifact, description, **limits)
+    except (CudaUnavailable, TensorRTUnavailable) as error:
+        logger.warning("no TensorRT engine built for cuda:%d: %s; the first load on a GPU builds and records it "
+                       "in %s", index, error, artifact.path)
+        return None
+    logger.info("TensorRT engine for %s: %s", description.kind_key, path)
+    return path
+
+
 def _with_verification(result: CompileResult, manifest: dict[str, Any], config: PipelineConfig) -> CompileResult:
     """The result with the artifact's accuracy figures: those in its manifest, or measured now (short form)."""
+    from ember.runtime.backends.cuda_memory import DeviceUnavailable
+
     from .verify import needs_verification, record_verification
 
     if not needs_verification(manifest):
         return replace(result, verification=manifest.get("verification"))
     try:
         figures = record_verification(result.path, cache_dir=Path(config.cache_dir))
-    except (ValueError, OSError, ArtifactError) as error:  # the artifact stays usable, unmeasured
+    except (ValueError, OSError, ArtifactError, DeviceUnavailable) as error:  # the artifact stays usable, unmeasured
         logger.warning("%s: accuracy not measured: %s", result.path, error)
         return result
     return replace(result, verification=figures)

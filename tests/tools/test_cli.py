@@ -198,3 +198,27 @@ def test_generate_penalties_change_a_repetitive_greedy_answer(tiny_llama, env):
         assert penalized.stdout != plain.stdout, option
         penalized_words = penalized.stdout.split()
         assert len(set(penalized_words)) > len(set(words)), option  # fewer repeats: more distinct words
+
+
+@pytest.mark.parametrize("target,encoding,backend,hint", [
+    ("tensorrt", "float16", "tensorrt", "pip install 'ember[tensorrt]'"),
+    ("ort-cuda", "bfloat16", "onnxruntime-cuda", "pip install 'ember[cuda]'")])
+def test_gpu_targets_compile_here_and_refuse_to_run_without_a_gpu(tiny_llama, tmp_path, env, target, encoding,
+                                                                  backend, hint):
+    """Both GPU targets compile on this machine (their graphs pass their checks at compile time); the manifest says
+    cuda; running the artifact without the GPU packages is one line naming what to install, not a traceback."""
+    out = tmp_path / target
+    result = ember("compile", str(tiny_llama), "--target", target, "--encoding", encoding, "--device", "cuda:1",
+                   "-o", str(out), env=env)
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["devices"] == ["cuda"] and manifest["runtime"]["device_kind"] == "cuda"
+    assert manifest["runtime"]["backend"] == backend and manifest["kv_params"]["dtype"] == encoding
+    if target == "tensorrt":  # no GPU here: the engine is left to the first load on one, and the user is told
+        assert "no TensorRT engine built for cuda:1" in result.stderr and "the first load on a GPU builds" in result.stderr
+    run = ember("generate", "--model", str(out), "--max-new-tokens", "2", "hi", env=env)
+    assert_clean_error(run, 1)
+    wrong = ember("compile", str(tiny_llama), "--target", target, "--device", "cpu", "-o", str(tmp_path / "x"), env=env)
+    assert_clean_error(wrong, 1)
+    assert f"--device cpu: target {target} compiles for cuda devices" in wrong.stderr
+    assert f"the {backend} backend needs" in run.stderr and hint in run.stderr
