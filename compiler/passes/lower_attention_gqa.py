@@ -66,12 +66,9 @@ def gqa_rejection(node: ir.Node, *, rotary_in_kernel: bool = True) -> str | None
     attrs = {name: attr.value for name, attr in node.attributes.items()}
     heads, kv_heads = int(attrs["num_heads"]), int(attrs["kv_num_heads"])
     head_dim = node.inputs[3].shape[3] if node.inputs[3].shape is not None else None
-    if not isinstance(head_dim, int):
-        return "the KV cache's head_dim is not static"
-    if heads % kv_heads:
-        return f"num_heads ({heads}) must be a multiple of kv_num_heads ({kv_heads})"
-    if head_dim % 8:
-        return f"head_dim must be a multiple of 8, not {head_dim}"
+    heads_rejected = gqa_heads_rejection(heads, kv_heads, head_dim)
+    if heads_rejected is not None:
+        return heads_rejected
     cos = node.inputs[7] if len(node.inputs) > 7 else None
     if cos is not None and rotary_in_kernel:
         if head_dim % 16:
@@ -80,6 +77,17 @@ def gqa_rejection(node: ir.Node, *, rotary_in_kernel: bool = True) -> str | None
         if not isinstance(half, int) or half % 8 or half > (head_dim // 16) * 8:
             return (f"rotary in the kernel needs rotary_dim a multiple of 16 and at most {(head_dim // 16) * 16}, "
                     f"not {2 * half if isinstance(half, int) else half}")
+    return None
+
+
+def gqa_heads_rejection(heads: int, kv_heads: int, head_dim: object) -> str | None:
+    """The kernel's limits on head counts and head size alone (rotary outside it), or None."""
+    if not isinstance(head_dim, int):
+        return "the KV cache's head_dim is not static"
+    if heads % kv_heads:
+        return f"num_heads ({heads}) must be a multiple of kv_num_heads ({kv_heads})"
+    if head_dim % 8:
+        return f"head_dim must be a multiple of 8, not {head_dim}"
     return None
 
 

@@ -4,7 +4,8 @@ Lowering: ``ember.CachedAttention`` -> ``com.microsoft.GroupQueryAttention`` (in
 kernel, or a ``RotaryEmbedding`` before it where the kernel's rotary rejects the head size), or, for shapes the
 kernel rejects, ScatterND into the slot (in place) + explicit attention (``gqa_rejection``: each node's choice is
 recorded in the manifest); ``ember.PagedAttention`` (PAGED) -> ScatterND into the page pool (in place) + Gather +
-explicit attention, then
+explicit attention (GroupQueryAttention over the gathered pages, ``lower_paged_attention_gqa``, measured slower:
+BENCHMARKS.md "Paged decode path"), then
 fusions: residual add + RMSNorm into ``SkipSimplifiedLayerNormalization``; MatMuls that share their input
 (q/k/v, gate/up) into one wide MatMul, whose q|k|v product GroupQueryAttention takes packed. The model is written as
 ``model.onnx`` with its weights in ``model.onnx.data`` (external data, 64-byte aligned so onnxruntime
@@ -82,8 +83,8 @@ def _quantized(bits: int, keep_blocks: tuple[str, ...], symmetric: bool = True) 
 ORT_CPU = Target(
     name="ort-cpu",
     description="onnxruntime, CPU execution provider",
-    passes=(lower_attention_to_gqa, lower_cached_attention_explicit, lower_paged_attention, fuse_skip_rms_norm, fuse_parallel_matmuls,
-            pack_attention_qkv, remove_unused, pack_encoder_tokens),
+    passes=(lower_attention_to_gqa, lower_cached_attention_explicit, lower_paged_attention,
+            fuse_skip_rms_norm, fuse_parallel_matmuls, pack_attention_qkv, remove_unused, pack_encoder_tokens),
     kv_strategies=(KVCacheStrategy.CONTINUOUS, KVCacheStrategy.PAGED),
     encodings=("float32", "q8_0", "q4_0", "q4_1", "q4_k", "w8a8"),
     encoding_passes={"q8_0": _quantized(8, ("Q8_0",)), "q4_0": _quantized(4, ("Q4_0",)),
