@@ -1,8 +1,8 @@
-"""Lower ``ember.PagedAttention`` to standard ONNX ops (onnxruntime CPU): ScatterND, Gather, explicit attention.
+"""Lower ``ember.PagedAttention`` to standard ONNX ops: ScatterND, Gather, explicit attention.
 
-``lower_paged_attention_gqa`` reuses steps 1-3 (:func:`write_and_read`) and feeds the gathered pages to
-GroupQueryAttention instead; on onnxruntime 1.32 CPU that measured slower than this form (BENCHMARKS.md, "Paged
-decode path"), so ort-cpu keeps this one.
+The form for targets whose parser or kernels take only standard ops (tensorrt; ort-cuda in float32).
+``lower_paged_attention_fused`` (ort-cpu) reuses steps 1-2 (:func:`write_pools`) and runs one ``Attention``
+(ai.onnx 23) per layer instead of step 4 (BENCHMARKS.md, "Paged decode path").
 
 Per layer:
 
@@ -33,7 +33,9 @@ pools with finite values (zeros), see ``explicit_attention`` for why.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -100,16 +102,6 @@ class PagedWrites:
     head_dim: int
 
 
-@dataclass(frozen=True)
-class PagedReads:
-    """Steps 1-3: :class:`PagedWrites` plus the keys / values read back, ``[batch, kv, max_len, hd]`` in position
-    order."""
-
-    writes: PagedWrites
-    keys: ir.Value
-    values: ir.Value
-
-
 def write_pools(node: ir.Node, shared: PagedShared) -> PagedWrites:
     """Steps 1-2 of the module doc for one ``ember.PagedAttention``: rotary, then ScatterND into the pools."""
     query, key, value, key_cache, value_cache, _, _, _, _, *rotary = node.inputs
@@ -126,26 +118,28 @@ def write_pools(node: ir.Node, shared: PagedShared) -> PagedWrites:
     return PagedWrites(query, key, value, key_out, value_out, kv_heads, head_dim)
 
 
-def write_and_read(node: ir.Node, shared: PagedShared) -> PagedReads:
-    """Steps 1-3 of the module doc: :func:`write_pools`, then Gather back through the page table, per kv head."""
+def _lower_one(node: ir.Node, shared: PagedShared) -> list[ir.Value]:
+    """Steps 1-2 (:func:`write_pools`), Gather back through the page table per kv head, explicit attention."""
     writes = write_pools(node, shared)
     reads = []
     for which, written in (("key", writes.key_out), ("value", writes.value_out)):
         flat = shared.op("Reshape", [written, shared.const(np.array([-1, writes.head_dim], np.int64))])
         reads.append(shared.op("Gather", [flat, shared.head_rows(writes.kv_heads)], {"axis": 0},
                                name=f"{node.name}/{which}_read"))  # [pool_rows * kv, hd] -> [batch, kv, max_len, hd]
-    return PagedReads(writes, *reads)
-
-
-def _lower_one(node: ir.Node, shared: PagedShared) -> list[ir.Value]:
-    read = write_and_read(node, shared)
-    writes = read.writes
-    return [grouped_attention(shared, node, writes.query, read.keys, read.values, writes.head_dim), writes.key_out,
+    keys, values = reads
+    return [grouped_attention(shared, node, writes.query, keys, values, writes.head_dim), writes.key_out,
             writes.value_out]
 
 
 def lower_paged_attention(model: ir.Model) -> ir.Model:
     """Replace every ``ember.PagedAttention`` by standard ops (see the module doc)."""
+    return lower_each_paged_node(model, PagedShared, _lower_one, FORM)
+
+
+def lower_each_paged_node(model: ir.Model, shared_values: Callable[..., PagedShared],
+                          lower_one: Callable[[ir.Node, Any], list[ir.Value]], form: str) -> ir.Model:
+    """Replace each ``ember.PagedAttention`` by ``lower_one(node, shared)``'s nodes; ``shared`` (built by
+    ``shared_values(model, tape, node, page_size, prefix)``) is one per page size and set of length inputs."""
     shared: dict[tuple, PagedShared] = {}
     for node in nodes_of(model, "PagedAttention", EMBER_DOMAIN):
         tape = ir.tape.Tape()
@@ -153,9 +147,9 @@ def lower_paged_attention(model: ir.Model) -> ir.Model:
         key = (page_size, *(v.name for v in node.inputs[5:9]))  # page table, slot mapping, lengths
         if key not in shared:
             prefix = "/model/paged_attention" + f"_{len(shared)}" * bool(shared)
-            shared[key] = PagedShared(model, tape, node, page_size, prefix)
+            shared[key] = shared_values(model, tape, node, page_size, prefix)
         shared[key].tape = tape
-        outputs = _lower_one(node, shared[key])
+        outputs = lower_one(node, shared[key])
         replace_node(model, node, list(tape.nodes), outputs)
-        record_lowering(model, Lowering(node.name or "", "PagedAttention", FORM))
+        record_lowering(model, Lowering(node.name or "", "PagedAttention", form))
     return model

@@ -24,12 +24,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from ember.graphs.ir.versions import EMBER_DOMAIN
-
-from .base import nodes_of, replace_node
 from .explicit_attention import attention_attributes
-from .lower_paged_attention import PagedShared, write_pools
-from .lowering_record import Lowering, record_lowering
+from .lower_paged_attention import PagedShared, lower_each_paged_node, write_pools
 
 FORM = "ScatterND + Gather + Attention (ai.onnx 23)"
 
@@ -71,16 +67,4 @@ def _lower_one(node: ir.Node, shared: _Shared) -> list[ir.Value]:
 
 def lower_paged_attention_fused(model: ir.Model) -> ir.Model:
     """Replace every ``ember.PagedAttention`` by the form above (see the module doc)."""
-    shared: dict[tuple, _Shared] = {}
-    for node in nodes_of(model, "PagedAttention", EMBER_DOMAIN):
-        tape = ir.tape.Tape()
-        page_size = int(node.attributes["page_size"].value)
-        key = (page_size, *(v.name for v in node.inputs[5:9]))  # page table, slot mapping, lengths
-        if key not in shared:
-            prefix = "/model/paged_attention" + f"_{len(shared)}" * bool(shared)
-            shared[key] = _Shared(model, tape, node, page_size, prefix)
-        shared[key].tape = tape
-        outputs = _lower_one(node, shared[key])
-        replace_node(model, node, list(tape.nodes), outputs)
-        record_lowering(model, Lowering(node.name or "", "PagedAttention", FORM))
-    return model
+    return lower_each_paged_node(model, _Shared, _lower_one, FORM)
