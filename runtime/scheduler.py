@@ -203,6 +203,10 @@ class Scheduler:
             if count == 0:
                 continue
             while not self.model.reserve(request.context, count):
+                if count > request.num_pending:  # draft tokens do not justify preempting anyone: drop them
+                    request.context.draft_tokens = []
+                    count = request.num_pending
+                    continue
                 victim = self._preemption_victim(scheduled)
                 self._preempt(victim)
                 preempted.append(victim.request_id)
@@ -238,6 +242,10 @@ class Scheduler:
 
     def _token_count(self, request: Request, budget: int, others: bool) -> int:
         pending = request.num_pending
+        drafts = request.context.draft_tokens
+        if pending == 1 and drafts:  # a decoding row verifies its draft tokens too (speculative decoding)
+            del drafts[budget - 1:]
+            return 1 + len(drafts)
         chunk = request.context.max_chunk
         if chunk is not None and chunk < pending:  # a prompt computed position by position
             return min(chunk, budget)
@@ -264,8 +272,8 @@ class Scheduler:
 
     # running ------------------------------------------------------------------------------------
     def update(self, output: SchedulerOutput, results: Sequence[RowResult]) -> list[StepOutput]:
-        """Account for a step the model runner executed: one output per sampled token; finished requests
-        leave (their KV cache is freed)."""
+        """Account for a step the model runner executed: one output per sampled token (a speculative row may
+        yield several, in order); finished requests leave (their KV cache is freed)."""
         self.stats.steps += bool(output.scheduled)
         self.stats.scheduled_tokens += output.num_scheduled_tokens
         if output.scheduled:
@@ -281,8 +289,8 @@ class Scheduler:
                 ctx.sampling.prompt_logprobs is not None else None
             outputs.append(StepOutput(result.request_id, result.token, result.finish_reason, result.log_probabilities,
                                       prompt_log_probabilities=prompt))
-            if request is not None and ctx.is_done:
-                self._finish(request)
+            if request is not None and ctx.is_done and request.status is RequestStatus.RUNNING:
+                self._finish(request)  # once, though a verified row may have produced several outputs
         return outputs
 
     def step(self, runner: ModelRunner) -> list[StepOutput]:

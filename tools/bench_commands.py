@@ -6,7 +6,7 @@ import argparse
 import json
 from collections.abc import Callable
 
-from .cli_options import EXIT_RUNTIME_ERROR, UsageError, eprint, kv_cache_config
+from .cli_options import EXIT_RUNTIME_ERROR, UsageError, eprint, kv_cache_config, speculative_config
 
 
 def _bench_embeddings(args: argparse.Namespace) -> bool:
@@ -67,6 +67,12 @@ def run_bench(args: argparse.Namespace) -> int:
     args.new_tokens = 128 if args.new_tokens is None else args.new_tokens
     if args.concurrency or args.prefix_cache:
         return _cmd_bench_serving(args)
+    if args.speculative or args.draft_model:
+        try:
+            return _cmd_bench_speculative(args)
+        except build_errors as error:  # the ort-genai builder's failure: its message names the log
+            eprint(f"ember: error: {error}")
+            return EXIT_RUNTIME_ERROR
     batch_size = args.batch_size or 1
     encodings = check_encodings(args.model, args.encoding)
     pipelines, memory = load_encodings(args.model, encodings, num_threads=args.threads, batch_size=batch_size,
@@ -124,6 +130,38 @@ def _cmd_bench_serving(args: argparse.Namespace) -> int:
     if args.prefix_cache:
         report["prefix_cache"] = run_prefix_cache_benchmark(loaded.pipeline, loaded.tokenizer, runs=args.runs)
     print(format_serving_report(report), flush=True)
+    _write_json(args.json, report)
+    return 0
+
+
+def _cmd_bench_speculative(args: argparse.Namespace) -> int:
+    """``ember bench --speculative``: speculative against plain decoding, same model and encoding, one run."""
+    from .bench_speculative import format_speculative_report, run_speculative_benchmark
+    from .loading import load_pipeline, pipeline_config
+
+    if (args.batch_size or 1) > 1 or (args.encoding and len(args.encoding) > 1):
+        raise UsageError("--speculative measures batch 1 of one encoding")
+    kv = kv_cache_config(args)
+    if kv["kv_cache_strategy"] not in (None, "paged"):
+        raise UsageError("--speculative needs the paged KV cache")
+    kv["kv_cache_strategy"] = "paged"
+    spec = speculative_config(args)
+    # batch 1 is measured; 3 rows let the step-cost measurement hold its contexts side by side
+    common = dict(encoding=args.encoding[0] if args.encoding else None, num_threads=args.threads, max_batch_size=3,
+                  **kv)
+    eprint("ember: loading the plain and the speculative pipelines (compiled on first use, then cached) ...")
+    plain = load_pipeline(pipeline_config(args.model, **common))
+    speculative = load_pipeline(pipeline_config(args.model, **common, **spec))
+    k = speculative.pipeline.pipeline_config.num_speculative_tokens
+    peer_factory = _generation_peer(args, plain.num_threads, plain.pipeline.pipeline_config.cache_dir)
+    peer = peer_factory() if peer_factory is not None else None
+    report = run_speculative_benchmark(plain, speculative, new_tokens=args.new_tokens, runs=args.runs,
+                                       warmup=args.warmup, k=k, peer=peer)
+    if peer is not None:
+        report.update(peer=peer.name, peer_info=peer.info)
+    report.update(model=args.model or "SmolLM2-135M-Instruct (embedded default)", method=spec["speculative"],
+                  encoding=plain.pipeline.pipeline_model.artifact.manifest["encoding"], threads=plain.num_threads)
+    print(format_speculative_report(report), flush=True)
     _write_json(args.json, report)
     return 0
 

@@ -17,8 +17,8 @@ import sys
 
 from .cli_options import (EXIT_RUNTIME_ERROR, EXIT_USAGE, EmberArgumentParser, UsageError,
                           add_kv_cache_bit_width, add_kv_cache_options, add_device_option, add_model_options, add_run_options,
-                          add_sampling_options, add_threads, encoding_list, eprint, kv_cache_config, lazy_choice,
-                          non_negative, placement, positive, positive_list, sampling_params, version)
+                          add_sampling_options, add_speculative_options, add_threads, encoding_list, eprint, kv_cache_config, lazy_choice,
+                          non_negative, placement, positive, positive_list, sampling_params, speculative_config, version)
 from .models_cli import add_commands as add_model_commands
 from .serve import add_command as add_serve_command
 
@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, metavar="TEXT", help="a system message (with a chat template)")
     add_kv_cache_bit_width(p)
     add_kv_cache_options(p)
+    add_speculative_options(p)
     add_run_options(p, cmd_generate)
 
     p = commands.add_parser("chat", parents=[verbose], help="chat with a model interactively",
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_options(p)
     add_kv_cache_bit_width(p)
     add_kv_cache_options(p)
+    add_speculative_options(p)
     add_run_options(p, cmd_chat)
 
     p = commands.add_parser("embed", parents=[verbose], help="embed texts into vectors",
@@ -147,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text generation: time to first token of a 512-token prompt sharing 448 tokens with a "
                         "finished request (prefix-cache hit) against a cold one (paged KV cache)")
     add_kv_cache_bit_width(p)
-    add_kv_cache_options(p, "continuous; paged with --concurrency / --prefix-cache")
+    add_kv_cache_options(p, "continuous; paged with --concurrency / --prefix-cache / --speculative")
+    add_speculative_options(p)
     add_threads(p)
     p.add_argument("--json", metavar="PATH", default=None, help="also write the report as JSON to PATH")
     p.set_defaults(handler=cmd_bench)
@@ -219,7 +222,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     sampling = sampling_params(args)
     loaded = load_pipeline(pipeline_config(args.model, encoding=args.encoding, max_length=args.max_length,
-                                           num_threads=args.threads, **kv_cache_config(args), **placement(args)))
+                                           num_threads=args.threads, **kv_cache_config(args), **speculative_config(args),
+                                           **placement(args)))
     prompt_ids = build_prompt(loaded.tokenizer, args.prompt, system=args.system,
                               chat_template=not args.no_chat_template)
     stats = GenerationStats()
@@ -242,7 +246,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     sampling = sampling_params(args)
     loaded = load_pipeline(pipeline_config(args.model, encoding=args.encoding, max_length=args.max_length,
-                                           num_threads=args.threads, **kv_cache_config(args), **placement(args)))
+                                           num_threads=args.threads, **kv_cache_config(args), **speculative_config(args),
+                                           **placement(args)))
     eprint(f"[ember] {loaded.describe()}")
     return run_chat(loaded.pipeline, loaded.tokenizer, sampling, system=args.system)
 

@@ -122,6 +122,32 @@ def kv_cache_config(args: argparse.Namespace) -> dict:
     return config
 
 
+def add_speculative_options(parser: argparse.ArgumentParser) -> None:
+    """Speculative decoding (runtime/speculative/): PipelineConfig's speculative, draft_model_path and
+    num_speculative_tokens."""
+    parser.add_argument("--speculative", choices=["ngram", "draft"], default=None,
+                        help="speculative decoding: ngram drafts by prompt lookup (no model; pays off when the "
+                             "output copies the prompt), draft by --draft-model; greedy output is unchanged "
+                             "(paged KV cache)")
+    parser.add_argument("--draft-model", default=None, metavar="PATH",
+                        help="the draft model of --speculative draft (a smaller model with the same tokenizer)")
+    parser.add_argument("--num-speculative-tokens", type=positive, default=None, metavar="K",
+                        help="speculative: tokens drafted per step at most (default: 4; fewer while drafts are "
+                             "rejected)")
+
+
+def speculative_config(args: argparse.Namespace) -> dict:
+    """The PipelineConfig fields of the speculative options (none without --speculative / --draft-model)."""
+    if args.speculative is None and args.draft_model is None:
+        if args.num_speculative_tokens is not None:
+            raise UsageError("--num-speculative-tokens needs --speculative")
+        return {}
+    config = {"speculative": args.speculative or "draft", "draft_model_path": args.draft_model}
+    if args.num_speculative_tokens is not None:
+        config["num_speculative_tokens"] = args.num_speculative_tokens
+    return config
+
+
 def add_threads(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=positive, default=None, metavar="N",
                         help="onnxruntime intra-op threads (default: the CPUs this process may use)")

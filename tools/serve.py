@@ -14,8 +14,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .cli_options import (UsageError, add_kv_cache_bit_width, add_kv_cache_options, add_run_options, byte_size, placement,
-                          eprint, kv_cache_config, positive)
+from .cli_options import (UsageError, add_kv_cache_bit_width, add_kv_cache_options, add_run_options,
+                          add_speculative_options, byte_size, placement, eprint, kv_cache_config, positive,
+                          speculative_config)
 
 DEFAULT_PORT = 8000
 DEFAULT_MAX_BATCH_SIZE = 16
@@ -52,6 +53,7 @@ def add_command(commands: argparse._SubParsersAction, parents: list[argparse.Arg
                         f"(default: {DEFAULT_SHUTDOWN_TIMEOUT:g})")
     add_kv_cache_bit_width(p)
     add_kv_cache_options(p, "paged")
+    add_speculative_options(p)
     add_run_options(p, cmd_serve)
 
 
@@ -74,6 +76,8 @@ def load_models(args: argparse.Namespace) -> Any:
     from .loading import embeddings_model, load_pipeline, model_task, pipeline_config
 
     encoder_only = args.model is not None and model_task(args.model) == PipelineTask.EMBEDDINGS_GENERATION
+    if encoder_only and (args.speculative or args.draft_model):
+        raise UsageError(f"{args.model} is an embeddings model; --speculative / --draft-model are for text generation")
     if encoder_only and args.embeddings_model is not None:
         raise UsageError(f"{args.model} is an embeddings model; --embeddings-model names a second one, which needs "
                          f"a text-generation MODEL")
@@ -83,7 +87,7 @@ def load_models(args: argparse.Namespace) -> Any:
         kv["kv_cache_strategy"] = kv["kv_cache_strategy"] or "paged"
         loaded = load_pipeline(pipeline_config(args.model, encoding=args.encoding, max_length=args.max_length,
                                                num_threads=args.threads, max_batch_size=args.max_batch_size, **kv,
-                                               **placement(args)))
+                                               **speculative_config(args), **placement(args)))
         eprint(f"[ember] text generation: {loaded.describe()}")
         generator = ServedGenerator(served_name(args.model, args.served_model_name, "text"), loaded.pipeline,
                                     loaded.tokenizer, SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens))

@@ -300,6 +300,40 @@ class PagedKVCacheManager(LayerBuffers):
             request.chain = node
         request.num_hashed = full
 
+    def trim(self, request_id: str) -> int:
+        """Release the reserved pages past the request's committed tokens; returns how many were released.
+
+        Speculative decoding reserves room for draft tokens and commits only the accepted ones: the pages that
+        held nothing but rejected drafts go back to the pool here. They were never committed, so never
+        registered in the prefix cache; the partly filled last page stays the request's own."""
+        request = self._requests[request_id]
+        keep = -(-len(request.tokens) // self.page_size)
+        extra = request.pages[keep:]
+        if not extra:
+            return 0
+        del request.pages[keep:]
+        for page in reversed(extra):
+            self.pool.decref(page)
+        self._sync_row(request)
+        return len(extra)
+
+    def truncate(self, request_id: str, length: int) -> None:
+        """Forget the committed tokens past ``length`` (a draft model's rejected proposals) and release the pages
+        left empty. Only for requests whose pages past ``length`` were never published in the prefix cache (a
+        manager without prefix caching, or a request claimed with ``reuse_prefix=False``): a registered page would
+        otherwise be overwritten under its cached content, so that is a ValueError."""
+        request = self._requests[request_id]
+        if not 0 <= length <= len(request.tokens):
+            raise ValueError(f"request {request_id}: cannot truncate {len(request.tokens)} tokens to {length}")
+        full = length // self.page_size
+        if request.num_hashed > full and (request.chain_ok or any(
+                self.pool.entry(page) is not None for page in request.pages[full:request.num_hashed])):
+            raise ValueError(f"request {request_id}: truncating to {length} tokens would rewrite a page of the "
+                             "prefix cache; speculative rollback needs prefix caching off for this cache")
+        del request.tokens[length:]
+        request.num_hashed = min(request.num_hashed, full)
+        self.trim(request_id)
+
     def fork(self, src: str, dst: str) -> None:
         """Start ``dst`` as a copy of ``src``'s committed tokens (beam search, parallel sampling).
 

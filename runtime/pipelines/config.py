@@ -79,6 +79,13 @@ class PipelineConfig:
     # and truncate inputs longer than the model's maximum (False: reject them).
     pool_embeddings: bool = True
     truncation: bool = True
+    # Speculative decoding (runtime/speculative/): "ngram" (prompt lookup) or "draft" (``draft_model_path``, a
+    # decoder sharing the tokenizer); up to ``num_speculative_tokens`` drafts per step, fewer when acceptance is
+    # low (``speculative_adaptive``). Needs the paged KV cache; the artifact returns every position's logits.
+    speculative: str | None = None
+    num_speculative_tokens: int = 4
+    draft_model_path: str | Path | None = None
+    speculative_adaptive: bool = True
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -104,3 +111,25 @@ class PipelineConfig:
             raise ValueError(f"kv_cache_pages must be positive, got {self.kv_cache_pages}")
         if self.max_batch_size is not None and self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be positive, got {self.max_batch_size}")
+        self._check_speculative()
+
+    def _check_speculative(self) -> None:
+        """Resolve the speculative options once: a draft model implies ``draft``; the paged cache and every
+        position's logits are what a verification step needs (the continuous cache cannot drop rejected K/V)."""
+        if self.draft_model_path is not None and self.speculative is None:
+            self.speculative = "draft"
+        if self.speculative is None:
+            return
+        if self.speculative not in ("ngram", "draft"):
+            raise ValueError(f"speculative must be 'ngram' or 'draft', got {self.speculative!r}")
+        if self.speculative == "draft" and self.draft_model_path is None:
+            raise ValueError("speculative='draft' needs draft_model_path (--draft-model)")
+        if self.speculative == "ngram" and self.draft_model_path is not None:
+            raise ValueError("draft_model_path is for speculative='draft', not 'ngram'")
+        if not isinstance(self.num_speculative_tokens, int) or self.num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be an integer >= 1, got {self.num_speculative_tokens!r}")
+        if self.kv_cache_strategy is KVCacheStrategy.CONTINUOUS:
+            raise ValueError("speculative decoding needs kv_cache_strategy='paged' (the continuous cache cannot "
+                             "release rejected draft tokens)")
+        self.kv_cache_strategy = KVCacheStrategy.PAGED
+        self.return_logits = ReturnLogits.ALL  # a verification row needs logits at each draft position

@@ -143,6 +143,10 @@ class TextContext:
         # One entry per prompt token when ``sampling.prompt_logprobs`` asks (None for the first, which nothing
         # predicts); filled by the model runner as the prompt is computed.
         self.prompt_log_probabilities: list[dict | None] = [None] if self.sampling.prompt_logprobs is not None else []
+        # Speculative decoding: tokens a drafter proposes to follow ``tokens`` (runtime/speculative/). They are not
+        # part of the sequence: the scheduler may give a decoding row room for them, the model runner computes them
+        # after the pending token and keeps those that verification accepts.
+        self.draft_tokens: list[int] = []
 
     @property
     def active_idx(self) -> int:
@@ -151,6 +155,11 @@ class TextContext:
     @property
     def pending_tokens(self) -> list[int]:
         return self.tokens[self.start_idx:]
+
+    def step_tokens(self, count: int) -> list[int]:
+        """The ``count`` tokens a model call computes from ``start_idx``: known tokens, then draft tokens."""
+        known = self.tokens[self.start_idx:self.start_idx + count]
+        return known + self.draft_tokens[:count - len(known)]
 
     @property
     def max_chunk(self) -> int | None:

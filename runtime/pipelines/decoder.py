@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -59,6 +59,7 @@ class DecoderPipelineModel(PipelineModel, KVCacheMixin):
         super().__init__(pipeline_config, session, devices or session.devices, kv_cache_config, weights, adapter,
                          return_logits or pipeline_config.return_logits)
         self.resolved = resolved  # source, architecture and verified artifact, resolved once by the registry
+        self.release_listeners: list[Callable[[str], None]] = []  # told of every release (speculative drafters)
         self.architecture = resolved.architecture
         self.artifact = resolved.artifact
         self.huggingface_config = resolved.huggingface_config
@@ -244,6 +245,37 @@ class DecoderPipelineModel(PipelineModel, KVCacheMixin):
                 logits[row_of[request_id]] = out[row]
         return logits
 
+    # speculative decoding (runtime/speculative/) --------------------------------------------------
+    def execute_rows_uncommitted(self, rows: Sequence[tuple[TextContext, int]],
+                                 num_logits: Sequence[int]) -> tuple[list[np.ndarray], list[DecoderInputs]]:
+        """Like :meth:`execute_rows`, but each row's logits at its last ``num_logits[i]`` positions
+        (``[num_logits[i], vocab]``: a verification row needs one per draft token plus one), and nothing committed:
+        the caller passes the returned inputs to :meth:`commit_rows` with the tokens to keep. Needs an artifact
+        compiled with ``ReturnLogits.ALL``."""
+        if self.return_logits is not ReturnLogits.ALL:
+            raise ValueError("speculative decoding needs an artifact compiled with return_logits=ALL")
+        logits: list[np.ndarray] = [np.empty(0)] * len(rows)
+        calls = []
+        for group in self.kv.groups(rows):
+            inputs = self.prepare_rows([rows[i][0] for i in group], [rows[i][1] for i in group])
+            every = self.execute(inputs, commit=False).logits
+            row_of = {rows[i][0].request_id: i for i in group}
+            for row, request_id in enumerate(inputs.request_ids):
+                i, end = row_of[request_id], int(inputs.input_lengths[row])
+                logits[i] = every[row, end - num_logits[i]:end]
+            calls.append(inputs)
+        return logits, calls
+
+    def commit_rows(self, calls: Sequence[DecoderInputs], keep: dict[str, int]) -> None:
+        """Commit the first ``keep[request_id]`` tokens of each row of calls run uncommitted; the K/V written for
+        the rest (rejected drafts) is left in reserved, unregistered room that the next step overwrites."""
+        for inputs in calls:
+            counts = np.array([keep[r] for r in inputs.request_ids], dtype=np.int32)
+            self.kv.commit(inputs.request_ids, inputs.tokens, counts)
+            for request_id, kept, computed in zip(inputs.request_ids, counts, inputs.input_lengths):
+                if kept < computed and isinstance(self.kv_manager, PagedKVCacheManager):
+                    self.kv_manager.trim(request_id)  # pages that held only rejected drafts go back to the pool
+
     # inputs -------------------------------------------------------------------------------------
     def prepare_initial_token_inputs(self, context_batch: Sequence[TextContext], kv_cache_inputs: Any = None,
                                      return_n_logits: int = 1) -> DecoderInputs:
@@ -258,7 +290,7 @@ class DecoderPipelineModel(PipelineModel, KVCacheMixin):
         by_id = {ctx.request_id: (ctx, n) for ctx, n in zip(context_batch, counts)}
         order, kv_inputs = self.kv.order([ctx.request_id for ctx in context_batch])
         contexts = [by_id[r][0] for r in order]
-        pending = [ctx.tokens[ctx.start_idx:ctx.start_idx + by_id[ctx.request_id][1]] for ctx in contexts]
+        pending = [ctx.step_tokens(by_id[ctx.request_id][1]) for ctx in contexts]  # drafts after known tokens
         width = max(len(p) for p in pending)
         tokens = np.zeros((len(contexts), width), dtype=np.int64)
         for row, p in enumerate(pending):
@@ -281,7 +313,9 @@ class DecoderPipelineModel(PipelineModel, KVCacheMixin):
                              return_n_logits=prev.return_n_logits)
 
     # execution ----------------------------------------------------------------------------------
-    def execute(self, model_inputs: DecoderInputs) -> ModelOutputs:
+    def execute(self, model_inputs: DecoderInputs, commit: bool = True) -> ModelOutputs:
+        """Run one call; ``commit=False`` leaves the new tokens' K/V uncommitted (:meth:`commit_rows` then says
+        how many of each row to keep: speculative verification keeps only the accepted drafts)."""
         inputs = model_inputs
         batch = inputs.tokens.shape[0]
         if int((inputs.cache_lengths + inputs.input_lengths).max()) > self.max_seq_len:
@@ -305,11 +339,14 @@ class DecoderPipelineModel(PipelineModel, KVCacheMixin):
             rows = np.arange(batch)
             outputs = ModelOutputs(next_token_logits=all_logits[rows, inputs.input_lengths - 1].copy(),
                                    logits=all_logits)
-        self.kv.commit(inputs.request_ids, inputs.tokens, inputs.input_lengths)
+        if commit:
+            self.kv.commit(inputs.request_ids, inputs.tokens, inputs.input_lengths)
         return outputs
 
     def release(self, request_id: str) -> None:
         self.kv.release(request_id)
+        for listener in self.release_listeners:  # e.g. a draft model's cache for the same request
+            listener(request_id)
 
 
 def upper_bounded_max_len(pipeline_config: PipelineConfig, manifest: dict) -> int:

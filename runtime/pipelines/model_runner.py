@@ -18,12 +18,19 @@ import numpy as np
 from .context import FinishReason, TextContext
 from .interfaces import ModelOutputs
 from .sampling import sample_contexts, token_log_probabilities
+from ..speculative.speculator import Speculator
+from ..speculative.verification import verify_and_append
 
 
 class RowModel(Protocol):
     """What the runner needs of a pipeline model (``DecoderPipelineModel`` implements it)."""
 
     def execute_rows(self, rows: Sequence[tuple[TextContext, int]]) -> np.ndarray: ...
+
+    def execute_rows_uncommitted(self, rows: Sequence[tuple[TextContext, int]],
+                                 num_logits: Sequence[int]) -> tuple[list[np.ndarray], list[Any]]: ...
+
+    def commit_rows(self, calls: Sequence[Any], keep: dict[str, int]) -> None: ...
 
     def compute_log_probabilities(self, model_inputs: Any, model_outputs: ModelOutputs, next_tokens: np.ndarray,
                                   batch_top_n: Sequence[int], batch_echo: Sequence[bool]) -> list[Any]: ...
@@ -44,14 +51,20 @@ class RowResult:
 class ModelRunner:
     """Executes, samples, computes log probabilities and appends, for every caller (see the module docstring)."""
 
-    def __init__(self, model: RowModel):
+    def __init__(self, model: RowModel, speculator: Speculator | None = None):
         self.model = model
+        self.speculator = speculator
 
     def execute(self, rows: Sequence[tuple[TextContext, int]]) -> list[RowResult]:
         """Compute ``count`` tokens of each context from its ``start_idx`` (KV cache room already taken) and
-        advance it: ``start_idx`` moves past the computed tokens, a sampled token is appended."""
+        advance it: ``start_idx`` moves past the computed tokens, a sampled token is appended.
+
+        With a speculator, a decoding row's count may go past its known tokens into its ``draft_tokens``: the
+        row is verified (several tokens may be appended, one result each) and new drafts are proposed."""
         if not rows:
             return []
+        if self.speculator is not None:
+            return self._execute_speculative(rows, self.speculator)
         logits = self.model.execute_rows(rows)
         finishing = [i for i, (ctx, count) in enumerate(rows) if ctx.start_idx + count == ctx.active_idx]
         contexts = [rows[i][0] for i in finishing]
@@ -71,6 +84,40 @@ class ModelRunner:
             token, lp = sampled[i]
             ctx.append(token)
             results.append(RowResult(ctx.request_id, count, token, lp, ctx.finish_reason))
+        return results
+
+    def _execute_speculative(self, rows: Sequence[tuple[TextContext, int]], speculator: Speculator) -> list[RowResult]:
+        """The step with verification rows: one model call computing every row (logits at each row's last
+        ``drafts + 1`` positions), verification per row (speculative/verification.py), then only the kept
+        tokens' K/V committed; the rejected drafts' pages go back to the pool."""
+        drafts = [max(0, ctx.start_idx + count - ctx.active_idx) for ctx, count in rows]
+        logits, calls = self.model.execute_rows_uncommitted(rows, [d + 1 for d in drafts])
+        keep: dict[str, int] = {}
+        results: list[RowResult] = []
+        decoding: list[TextContext] = []
+        for (ctx, count), d, row_logits in zip(rows, drafts, logits):
+            known = count - d
+            self._record_prompt_position(ctx, known, row_logits[0])
+            if ctx.start_idx + known < ctx.active_idx:  # a prompt chunk: nothing sampled
+                ctx.start_idx += known
+                keep[ctx.request_id] = known
+                results.append(RowResult(ctx.request_id, count, None))
+                continue
+            tokens, accepted = verify_and_append(ctx, row_logits, ctx.draft_tokens[:d])
+            speculator.record(ctx, d, accepted, len(tokens))
+            keep[ctx.request_id] = known + accepted
+            ctx.start_idx += known + accepted
+            top_n = ctx.sampling.top_logprobs
+            logprobs = (self.model.compute_log_probabilities(
+                None, ModelOutputs(next_token_logits=row_logits[:len(tokens)]), np.array(tokens), [top_n] * len(tokens),
+                [False] * len(tokens)) if top_n else [None] * len(tokens))
+            for j, (token, lp) in enumerate(zip(tokens, logprobs)):
+                last = j == len(tokens) - 1
+                results.append(RowResult(ctx.request_id, count if j == 0 else 0, token, lp,
+                                         ctx.finish_reason if last else None))
+            decoding.append(ctx)
+        self.model.commit_rows(calls, keep)
+        speculator.propose(decoding)
         return results
 
     @staticmethod

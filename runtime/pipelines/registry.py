@@ -13,6 +13,7 @@ by default; compile on first use (``ember.runtime.compile_cache.ensure_artifact`
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -20,6 +21,7 @@ from typing import Any
 
 from ember.compiler.artifact import Artifact, verify_artifact
 from ember.graphs.nn.kv_cache import DEFAULT_PAGE_SIZE
+from ember.graphs.nn.transformer import ReturnLogits
 
 from ..backends import BACKENDS, RuntimeBackend, runtime_of
 from ..session import InferenceSession, parse_device
@@ -196,8 +198,28 @@ class PipelineRegistry:
         tokenizer = architecture.tokenizer(model.artifact.tokenizer_dir)
         extra = ({"context_validators": architecture.context_validators}
                  if architecture.task is PipelineTask.TEXT_GENERATION else {})
+        if config.speculative is not None:
+            if architecture.task is not PipelineTask.TEXT_GENERATION:
+                raise ValueError(f"speculative decoding is for text generation; {architecture.name} serves "
+                                 f"{architecture.task.value}")
+            if config.draft_model_path is not None:
+                extra["draft_model"] = self._draft_model(config, pipeline_model.max_seq_len)
         pipeline_class = get_pipeline_for_task(architecture.task, config)
         return pipeline_class(config, pipeline_model, tokenizer.eos_token_ids, tokenizer=tokenizer, **extra)
+
+    def _draft_model(self, config: PipelineConfig, max_length: int) -> Any:
+        """The draft decoder of speculative decoding: compiled like the target (target, device, encoding, threads),
+        a paged cache as long as the target's, prefix caching off (its rejected proposals are truncated away)."""
+        draft_config = dataclasses.replace(
+            config, model_path=config.draft_model_path, draft_model_path=None, speculative=None,
+            return_logits=ReturnLogits.LAST_TOKEN, max_length=max_length, enable_prefix_caching=False,
+            kv_cache_bytes=None, kv_cache_pages=None)
+        source = ModelSource.resolve(draft_config.model_path)
+        architecture = self._architecture_of(source, None, PipelineTask.TEXT_GENERATION)
+        model = self._resolve(draft_config, source, architecture)
+        device = parse_device(draft_config.device or runtime_of(model.artifact.manifest).get("device_kind", "cpu"))
+        session = InferenceSession([device], num_threads=draft_config.num_threads, backends=self.backends)
+        return architecture.pipeline_model(model.pipeline_config, session, resolved=model)
 
     def retrieve(self, pipeline_config: PipelineConfig, task: PipelineTask | None = None,
                  override_architecture: str | None = None) -> tuple[Any, Any]:

@@ -32,6 +32,14 @@ def sample_row(logits: np.ndarray, params: SamplingParams, rng: np.random.Genera
     """One token from one row of logits."""
     if params.greedy:
         return int(np.argmax(logits))
+    order, probs = candidate_distribution(logits, params)
+    return int(order[rng.choice(len(order), p=probs)])
+
+
+def candidate_distribution(logits: np.ndarray, params: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
+    """The distribution a non-greedy :func:`sample_row` draws from: candidate token ids, most likely first, and
+    their probabilities after temperature, top-k and top-p. Speculative verification accepts against exactly
+    this (runtime/speculative/verification.py)."""
     scaled = logits.astype(np.float64) / params.temperature
     candidates = np.arange(scaled.shape[0])
     if 0 < params.top_k < scaled.shape[0]:
@@ -42,7 +50,7 @@ def sample_row(logits: np.ndarray, params: SamplingParams, rng: np.random.Genera
     if params.top_p < 1.0:
         keep = int(np.searchsorted(np.cumsum(probs), params.top_p) + 1)
         order, probs = order[:keep], probs[:keep] / probs[:keep].sum()
-    return int(order[rng.choice(len(order), p=probs)])
+    return order, probs
 
 
 def apply_penalties(logits: np.ndarray, params: SamplingParams, counts: TokenCounts) -> np.ndarray:

@@ -22,6 +22,8 @@ from .context import FinishReason, SamplingParams, TextContext
 from .decoder import DecoderPipelineModel
 from .interfaces import ModelInputs
 from .model_runner import ModelRunner
+from ..speculative.drafters import DraftModelDrafter, Drafter, NgramDrafter
+from ..speculative.speculator import SpeculativeConfig, SpeculativeMethod, Speculator
 
 #: A check of a new request (``SupportedArchitecture.context_validators``): raises ValueError with its reason.
 ContextValidator = Callable[[TextContext], None]
@@ -43,14 +45,36 @@ class TextGenerationPipeline:
 
     def __init__(self, pipeline_config: PipelineConfig, pipeline_model: DecoderPipelineModel,
                  eos_token_id: int | Iterable[int] | None = None, tokenizer: Any = None,
-                 context_validators: Sequence[ContextValidator] = ()):
+                 context_validators: Sequence[ContextValidator] = (), draft_model: DecoderPipelineModel | None = None):
         self.pipeline_config = pipeline_config
         self.pipeline_model = pipeline_model
         ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
         self.eos_token_ids = frozenset(int(i) for i in ids)
         self.tokenizer = tokenizer
         self.context_validators = tuple(context_validators)
-        self.runner = ModelRunner(pipeline_model)
+        self.runner = ModelRunner(pipeline_model, self._speculator(pipeline_config, pipeline_model, draft_model))
+
+    @staticmethod
+    def _speculator(config: PipelineConfig, model: DecoderPipelineModel,
+                    draft_model: DecoderPipelineModel | None) -> Speculator | None:
+        """The configured speculative decoding (None: plain decoding); a draft model's KV cache is released with
+        the target's (a cancelled or preempted request)."""
+        if config.speculative is None:
+            return None
+        speculative = SpeculativeConfig(SpeculativeMethod(config.speculative), config.num_speculative_tokens,
+                                        adaptive=config.speculative_adaptive)
+        if speculative.method is SpeculativeMethod.draft:
+            if draft_model is None:
+                raise ValueError("speculative='draft' needs the draft model (PipelineConfig.draft_model_path)")
+            if draft_model.vocab_size != model.vocab_size:
+                raise ValueError(f"the draft model's vocabulary ({draft_model.vocab_size} tokens) is not the target "
+                                 f"model's ({model.vocab_size}); a draft model must share the tokenizer")
+            drafter: Drafter = DraftModelDrafter(draft_model)
+        else:
+            drafter = NgramDrafter()
+        speculator = Speculator(speculative, drafter)
+        model.release_listeners.append(speculator.release)
+        return speculator
 
     @property
     def max_length(self) -> int:
@@ -118,10 +142,8 @@ class TextGenerationPipeline:
                 break
             rows = [(ctx, min(len(ctx.pending_tokens), ctx.max_chunk or len(ctx.pending_tokens))) for ctx in live]
             results = self.runner.execute(rows)
-            step = {r.request_id: TextResponse(r.token, r.log_probabilities, r.finish_reason)
-                    for r in results if r.token is not None}
-            if step:
-                steps.append(step)
+            steps.extend(_per_token([(r.request_id, TextResponse(r.token, r.log_probabilities, r.finish_reason))
+                                     for r in results if r.token is not None]))
         return steps
 
     def _claim_all(self, contexts: Sequence[TextContext]) -> None:
@@ -163,8 +185,8 @@ class TextGenerationPipeline:
                 outputs = scheduler.update(decision, self.runner.execute(decision.rows))
                 if on_step is not None:
                     on_step(decision)
-                if outputs:
-                    yield {o.request_id: TextResponse(o.token, o.log_probabilities, o.finish_reason) for o in outputs}
+                yield from _per_token([(o.request_id, TextResponse(o.token, o.log_probabilities, o.finish_reason))
+                                       for o in outputs])
         finally:
             for request_id in list(scheduler.requests):
                 scheduler.abort(request_id)
@@ -186,3 +208,17 @@ class TextGenerationPipeline:
         for _ in self.generate([context]):
             pass
         return list(context.prompt_log_probabilities)
+
+
+def _per_token(outputs: Sequence[tuple[str, TextResponse]]) -> list[dict[str, TextResponse]]:
+    """A step's outputs as dicts of one token per request: the i-th dict holds each request's i-th token (a
+    speculative step may give a request several; without speculation there is one dict)."""
+    steps: list[dict[str, TextResponse]] = []
+    seen: dict[str, int] = {}
+    for request_id, response in outputs:
+        i = seen.get(request_id, 0)
+        seen[request_id] = i + 1
+        if i == len(steps):
+            steps.append({})
+        steps[i][request_id] = response
+    return steps

@@ -1,0 +1,169 @@
+"""``ember bench --speculative ngram|draft``: speculative decoding against plain decoding of the same model and
+encoding, in the same run.
+
+Two prompt sets ship in ``bench_speculative_prompts.json``: *grounded* (summarise, rewrite or extract from a
+passage given in the prompt: prompt lookup finds much of the answer there) and *free* (free-form text: little to
+look up, the case where speculation must not cost more than a few percent). Each prompt is generated greedily
+(up to ``new_tokens``, the model's EOS ends it) by both pipelines, runs alternating plain / speculative so both
+see the same machine state; the greedy outputs must be identical. Reported per set: tokens/s of each (median of
+the runs), the paired ratio, the draft acceptance rate and tokens per verification row. Also the cost of a
+verification step of ``k + 1`` positions relative to a one-token decode step, and the price of returning every
+position's logits (which the speculative artifact does) on a prefill.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from ember.runtime.pipelines import SamplingParams
+
+from .bench_runner import ratio_of, summarize
+from .generate import build_prompt
+from .loading import LoadedPipeline
+
+PROMPTS = Path(__file__).with_name("bench_speculative_prompts.json")
+
+
+def load_prompts() -> dict[str, list[str]]:
+    data = json.loads(PROMPTS.read_text(encoding="utf-8"))
+    return {"grounded": data["grounded"], "free": data["free"]}
+
+
+def _generate(pipeline: Any, prompt_ids: list[int], new_tokens: int) -> tuple[list[int], float, float]:
+    """Greedy tokens, seconds to the first token, seconds in all."""
+    context = pipeline.new_context(prompt_ids, SamplingParams(max_new_tokens=new_tokens))
+    start = time.perf_counter()
+    first = None
+    for _ in pipeline.generate([context]):
+        if first is None:
+            first = time.perf_counter() - start
+    return list(context.generated), first or 0.0, time.perf_counter() - start
+
+
+def step_costs(loaded: LoadedPipeline, plain: LoadedPipeline, k: int, repeats: int = 30) -> dict[str, float]:
+    """Median wall time of model calls after a prefix of up to 300 tokens: on the speculative artifact one position
+    and ``k + 1`` positions (a verification row), on the plain artifact one position (a decode step); and the
+    prefix's prefill on both (the speculative artifact computes the output projection at every position). The
+    calls alternate, so that every kind sees the same machine load. Nothing is committed: each repeat computes the
+    same positions."""
+    limit = min(300, loaded.pipeline.max_length - k - 2)
+    text_ids = loaded.tokenizer.encode(" ".join(load_prompts()["grounded"]))[:limit]
+    calls = {"speculative_prefill": (loaded.pipeline, len(text_ids), 0), "plain_prefill": (plain.pipeline, len(text_ids), 0),
+             "speculative_step_1": (loaded.pipeline, 1, 1), f"speculative_step_{k + 1}": (loaded.pipeline, k + 1, 1),
+             "plain_step_1": (plain.pipeline, 1, 1)}
+    prepared = {}
+    try:
+        for name, (pipeline, width, _) in calls.items():
+            model = pipeline.pipeline_model
+            model.kv_manager.pool.clear_cache()  # no prefix-cache hit: every call computes what it says
+            context = pipeline.new_context(text_ids, SamplingParams())
+            model.claim(context)
+            prepared[name] = (model, context)
+            if width < len(text_ids):
+                model.execute(model.prepare_rows([context], [len(text_ids) - width]))
+                context.start_idx = len(text_ids) - width
+        times: dict[str, list[float]] = {name: [] for name in calls}
+        for repeat in range(repeats):
+            for name, (_, width, every) in calls.items():
+                if every == 0 and repeat % 6:  # a prefill is long: one in six rounds
+                    continue
+                model, context = prepared[name]
+                start = time.perf_counter()
+                model.execute(model.prepare_rows([context], [width]), commit=False)
+                times[name].append(time.perf_counter() - start)
+    finally:
+        for model, context in prepared.values():
+            model.release(context.request_id)
+    results: dict[str, float] = {f"{name}_s": statistics.median(values) for name, values in times.items()}
+    results["prefix_tokens"] = len(text_ids)
+    results["verify_over_decode"] = results[f"speculative_step_{k + 1}_s"] / results["plain_step_1_s"]
+    results["all_logits_decode_over_plain"] = results["speculative_step_1_s"] / results["plain_step_1_s"]
+    results["all_logits_prefill_over_plain"] = results["speculative_prefill_s"] / results["plain_prefill_s"]
+    return results
+
+
+def run_speculative_benchmark(plain: LoadedPipeline, speculative: LoadedPipeline, *, new_tokens: int, runs: int,
+                              warmup: int, k: int, peer: Any = None) -> dict[str, Any]:
+    """Each prompt generated by both pipelines back to back (their order swapped every run, so that a drift of the
+    machine's load favours neither); per set, tokens/s of each over the run (median of the runs), and the median
+    of the per-prompt time ratios (both generate the same tokens, so a time ratio is a speed ratio). ``peer``
+    (``--compare ort-genai``): after the two, the peer generates as many tokens for the same prompt (its EOS held
+    off), and its tokens/s are reported with the speculative pipeline's ratio to them."""
+    tokenizer = plain.tokenizer
+    sets = {name: [build_prompt(tokenizer, text) for text in texts] for name, texts in load_prompts().items()}
+    runners = {"plain": plain.pipeline, "speculative": speculative.pipeline}
+    stats = speculative.pipeline.runner.speculator.stats
+    for _ in range(warmup):
+        for pipeline in runners.values():
+            _generate(pipeline, sets["free"][0], 8)
+    report: dict[str, Any] = {"runs": runs, "new_tokens": new_tokens, "num_speculative_tokens": k, "sets": {}}
+    for set_name, prompts in sets.items():
+        seconds = {name: [0.0] * runs for name in (*runners, "peer")}
+        tokens = {name: [0] * runs for name in (*runners, "peer")}
+        outputs: dict[str, list[list[int]]] = {name: [] for name in runners}
+        ratios: list[float] = []
+        before = (stats.drafted, stats.accepted, stats.verify_rows, stats.emitted)
+        for run in range(runs):
+            order = list(runners) if run % 2 == 0 else list(reversed(runners))
+            for prompt in prompts:
+                took = {}
+                for name in order:
+                    generated, _, total = _generate(runners[name], prompt, new_tokens)
+                    seconds[name][run] += total
+                    tokens[name][run] += len(generated)
+                    took[name] = total
+                    if run == 0:
+                        outputs[name].append(generated)
+                ratios.append(took["plain"] / took["speculative"])
+                if peer is not None and generated:
+                    sample = peer.run(prompt, len(generated))
+                    seconds["peer"][run] += sample.stats.total_seconds
+                    tokens["peer"][run] += sample.stats.generated_tokens
+        drafted, accepted, rows, emitted = (now - then for now, then in zip(
+            (stats.drafted, stats.accepted, stats.verify_rows, stats.emitted), before))
+        rates = {name: [t / s for t, s in zip(tokens[name], seconds[name]) if s > 0] for name in seconds}
+        report["sets"][set_name] = {
+            "prompts": len(prompts), "generated_tokens": sum(len(t) for t in outputs["plain"]),
+            "plain_tok_s": summarize(rates["plain"]), "speculative_tok_s": summarize(rates["speculative"]),
+            "ratio": ratio_of(statistics.median(rates["speculative"]), statistics.median(rates["plain"])),
+            "ratio_paired": statistics.median(ratios), "ratio_per_prompt": ratios,
+            "identical_output": outputs["plain"] == outputs["speculative"],
+            "acceptance_rate": accepted / drafted if drafted else None,
+            "tokens_per_verify_row": emitted / rows if rows else None,
+        }
+        if rates["peer"]:
+            report["sets"][set_name].update(peer_tok_s=summarize(rates["peer"]), ratio_to_peer=ratio_of(
+                statistics.median(rates["speculative"]), statistics.median(rates["peer"])))
+    report["step_costs"] = step_costs(speculative, plain, k)
+    return report
+
+
+def format_speculative_report(report: dict[str, Any]) -> str:
+    lines = [f"model: {report['model']}, encoding {report['encoding']}, {report['threads']} threads, speculative "
+             f"{report['method']} (k <= {report['num_speculative_tokens']}, adaptive), up to {report['new_tokens']} "
+             f"new tokens per prompt (greedy, chat template), median of {report['runs']} runs, plain and speculative "
+             "alternating",
+             f"{'set':>9}  {'prompts':>7}  {'tokens':>6}  {'plain tok/s':>11}  {'spec tok/s':>10}  {'ratio':>6}  "
+             f"{'paired':>6}  {'accept':>6}  {'tok/row':>7}  identical"]
+    for name, row in report["sets"].items():
+        rate = row["acceptance_rate"]
+        per_row = row["tokens_per_verify_row"]
+        lines.append(f"{name:>9}  {row['prompts']:>7}  {row['generated_tokens']:>6}  "
+                     f"{row['plain_tok_s']['median']:>11.1f}  {row['speculative_tok_s']['median']:>10.1f}  "
+                     f"{row['ratio']:>6.3f}  {row['ratio_paired']:>6.3f}  "
+                     f"{'-' if rate is None else f'{rate:.3f}':>6}  {'-' if per_row is None else f'{per_row:.2f}':>7}  "
+                     f"{row['identical_output']}")
+    for name, row in report["sets"].items():
+        if "peer_tok_s" in row:
+            lines.append(f"{name:>9}: {report.get('peer', 'peer')} {row['peer_tok_s']['median']:.1f} tok/s, speculative "
+                         f"{row['ratio_to_peer']:.3f}x, plain {row['plain_tok_s']['median'] / row['peer_tok_s']['median']:.3f}x")
+    costs = report["step_costs"]
+    k = report["num_speculative_tokens"]
+    lines.append(f"step cost (after {costs['prefix_tokens']} tokens): verification of {k + 1} positions = "
+                 f"{costs['verify_over_decode']:.2f}x a plain decode step ({costs[f'speculative_step_{k + 1}_s'] * 1e3:.2f} "
+                 f"vs {costs['plain_step_1_s'] * 1e3:.2f} ms); every-position logits: decode "
+                 f"{costs['all_logits_decode_over_plain']:.2f}x, {costs['prefix_tokens']}-token prefill {costs['all_logits_prefill_over_plain']:.2f}x")
+    return "\n".join(lines)
