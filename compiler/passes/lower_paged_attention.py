@@ -1,8 +1,12 @@
 """Lower ``ember.PagedAttention`` to standard ONNX ops: ScatterND, Gather, explicit attention.
 
-The form for targets whose parser or kernels take only standard ops (tensorrt; ort-cuda in float32).
-``lower_paged_attention_fused`` (ort-cpu) reuses steps 1-2 (:func:`write_pools`) and runs one ``Attention``
-(ai.onnx 23) per layer instead of step 4 (BENCHMARKS.md, "Paged decode path").
+ort-cpu's form, and the one for targets whose parser or kernels take only standard ops (tensorrt; ort-cuda in
+float32). Each row's result is the same whatever else the step holds (the MatMuls, Where and Softmax work row by
+row), so a multi-token verification row of speculative decoding, or a prompt's chunk, gives the bits a one-token
+step would. Two shorter forms measured on onnxruntime 1.32 CPU, BENCHMARKS.md "Paged decode path": one
+``Attention`` (ai.onnx 23) per layer, 5-8 % faster per step at short contexts, but its kernel's results move in
+the last bits with the number of query tokens (which flips near-tied tokens of 4-bit models, whose int8
+activations magnify them); GroupQueryAttention over the gathered pages, slower everywhere.
 
 Per layer:
 

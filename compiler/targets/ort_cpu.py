@@ -3,9 +3,10 @@
 Lowering: ``ember.CachedAttention`` -> ``com.microsoft.GroupQueryAttention`` (in-place KV cache; rotary in the
 kernel, or a ``RotaryEmbedding`` before it where the kernel's rotary rejects the head size), or, for shapes the
 kernel rejects, ScatterND into the slot (in place) + explicit attention (``gqa_rejection``: each node's choice is
-recorded in the manifest); ``ember.PagedAttention`` (PAGED) -> ScatterND into the page pool (in place) + Gather
-of whole token rows + one ``Attention`` (ai.onnx 23) per layer (``lower_paged_attention_fused``; the explicit form
-and GroupQueryAttention over gathered pages measured slower, BENCHMARKS.md "Paged decode path"), then
+recorded in the manifest); ``ember.PagedAttention`` (PAGED) -> ScatterND into the page pool (in place) + Gather +
+explicit attention, whose every row is computed alike whatever the step's other rows (a verification row of
+speculative decoding gives the decode step's bits; onnxruntime's ``Attention`` kernel, 5-8 % faster, does not:
+BENCHMARKS.md "Paged decode path"), then
 fusions: residual add + RMSNorm into ``SkipSimplifiedLayerNormalization``; MatMuls that share their input
 (q/k/v, gate/up) into one wide MatMul, whose q|k|v product GroupQueryAttention takes packed. The model is written as
 ``model.onnx`` with its weights in ``model.onnx.data`` (external data, 64-byte aligned so onnxruntime
@@ -26,7 +27,7 @@ from ..passes.fuse_parallel_matmuls import fuse_parallel_matmuls, pack_attention
 from ..passes.fuse_skip_rms_norm import fuse_skip_rms_norm
 from ..passes.lower_attention_gqa import lower_attention_to_gqa
 from ..passes.lower_cached_attention_explicit import lower_cached_attention_explicit
-from ..passes.lower_paged_attention_fused import lower_paged_attention_fused
+from ..passes.lower_paged_attention import lower_paged_attention
 from ..passes.quantize_embedding import quantize_embedding
 from ..passes.quantize_matmuls import quantize_matmuls, weight_packer
 from ..passes.quantize_matmuls_w8a8 import quantize_matmuls_w8a8
@@ -83,7 +84,7 @@ def _quantized(bits: int, keep_blocks: tuple[str, ...], symmetric: bool = True) 
 ORT_CPU = Target(
     name="ort-cpu",
     description="onnxruntime, CPU execution provider",
-    passes=(lower_attention_to_gqa, lower_cached_attention_explicit, lower_paged_attention_fused,
+    passes=(lower_attention_to_gqa, lower_cached_attention_explicit, lower_paged_attention,
             fuse_skip_rms_norm, fuse_parallel_matmuls, pack_attention_qkv, remove_unused, pack_encoder_tokens),
     kv_strategies=(KVCacheStrategy.CONTINUOUS, KVCacheStrategy.PAGED),
     encodings=("float32", "q8_0", "q4_0", "q4_1", "q4_k", "w8a8"),

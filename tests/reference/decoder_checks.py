@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ember.compiler.passes.lower_paged_attention_fused import FORM as PAGED_FORM
+from ember.compiler.passes.lower_paged_attention import FORM as PAGED_FORM
 from ember.graphs.nn import KVCacheStrategy
 from ember.runtime.pipelines import PIPELINE_REGISTRY, PipelineConfig, ReturnLogits, SamplingParams
 
@@ -21,7 +21,7 @@ RTOL = 1e-4
 def compiled_pipeline(directory: Path, cache_dir: Path, strategy: KVCacheStrategy, continuous_form: str,
                       max_batch_size: int = 4):
     """A pipeline returning every position's logits, compiled into ``cache_dir``; its attention lowered to
-    ``continuous_form`` (CONTINUOUS) or ort-cpu's paged form (PAGED), so a shape meets the lowering it is for."""
+    ``continuous_form`` (CONTINUOUS) or the explicit paged form (PAGED), so a shape meets the lowering it is for."""
     config = PipelineConfig(model_path=directory, cache_dir=cache_dir, max_batch_size=max_batch_size,
                             kv_cache_strategy=strategy, return_logits=ReturnLogits.ALL)
     pipe = PIPELINE_REGISTRY.retrieve(config)[1]
