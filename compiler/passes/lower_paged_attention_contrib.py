@@ -38,6 +38,7 @@ from ember.graphs.ir.versions import EMBER_DOMAIN, MS_DOMAIN, MS_OPSET
 
 from .base import nodes_of, replace_node
 from .explicit_attention import SharedValues, rotate
+from .lower_attention_gqa import gqa_heads_rejection
 from .lowering_record import Lowering, record_lowering, record_rejection
 
 FORM = "com.microsoft.PagedAttention"
@@ -49,12 +50,9 @@ def paged_attention_contrib_rejection(node: ir.Node, *, rotary_in_kernel: bool =
     attrs = {name: attr.value for name, attr in node.attributes.items()}
     heads, kv_heads, page_size = int(attrs["num_heads"]), int(attrs["kv_num_heads"]), int(attrs["page_size"])
     head_dim = node.inputs[3].shape[2] if node.inputs[3].shape is not None else None
-    if not isinstance(head_dim, int):
-        return "the KV cache's head_dim is not static"
-    if heads % kv_heads:
-        return f"num_heads ({heads}) must be a multiple of kv_num_heads ({kv_heads})"
-    if head_dim % 8:
-        return f"head_dim must be a multiple of 8, not {head_dim}"
+    heads_rejected = gqa_heads_rejection(heads, kv_heads, head_dim)
+    if heads_rejected is not None:
+        return heads_rejected
     if page_size < 16 or page_size & (page_size - 1):
         return f"the page size (block_size) must be a power of two >= 16, not {page_size}"
     if int(attrs.get("sliding_window", 0)) > 0:
