@@ -65,11 +65,11 @@ def run_bench(args: argparse.Namespace) -> int:
         build_errors = (OrtGenaiBuildError,)
     args.prompt_tokens = 64 if args.prompt_tokens is None else args.prompt_tokens
     args.new_tokens = 128 if args.new_tokens is None else args.new_tokens
-    if args.concurrency or args.prefix_cache:
-        return _cmd_bench_serving(args)
-    if args.speculative or args.draft_model:
+    engine_bench = (_cmd_bench_serving if args.concurrency or args.prefix_cache else
+                    _cmd_bench_speculative if args.speculative or args.draft_model else None)
+    if engine_bench is not None:
         try:
-            return _cmd_bench_speculative(args)
+            return engine_bench(args)
         except build_errors as error:  # the ort-genai builder's failure: its message names the log
             eprint(f"ember: error: {error}")
             return EXIT_RUNTIME_ERROR
@@ -99,8 +99,9 @@ def _cmd_bench_serving(args: argparse.Namespace) -> int:
     from .bench_serving import run_concurrency_benchmark, run_prefix_cache_benchmark
     from .loading import load_pipeline, pipeline_config
 
-    if args.compare:
-        raise UsageError("--compare does not apply to --concurrency / --prefix-cache")
+    if args.compare and (args.http or args.prefix_cache or not args.concurrency):
+        raise UsageError("--compare applies to --concurrency (a static batch of --batch-size, default 8, of the "
+                         "peer), not to --http / --prefix-cache")
     if args.encoding and len(args.encoding) > 1:
         raise UsageError("--concurrency / --prefix-cache measure one encoding at a time")
     kv = kv_cache_config(args)
@@ -113,7 +114,7 @@ def _cmd_bench_serving(args: argparse.Namespace) -> int:
     prompt_tokens = max([args.prompt_tokens + args.new_tokens] + ([512 + 2] if args.prefix_cache else []))
     config = pipeline_config(args.model, encoding=args.encoding[0] if args.encoding else None,
                              num_threads=args.threads, max_batch_size=max(levels + [1]),
-                             max_length=max(prompt_tokens, 1024), **kv)
+                             max_length=prompt_tokens, **kv)  # the longest sequence the benchmark makes
     loaded = load_pipeline(config)
     eprint(f"ember: {loaded.describe()}")
     report = {"model": args.model or "SmolLM2-135M-Instruct (embedded default)",
@@ -124,9 +125,11 @@ def _cmd_bench_serving(args: argparse.Namespace) -> int:
         report["http"] = run_http_benchmark(loaded.pipeline, loaded.tokenizer, levels, prompt_tokens=args.prompt_tokens,
                                             new_tokens=args.new_tokens, runs=args.runs)
     elif levels:
-        report["concurrency"] = run_concurrency_benchmark(loaded.pipeline, loaded.tokenizer, levels,
-                                                          prompt_tokens=args.prompt_tokens,
-                                                          new_tokens=args.new_tokens, runs=args.runs)
+        peer_factory = _generation_peer(args, loaded.num_threads, loaded.pipeline.pipeline_config.cache_dir)
+        report["concurrency"] = run_concurrency_benchmark(
+            loaded.pipeline, loaded.tokenizer, levels, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+            runs=args.runs, peer=peer_factory() if peer_factory is not None else None,
+            peer_batch=args.batch_size or 8)
     if args.prefix_cache:
         report["prefix_cache"] = run_prefix_cache_benchmark(loaded.pipeline, loaded.tokenizer, runs=args.runs)
     print(format_serving_report(report), flush=True)

@@ -215,6 +215,12 @@ def format_serving_report(report: dict[str, Any]) -> str:
                          f"{_num(row['ttft_median_s'], 1e3):>11}  {_num(row['ttft_p90_s'], 1e3):>11}  "
                          f"{_num(row['itl_median_s'], 1e3):>10}  {_num(row['itl_p90_s'], 1e3):>10}  "
                          f"{row['scheduler']['preemptions']:>7}")
+        peer = concurrency.get("peer")
+        if peer:
+            lines.append(f"{peer['name']} static batch {peer['batch_size']}: {peer['output_tok_s']:.1f} output tok/s "
+                         f"({peer['output_tok_s_min']:.1f}-{peer['output_tok_s_max']:.1f}); each level against it: "
+                         + ", ".join(f"{level}: {row['ratio_to_peer']:.2f}x"
+                                     for level, row in concurrency["levels"].items()))
     if report.get("http"):
         lines += _http_lines(report["http"])
     prefix = report.get("prefix_cache")

@@ -13,6 +13,7 @@ cold (a miss) and once after another request with the same first ``shared_tokens
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -81,15 +82,18 @@ def median_of_runs(samples: Sequence[dict[str, Any]]) -> dict[str, float]:
 
 
 def run_concurrency_benchmark(pipeline: Any, tokenizer: Any, levels: Sequence[int], *, prompt_tokens: int = 64,
-                              new_tokens: int = 128, runs: int = 3,
-                              scheduler: SchedulerConfig | None = None) -> dict[str, Any]:
-    """Each concurrency level ``runs`` times (levels interleaved per round); medians per level."""
+                              new_tokens: int = 128, runs: int = 3, scheduler: SchedulerConfig | None = None,
+                              peer: Any = None, peer_batch: int = 8) -> dict[str, Any]:
+    """Each concurrency level ``runs`` times (levels interleaved per round); medians per level. ``peer``
+    (``--compare``): in each round after the levels, the peer generates a static batch of ``peer_batch`` copies of
+    the first prompt, as many new tokens each; its output tok/s (median) and each level's ratio to it."""
     max_level = max(levels)
     if max_level > pipeline.pipeline_model.max_batch_size:
         raise ValueError(f"concurrency {max_level} exceeds the pipeline's batch limit "
                          f"{pipeline.pipeline_model.max_batch_size}; load it with --max-batch-size {max_level}")
     prompts = distinct_prompts(tokenizer, max_level, prompt_tokens)
     samples: dict[int, list[dict[str, Any]]] = {n: [] for n in levels}
+    peer_rates: list[float] = []
     stats: dict[int, dict[str, Any]] = {}
     run_concurrent(LLMEngine(pipeline, scheduler), prompts[:1], 4)  # warm-up
     for _ in range(runs):
@@ -97,12 +101,21 @@ def run_concurrency_benchmark(pipeline: Any, tokenizer: Any, levels: Sequence[in
             engine = LLMEngine(pipeline, scheduler)
             samples[n].append(run_concurrent(engine, prompts[:n], new_tokens))
             stats[n] = describe(engine.scheduler.stats)
+        if peer is not None:
+            sample = peer.run(list(prompts[0]), new_tokens, batch_size=peer_batch)
+            peer_rates.append(peer_batch * sample.stats.generated_tokens / sample.stats.total_seconds)
     report: dict[str, Any] = {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "runs": runs, "levels": {}}
     for n in levels:
         report["levels"][n] = {**median_of_runs(samples[n]), "scheduler": stats[n], "samples": samples[n]}
     base = report["levels"][min(levels)]["output_tok_s"]
     for n in levels:
         report["levels"][n]["speedup_vs_lowest"] = report["levels"][n]["output_tok_s"] / base
+    if peer_rates:
+        rate = statistics.median(peer_rates)
+        report["peer"] = {"name": peer.name, "batch_size": peer_batch, "output_tok_s": rate,
+                          "output_tok_s_min": min(peer_rates), "output_tok_s_max": max(peer_rates)}
+        for n in levels:
+            report["levels"][n]["ratio_to_peer"] = report["levels"][n]["output_tok_s"] / rate
     return report
 
 

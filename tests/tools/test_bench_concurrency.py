@@ -1,0 +1,30 @@
+"""``ember bench --concurrency`` as a real subprocess on a tiny random Llama: requests through the engine at each
+level, and with ``--compare`` the peer's static batch in the same run (transformers here; onnxruntime-genai in the
+benchmark itself), each level's ratio to it; ``--compare`` with ``--prefix-cache`` is a usage error."""
+from __future__ import annotations
+
+import json
+
+from .test_cli import assert_clean_error, ember, env, tiny_llama  # noqa: F401 (fixtures)
+
+
+def test_concurrency_levels_against_a_static_batch_peer(tiny_llama, env, tmp_path):  # noqa: F811
+    out = tmp_path / "concurrency.json"
+    result = ember("bench", str(tiny_llama), "--concurrency", "1,2", "--compare", "hf", "--batch-size", "2",
+                   "--runs", "2", "--prompt-tokens", "8", "--new-tokens", "4", "--json", str(out), env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())["concurrency"]
+    assert sorted(report["levels"]) == ["1", "2"]
+    peer = report["peer"]
+    assert peer["name"] == "hf" and peer["batch_size"] == 2
+    assert 0 < peer["output_tok_s_min"] <= peer["output_tok_s"] <= peer["output_tok_s_max"]
+    for row in report["levels"].values():
+        assert row["output_tok_s"] > 0
+        assert abs(row["ratio_to_peer"] - row["output_tok_s"] / peer["output_tok_s"]) < 1e-9
+    assert "hf static batch 2" in result.stdout
+
+
+def test_compare_with_prefix_cache_is_a_usage_error(tiny_llama, env):  # noqa: F811
+    result = ember("bench", str(tiny_llama), "--prefix-cache", "--compare", "hf", env=env)
+    assert_clean_error(result, 2)
+    assert "--compare applies to --concurrency" in result.stderr
