@@ -37,10 +37,6 @@ pools with finite values (zeros), see ``explicit_attention`` for why.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
-
 import numpy as np
 import onnx_ir as ir
 
@@ -53,7 +49,7 @@ from .lowering_record import Lowering, record_lowering
 FORM = "ScatterND + Gather + explicit attention"
 
 
-class PagedShared(SharedValues):
+class _Shared(SharedValues):
     """Values computed once per graph from the lengths, the page table and the slot mapping."""
 
     def __init__(self, model: ir.Model, tape: ir.tape.Tape, node: ir.Node, page_size: int, prefix: str):
@@ -63,97 +59,63 @@ class PagedShared(SharedValues):
         self.page_size = page_size
         seq = op("Squeeze", [op("Shape", [slot_mapping], {"start": 1, "end": 2}), self.const(np.array([0]))])
         pages = op("Squeeze", [op("Shape", [page_table], {"start": 1, "end": 2}), self.const(np.array([0]))])
-        self.seq = seq
         self.start(seq, op("Mul", [pages, self.const(np.array(page_size, np.int64))], name=f"{prefix}/max_len"))
         self.slots = op("Unsqueeze", [slot_mapping, self.const(np.array([-1]))])  # ScatterND indices [batch, seq, 1]
         self.page_table = page_table
         self._rows: ir.Value | None = None
         self._head_rows: dict[int, ir.Value] = {}
 
-    def token_rows(self) -> ir.Value:
-        """``[batch, max_len]``: each position's row of the pool ``[pool_rows, kv, hd]``, in position order."""
-        if self._rows is None:
-            op = self.op
-            base = op("Mul", [op("Cast", [self.page_table], {"to": ir.DataType.INT64}),
-                              self.const(np.array(self.page_size, np.int64))])
-            rows = op("Add", [op("Unsqueeze", [base, self.const(np.array([2]))]),
-                              self.const(np.arange(self.page_size, dtype=np.int64))])  # [batch, pages, page_size]
-            self._rows = op("Reshape", [rows, self.const(np.array([0, -1], np.int64))], name=f"{self.prefix}/rows")
-        return self._rows
-
     def head_rows(self, kv_heads: int) -> ir.Value:
         """``[batch, kv, max_len]``: rows of the pool seen as ``[pool_rows * kv, hd]``, in position order."""
         if kv_heads not in self._head_rows:
             op = self.op
-            scaled = op("Mul", [op("Unsqueeze", [self.token_rows(), self.const(np.array([1]))]),
+            if self._rows is None:
+                base = op("Mul", [op("Cast", [self.page_table], {"to": ir.DataType.INT64}),
+                                  self.const(np.array(self.page_size, np.int64))])
+                rows = op("Add", [op("Unsqueeze", [base, self.const(np.array([2]))]),
+                                  self.const(np.arange(self.page_size, dtype=np.int64))])  # [batch, pages, page_size]
+                self._rows = op("Reshape", [rows, self.const(np.array([0, -1], np.int64))],
+                                name=f"{self.prefix}/rows")
+            scaled = op("Mul", [op("Unsqueeze", [self._rows, self.const(np.array([1]))]),
                                 self.const(np.array(kv_heads, np.int64))])
             heads = self.const(np.arange(kv_heads, dtype=np.int64)[:, None])
             self._head_rows[kv_heads] = op("Add", [scaled, heads], name=f"{self.prefix}/rows_{kv_heads}_heads")
         return self._head_rows[kv_heads]
 
 
-@dataclass(frozen=True)
-class PagedWrites:
-    """One layer's values after steps 1-2: rotated q and k, and the pools with the new K/V written (the graph's
-    ``*_cache_out`` outputs, bound in place)."""
-
-    query: ir.Value
-    key: ir.Value
-    value: ir.Value
-    key_out: ir.Value
-    value_out: ir.Value
-    kv_heads: int
-    head_dim: int
-
-
-def write_pools(node: ir.Node, shared: PagedShared) -> PagedWrites:
-    """Steps 1-2 of the module doc for one ``ember.PagedAttention``: rotary, then ScatterND into the pools."""
+def _lower_one(node: ir.Node, tape: ir.tape.Tape, shared: _Shared) -> list[ir.Value]:
     query, key, value, key_cache, value_cache, _, _, _, _, *rotary = node.inputs
     kv_heads = int(node.attributes["kv_num_heads"].value)
     head_dim = key_cache.shape[2]
     if not isinstance(head_dim, int):
         raise ValueError(f"{node.name}: the KV cache's head_dim must be static, got {key_cache.shape}")
+    op, const = tape.op, shared.const
     cos, sin = (rotary + [None, None])[:2]
     query, key = rotate(shared, node, query, key, cos, sin, head_dim)
-    per_token = shared.const(np.array([0, 0, kv_heads, head_dim], np.int64))
-    key_out, value_out = (shared.op("ScatterND", [cache, shared.slots, shared.op("Reshape", [new, per_token])],
-                                    name=f"{node.name}/{which}_cache_write")
-                          for which, new, cache in (("key", key, key_cache), ("value", value, value_cache)))
-    return PagedWrites(query, key, value, key_out, value_out, kv_heads, head_dim)
-
-
-def _lower_one(node: ir.Node, shared: PagedShared) -> list[ir.Value]:
-    """Steps 1-2 (:func:`write_pools`), Gather back through the page table per kv head, explicit attention."""
-    writes = write_pools(node, shared)
-    reads = []
-    for which, written in (("key", writes.key_out), ("value", writes.value_out)):
-        flat = shared.op("Reshape", [written, shared.const(np.array([-1, writes.head_dim], np.int64))])
-        reads.append(shared.op("Gather", [flat, shared.head_rows(writes.kv_heads)], {"axis": 0},
-                               name=f"{node.name}/{which}_read"))  # [pool_rows * kv, hd] -> [batch, kv, max_len, hd]
-    keys, values = reads
-    return [grouped_attention(shared, node, writes.query, keys, values, writes.head_dim), writes.key_out,
-            writes.value_out]
+    per_token = const(np.array([0, 0, kv_heads, head_dim], np.int64))
+    caches = []
+    for which, new, cache in (("key", key, key_cache), ("value", value, value_cache)):
+        written = op("ScatterND", [cache, shared.slots, op("Reshape", [new, per_token])],
+                     name=f"{node.name}/{which}_cache_write")
+        flat = op("Reshape", [written, const(np.array([-1, head_dim], np.int64))])  # [pool_rows * kv, hd]
+        read = op("Gather", [flat, shared.head_rows(kv_heads)], {"axis": 0}, name=f"{node.name}/{which}_read")
+        caches.append((written, read))
+    (key_out, keys), (value_out, values) = caches  # [batch, kv, max_len, hd]
+    return [grouped_attention(shared, node, query, keys, values, head_dim), key_out, value_out]
 
 
 def lower_paged_attention(model: ir.Model) -> ir.Model:
     """Replace every ``ember.PagedAttention`` by standard ops (see the module doc)."""
-    return lower_each_paged_node(model, PagedShared, _lower_one, FORM)
-
-
-def lower_each_paged_node(model: ir.Model, shared_values: Callable[..., PagedShared],
-                          lower_one: Callable[[ir.Node, Any], list[ir.Value]], form: str) -> ir.Model:
-    """Replace each ``ember.PagedAttention`` by ``lower_one(node, shared)``'s nodes; ``shared`` (built by
-    ``shared_values(model, tape, node, page_size, prefix)``) is one per page size and set of length inputs."""
-    shared: dict[tuple, PagedShared] = {}
+    shared: dict[tuple, _Shared] = {}
     for node in nodes_of(model, "PagedAttention", EMBER_DOMAIN):
         tape = ir.tape.Tape()
         page_size = int(node.attributes["page_size"].value)
         key = (page_size, *(v.name for v in node.inputs[5:9]))  # page table, slot mapping, lengths
         if key not in shared:
             prefix = "/model/paged_attention" + f"_{len(shared)}" * bool(shared)
-            shared[key] = shared_values(model, tape, node, page_size, prefix)
+            shared[key] = _Shared(model, tape, node, page_size, prefix)
         shared[key].tape = tape
-        outputs = lower_one(node, shared[key])
+        outputs = _lower_one(node, tape, shared[key])
         replace_node(model, node, list(tape.nodes), outputs)
-        record_lowering(model, Lowering(node.name or "", "PagedAttention", form))
+        record_lowering(model, Lowering(node.name or "", "PagedAttention", FORM))
     return model
