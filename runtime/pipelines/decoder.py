@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -237,13 +237,18 @@ class DecoderPipelineModel(PipelineModel, KVCacheMixin):
         """Compute ``count`` tokens of each context from its ``start_idx``; next-token logits per row
         (in as many model calls as the KV strategy needs, see :mod:`.kv_binding`)."""
         logits = np.empty((len(rows), self.vocab_size), dtype=np.float32)
+        for _, outputs, order in self._grouped_calls(rows, commit=True):
+            logits[order] = outputs.next_token_logits
+        return logits
+
+    def _grouped_calls(self, rows: Sequence[tuple[TextContext, int]],
+                       commit: bool) -> Iterator[tuple[DecoderInputs, ModelOutputs, list[int]]]:
+        """One model call per group the KV strategy forms (:mod:`.kv_binding`): its inputs, its outputs, and for
+        each of its rows (in the call's order) the index of that row in ``rows``."""
         for group in self.kv.groups(rows):
             inputs = self.prepare_rows([rows[i][0] for i in group], [rows[i][1] for i in group])
-            out = self.execute(inputs).next_token_logits
-            row_of = {rows[i][0].request_id: i for i in group}
-            for row, request_id in enumerate(inputs.request_ids):
-                logits[row_of[request_id]] = out[row]
-        return logits
+            index_of = {rows[i][0].request_id: i for i in group}
+            yield inputs, self.execute(inputs, commit=commit), [index_of[r] for r in inputs.request_ids]
 
     # speculative decoding (runtime/speculative/) --------------------------------------------------
     def execute_rows_uncommitted(self, rows: Sequence[tuple[TextContext, int]],
@@ -256,13 +261,10 @@ class DecoderPipelineModel(PipelineModel, KVCacheMixin):
             raise ValueError("speculative decoding needs an artifact compiled with return_logits=ALL")
         logits: list[np.ndarray] = [np.empty(0)] * len(rows)
         calls = []
-        for group in self.kv.groups(rows):
-            inputs = self.prepare_rows([rows[i][0] for i in group], [rows[i][1] for i in group])
-            every = self.execute(inputs, commit=False).logits
-            row_of = {rows[i][0].request_id: i for i in group}
-            for row, request_id in enumerate(inputs.request_ids):
-                i, end = row_of[request_id], int(inputs.input_lengths[row])
-                logits[i] = every[row, end - num_logits[i]:end]
+        for inputs, outputs, order in self._grouped_calls(rows, commit=False):
+            for row, i in enumerate(order):
+                end = int(inputs.input_lengths[row])
+                logits[i] = outputs.logits[row, end - num_logits[i]:end]
             calls.append(inputs)
         return logits, calls
 

@@ -189,12 +189,10 @@ class PipelineRegistry:
         return tokenizer_factory, pipeline_factory
 
     def build_pipeline(self, model: ResolvedModel) -> Any:
-        """The pipeline of a resolved model: its session (on the configured device, else device 0 of the kind the
-        artifact was compiled for), pipeline model, tokenizer and pipeline class."""
+        """The pipeline of a resolved model: its pipeline model (:meth:`_pipeline_model`), tokenizer and pipeline
+        class (with the draft model of speculative decoding)."""
         architecture, config = model.architecture, model.pipeline_config
-        device = parse_device(config.device or runtime_of(model.artifact.manifest).get("device_kind", "cpu"))
-        session = InferenceSession([device], num_threads=config.num_threads, backends=self.backends)
-        pipeline_model = architecture.pipeline_model(config, session, resolved=model)
+        pipeline_model = self._pipeline_model(model)
         tokenizer = architecture.tokenizer(model.artifact.tokenizer_dir)
         extra = ({"context_validators": architecture.context_validators}
                  if architecture.task is PipelineTask.TEXT_GENERATION else {})
@@ -216,10 +214,15 @@ class PipelineRegistry:
             kv_cache_bytes=None, kv_cache_pages=None)
         source = ModelSource.resolve(draft_config.model_path)
         architecture = self._architecture_of(source, None, PipelineTask.TEXT_GENERATION)
-        model = self._resolve(draft_config, source, architecture)
-        device = parse_device(draft_config.device or runtime_of(model.artifact.manifest).get("device_kind", "cpu"))
-        session = InferenceSession([device], num_threads=draft_config.num_threads, backends=self.backends)
-        return architecture.pipeline_model(model.pipeline_config, session, resolved=model)
+        return self._pipeline_model(self._resolve(draft_config, source, architecture))
+
+    def _pipeline_model(self, model: ResolvedModel) -> Any:
+        """The resolved model's pipeline model, in a session on the configured device (else device 0 of the kind
+        the artifact was compiled for)."""
+        config = model.pipeline_config
+        device = parse_device(config.device or runtime_of(model.artifact.manifest).get("device_kind", "cpu"))
+        session = InferenceSession([device], num_threads=config.num_threads, backends=self.backends)
+        return model.architecture.pipeline_model(config, session, resolved=model)
 
     def retrieve(self, pipeline_config: PipelineConfig, task: PipelineTask | None = None,
                  override_architecture: str | None = None) -> tuple[Any, Any]:
