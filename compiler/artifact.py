@@ -77,6 +77,19 @@ class Artifact:
         that was only read, not verified)."""
         return _inside(self.path, self.manifest["ranks"][rank]["model"], "rank model")
 
+    def rank_stages(self, rank: int = 0) -> list[tuple[Path, list[dict[str, Any]]]]:
+        """A tensor-parallel rank's stage models, each with the collectives that run after it (one stage, the rank's
+        model, with none, for an artifact that was not cut: ``compiler/passes/cut_at_collectives.py``)."""
+        entry = self.manifest["ranks"][rank]
+        stages = entry.get("stages") or [{"model": entry["model"], "collectives_after": []}]
+        return [(_inside(self.path, stage["model"], "stage model"), list(stage.get("collectives_after", [])))
+                for stage in stages]
+
+    @property
+    def world_size(self) -> int:
+        """The ranks the model is split over (1: not split)."""
+        return int(self.manifest.get("tensor_parallel", {}).get("world_size", 1))
+
     @property
     def tokenizer_dir(self) -> Path:
         return self.path / "tokenizer"
@@ -189,10 +202,14 @@ def _check_paths(directory: Path, manifest: dict[str, Any]) -> None:
                                 f"sha256 of a file of the artifact")
     for rank in ranks:
         model = rank.get("model") if isinstance(rank, dict) else None
-        _inside(directory, model, "rank model")
-        if model not in files:
-            raise ArtifactError(f"artifact {directory}: rank model {model!r} is not among the files the manifest "
-                                f"verifies")
+        stages = rank.get("stages", []) if isinstance(rank, dict) else []
+        if not isinstance(stages, list) or not all(isinstance(stage, dict) for stage in stages):
+            raise ArtifactError(f"artifact {directory}: the manifest's stages of a rank are not a list of tables")
+        for rel, what in [(model, "rank model")] + [(stage.get("model"), "stage model") for stage in stages]:
+            _inside(directory, rel, what)
+            if rel not in files:
+                raise ArtifactError(f"artifact {directory}: {what} {rel!r} is not among the files the manifest "
+                                    f"verifies")
     engines = manifest.get(ENGINES, {})
     if not isinstance(engines, dict):
         raise ArtifactError(f"artifact {directory}: the manifest's {ENGINES} is not a table")

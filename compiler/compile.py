@@ -6,7 +6,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -24,6 +24,7 @@ from .artifact import Artifact, write_artifact
 from .compile_progress import CompileProgress
 from .engine_files import engine_key_material, installed_tensorrt_version
 from .graph_runner import GraphRunner
+from .passes.cut_at_collectives import Stage, cut_at_collectives, has_collectives
 from .passes.lowering_record import summarize
 from .targets import get_target
 
@@ -47,11 +48,16 @@ class CompileOptions:
     kv_cache_bit_width: int = 0
     # PAGED: tokens per page (the granularity of allocation and of prefix sharing).
     kv_cache_page_size: int = DEFAULT_PAGE_SIZE
+    # Decoders: split over this many ranks (one graph per rank, cut into stages at its collectives for a target
+    # with none in its graphs: DESIGN.md, distribution).
+    tensor_parallel: int = 1
 
-    def graph_options(self) -> GraphOptions:
-        """What the architecture's graph builder is asked for (the rest is the compiler's own business)."""
+    def graph_options(self, rank: int = 0) -> GraphOptions:
+        """What the architecture's graph builder is asked for (the rest is the compiler's own business): the graph
+        of rank ``rank``."""
         return GraphOptions(return_logits=self.return_logits, kv_cache_strategy=KVCacheStrategy(self.kv_cache_strategy),
-                            kv_cache_page_size=self.kv_cache_page_size, pooling=self.pooling, normalize=self.normalize)
+                            kv_cache_page_size=self.kv_cache_page_size, pooling=self.pooling, normalize=self.normalize,
+                            tensor_parallel=self.tensor_parallel, rank=rank)
 
     def to_json(self) -> dict[str, str]:
         return {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(self).items()}
@@ -66,6 +72,14 @@ class CompileOptions:
         if self.encoding not in target.encodings:
             raise ValueError(f"target {target.name} does not support encoding {self.encoding!r}; "
                              f"supported: {', '.join(target.encodings)}")
+        if not isinstance(self.tensor_parallel, int) or self.tensor_parallel < 1:
+            raise ValueError(f"tensor_parallel must be a positive number of ranks, not {self.tensor_parallel!r}")
+        if self.tensor_parallel > 1 and target.runtime not in TENSOR_PARALLEL_RUNTIMES:
+            raise ValueError(f"tensor parallelism runs its ranks on {', '.join(TENSOR_PARALLEL_RUNTIMES)} in this "
+                             f"version; target {target.name} ({target.runtime}) compiles for one device")
+        if self.tensor_parallel > 1 and self.kv_cache_bit_width:
+            raise ValueError("an integer KV cache is calibrated on one device; it cannot be combined with "
+                             "tensor_parallel > 1")
         if self.kv_cache_bit_width:
             from .passes.lower_attention_gqa import kv_cache_bit_widths
 
@@ -76,6 +90,11 @@ class CompileOptions:
             if self.kv_cache_strategy is not KVCacheStrategy.CONTINUOUS:
                 raise ValueError(f"a {self.kv_cache_bit_width}-bit KV cache needs the continuous KV cache strategy, "
                                  f"not {self.kv_cache_strategy.value}")
+
+
+#: Runtime backends whose ranks run a stage-cut graph (they load each stage file; the communicator runs the
+#: collectives between them on host arrays).
+TENSOR_PARALLEL_RUNTIMES = ("onnxruntime-cpu",)
 
 
 @functools.lru_cache(maxsize=1)
@@ -119,7 +138,8 @@ def compile_stage_count(options: CompileOptions, before: int = 0) -> int:
     """The stages :func:`compile_graph` counts for ``options`` (lowering passes, calibration, writing), plus
     ``before`` of the caller's own."""
     target = get_target(options.target)
-    return before + len(target.passes_for(options.encoding)) + bool(options.kv_cache_bit_width) + 1
+    passes = len(target.passes_for(options.encoding)) * options.tensor_parallel
+    return before + passes + bool(options.kv_cache_bit_width) + 1
 
 
 def describe_values(values) -> list[dict[str, Any]]:
@@ -127,18 +147,22 @@ def describe_values(values) -> list[dict[str, Any]]:
              "shape": [d if isinstance(d, int) else str(d) for d in (v.shape or [])]} for v in values]
 
 
-def compile_graph(graph: ir.Model, output_dir: str | Path, options: CompileOptions, manifest: dict[str, Any],
-                  write_extra_files: Callable[[Path], None] | None = None,
+def compile_graph(graph: ir.Model | Sequence[ir.Model], output_dir: str | Path, options: CompileOptions,
+                  manifest: dict[str, Any], write_extra_files: Callable[[Path], None] | None = None,
                   calibration_tokens: tuple[list[np.ndarray], str] | None = None,
                   runner: GraphRunner | None = None, progress: CompileProgress | None = None) -> Artifact:
     """Lower ``graph`` for ``options.target`` and write the artifact to ``output_dir`` (atomically).
 
-    ``calibration_tokens`` (rows of ids, where they came from) calibrate an integer KV cache; without them it is
-    calibrated on random ids of the manifest's vocabulary. ``runner`` runs the float model for that calibration
-    (a runtime backend, passed down by the caller: the compiler does not import the runtime). ``progress`` counts
-    the stages (:func:`compile_stage_count`); a caller that did work before (reading the checkpoint) passes its own,
-    else one is made here."""
+    ``graph`` is one graph, or one per rank (``options.tensor_parallel`` of them, each with its collectives: they
+    are cut into stages, ``rank<N>/stage<K>/``). ``calibration_tokens`` (rows of ids, where they came from)
+    calibrate an integer KV cache; without them it is calibrated on random ids of the manifest's vocabulary.
+    ``runner`` runs the float model for that calibration (a runtime backend, passed down by the caller: the compiler
+    does not import the runtime). ``progress`` counts the stages (:func:`compile_stage_count`); a caller that did
+    work before (reading the checkpoint) passes its own, else one is made here."""
     options.validate()
+    graphs = [graph] if isinstance(graph, ir.Model) else list(graph)
+    if len(graphs) != options.tensor_parallel:
+        raise ValueError(f"{len(graphs)} rank graph(s) for tensor_parallel {options.tensor_parallel}")
     if options.kv_cache_bit_width and runner is None:  # before the lowering, not after it
         raise ValueError(f"a {options.kv_cache_bit_width}-bit KV cache is calibrated by running the float model: "
                          f"pass a runtime backend to run it (runner=)")
@@ -146,22 +170,29 @@ def compile_graph(graph: ir.Model, output_dir: str | Path, options: CompileOptio
     start = time.perf_counter()
     if progress is None:
         with CompileProgress(compile_stage_count(options)) as own:
-            return compile_graph(graph, output_dir, options, manifest, write_extra_files, calibration_tokens,
+            return compile_graph(graphs, output_dir, options, manifest, write_extra_files, calibration_tokens,
                                  runner, own)
-    lowered = target.lower(graph, options.encoding, progress)
+    lowered = [target.lower(rank_graph, options.encoding, progress) for rank_graph in graphs]
     if options.kv_cache_bit_width:
         with progress.stage("calibrating the KV cache"):
-            lowered, manifest = _quantize_kv_cache(lowered, options, manifest, calibration_tokens, runner)
-    manifest = _kv_dtype_of_graph(lowered, manifest)
-    total_bytes = sum(v.const_value.nbytes for v in lowered.graph.initializers.values() if v.const_value is not None)
+            lowered[0], manifest = _quantize_kv_cache(lowered[0], options, manifest, calibration_tokens, runner)
+    manifest = _kv_of_graph(lowered[0], manifest)
+    total_bytes = sum(v.const_value.nbytes for model in lowered for v in model.graph.initializers.values()
+                      if v.const_value is not None)
+    described = {"inputs": describe_values(lowered[0].graph.inputs), "outputs": describe_values(lowered[0].graph.outputs)}
+    lowerings = [lowering.to_json() for lowering in summarize(lowered[0])]
+    staged = options.tensor_parallel > 1 and any(has_collectives(model) for model in lowered)
+    ranks: list[Any] = [cut_at_collectives(model) if staged else model for model in lowered]
 
     def populate(tmp: Path) -> dict[str, Any]:
         if write_extra_files is not None:
             write_extra_files(tmp)
+        entries = []
         with tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"writing {target.name} model",
                   disable=None, leave=False) as bar:
-            target.write(lowered, tmp / "rank0", bar.update)
-        return {
+            for rank, rank_model in enumerate(ranks):
+                entries.append(_write_rank(target, rank, rank_model, tmp, bar.update))
+        body = {
             **manifest,
             "ember_version": toolchain_versions()["ember"],
             "toolchain": toolchain_versions(),
@@ -169,12 +200,15 @@ def compile_graph(graph: ir.Model, output_dir: str | Path, options: CompileOptio
             "target": target.name,
             "session": dict(target.session),
             "runtime": target.runtime_block(),
-            "devices": [target.device_kind],
-            "ranks": [{"rank": 0, "device": target.device_kind, "model": "rank0/model.onnx"}],
-            "graph": {"inputs": describe_values(lowered.graph.inputs),
-                      "outputs": describe_values(lowered.graph.outputs)},
-            "lowerings": [lowering.to_json() for lowering in summarize(lowered)],
+            "devices": [target.device_kind] * len(ranks),
+            "ranks": entries,
+            "graph": described,
+            "lowerings": lowerings,
         }
+        if options.tensor_parallel > 1:
+            body["tensor_parallel"] = {"world_size": options.tensor_parallel, "communicator": "torch.distributed",
+                                       "backend": {"cpu": "gloo", "cuda": "nccl"}[target.device_kind]}
+        return body
 
     with progress.stage("writing"):
         artifact = write_artifact(Path(output_dir), populate)
@@ -183,18 +217,41 @@ def compile_graph(graph: ir.Model, output_dir: str | Path, options: CompileOptio
     return artifact
 
 
+def _write_rank(target: Any, rank: int, rank_model: ir.Model | list[Stage], tmp: Path,
+                progress: Callable[[int], None]) -> dict[str, Any]:
+    """Write one rank's model (or its stages, ``rank<N>/stage<K>/``) and give its entry of the manifest."""
+    entry: dict[str, Any] = {"rank": rank, "device": target.device_kind}
+    if isinstance(rank_model, ir.Model):
+        target.write(rank_model, tmp / f"rank{rank}", progress)
+        return {**entry, "model": f"rank{rank}/model.onnx"}
+    stages = []
+    for index, stage in enumerate(rank_model):
+        folder = f"rank{rank}/stage{index:03d}"
+        target.write(stage.model, tmp / folder, progress)
+        stages.append({"model": f"{folder}/model.onnx",
+                       "collectives_after": [c.to_json() for c in stage.collectives_after]})
+    return {**entry, "model": stages[0]["model"], "stages": stages}
+
+
 _CACHE_INPUT_PREFIXES = ("past_key_values.", "key_cache.")
 
 
-def _kv_dtype_of_graph(lowered: ir.Model, manifest: dict[str, Any]) -> dict[str, Any]:
-    """The manifest's ``kv_params.dtype`` set to what the lowered graph's cache inputs are (float16 after a half
-    conversion, int8 after KV quantization): the runtime allocates the buffers the kernel reads and writes."""
+def _kv_of_graph(lowered: ir.Model, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's ``kv_params`` set to what the lowered graph's cache inputs are: their dtype (float16 after a
+    half conversion, int8 after KV quantization) and KV heads (a tensor-parallel rank's share): the runtime
+    allocates the buffers the kernel reads and writes."""
     if "kv_params" not in manifest:
         return manifest
     cache = next((v for v in lowered.graph.inputs if v.name.startswith(_CACHE_INPUT_PREFIXES)), None)
     if cache is None or cache.dtype is None:
         return manifest
-    return {**manifest, "kv_params": {**manifest["kv_params"], "dtype": _numpy_name(cache.dtype)}}
+    kv = {**manifest["kv_params"], "dtype": _numpy_name(cache.dtype)}
+    # [batch, heads, length, head_dim] (continuous), [rows, heads, head_dim] or [pages, page_size, heads, head_dim]
+    axis = 1 if cache.name.startswith("past_key_values.") or len(cache.shape or ()) == 3 else 2
+    heads = cache.shape[axis] if cache.shape is not None and len(cache.shape) > axis else None
+    if isinstance(heads, int):
+        kv["n_kv_heads"] = heads
+    return {**manifest, "kv_params": kv}
 
 
 def _numpy_name(dtype: ir.DataType) -> str:
@@ -220,4 +277,4 @@ def _quantize_kv_cache(lowered: ir.Model, options: CompileOptions, manifest: dic
     lowered, summary = calibrate_kv_cache(lowered, options.kv_cache_bit_width, tokens, runner=runner,
                                           vocab_size=limits.get("vocab_size"), token_source=source,
                                           max_tokens=limits.get("max_position_embeddings"))
-    return lowered, {**manifest, "kv_cache_quantization": summary}  # kv_params.dtype: _kv_dtype_of_graph
+    return lowered, {**manifest, "kv_cache_quantization": summary}  # kv_params.dtype: _kv_of_graph

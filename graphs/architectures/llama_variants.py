@@ -19,6 +19,7 @@ from ..options import GraphOptions
 from ..weights.adapter import AdaptedWeights, WeightRule
 from .llama.config import check_checkpoint as check_llama_checkpoint
 from .llama.spec import decoder_weight_bytes, llama_spec
+from .decoder_graph import build_decoder_graph
 from .spec import ArchitectureSpec
 from .weight_bytes import FLOAT32
 
@@ -34,7 +35,7 @@ def variant_spec(name: str, architecture: str, *, config_from_hf: Callable[[Any]
     to Llama's tensors; Llama's everything else."""
 
     def build_graph(config: Any, weights: AdaptedWeights, options: GraphOptions) -> ir.Model:
-        return build_transformer(config, weights, options).build(config.architecture)
+        return build_decoder_graph(build_transformer(config, weights, options), options, config.architecture)
 
     def check_checkpoint(config: Any, weights: AdaptedWeights) -> None:
         check_variant_checkpoint(config, weights, layer_norms, getattr(config, norm_field), norm_field)

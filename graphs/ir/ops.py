@@ -204,8 +204,18 @@ def equal(a: ir.Value, b: ir.Value) -> ir.Value:
     return _node("Equal", [a, b], BOOL, _broadcast(dims(a), dims(b)))
 
 
+def less(a: ir.Value, b: ir.Value) -> ir.Value:
+    if a.dtype != b.dtype:
+        raise TypeError(f"Less: dtypes differ ({a.dtype} vs {b.dtype})")
+    return _node("Less", [a, b], BOOL, _broadcast(dims(a), dims(b)))
+
+
 def not_(x: ir.Value) -> ir.Value:
     return _node("Not", [x], BOOL, dims(x))
+
+
+def and_(a: ir.Value, b: ir.Value) -> ir.Value:
+    return _node("And", [a, b], BOOL, _broadcast(dims(a), dims(b)))
 
 
 def where(condition: ir.Value, a: ir.Value, b: ir.Value) -> ir.Value:

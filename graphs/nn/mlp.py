@@ -23,6 +23,7 @@ class MLP(Layer):
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation {activation!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+        self.activation_name = activation
         self.activation = ACTIVATIONS[activation]
 
     def __call__(self, x: ir.Value) -> ir.Value:

@@ -86,9 +86,13 @@ class Transformer:
     def __init__(self, dim: int, n_heads: int, layers: Sequence[TransformerBlock], norm: RMSNorm,
                  output: Linear | TiedOutput, embedding: Embedding, kv_params: KVCacheParams,
                  rope: RotaryEmbedding | None, return_logits: ReturnLogits = ReturnLogits.LAST_TOKEN,
-                 logit_softcap: float = 0.0):
+                 logit_softcap: float = 0.0, use_subgraphs: bool = False,
+                 subgraph_layer_groups: Sequence[Sequence[int]] | None = None):
         """``logit_softcap`` > 0 bounds the logits to ``cap * tanh(logits / cap)`` (Gemma 2's
-        ``final_logit_softcapping``); it is part of the model, so the runtime's sampling sees capped logits."""
+        ``final_logit_softcapping``); it is part of the model, so the runtime's sampling sees capped logits.
+        ``use_subgraphs``: each group of identical blocks (``subgraph_layer_groups``, or every set of structurally
+        identical blocks) is emitted once, as an ONNX model-local function called per layer
+        (:mod:`ember.graphs.ir.subgraphs`)."""
         if logit_softcap < 0:
             raise ValueError(f"logit_softcap must not be negative (0: none), not {logit_softcap}")
         self.dim, self.n_heads = dim, n_heads
@@ -97,6 +101,8 @@ class Transformer:
         self.kv_params, self.rope = kv_params, rope
         self.return_logits = ReturnLogits(return_logits)
         self.logit_softcap = logit_softcap
+        self.use_subgraphs = use_subgraphs
+        self.subgraph_layer_groups = subgraph_layer_groups
 
     @property
     def paged(self) -> bool:

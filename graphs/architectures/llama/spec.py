@@ -10,6 +10,7 @@ import onnx_ir as ir
 from ...nn.kv_cache import KVCacheParams, KVCacheStrategy
 from ...options import GraphOptions
 from ...weights.adapter import AdaptedWeights
+from ..decoder_graph import build_decoder_graph
 from ..spec import ArchitectureSpec
 from ..weight_bytes import FLOAT32, matrix_bytes
 from .config import ARCHITECTURES, GGUF_ARCHITECTURES, LlamaArchConfig, check_checkpoint, check_config_json, \
@@ -20,8 +21,8 @@ from .weights import SAFETENSORS_RULES, gguf_rules
 
 def build_graph(config: LlamaArchConfig, weights: AdaptedWeights, options: GraphOptions) -> ir.Model:
     """The high-level graph: standard ops plus ``ember.CachedAttention`` (CONTINUOUS) or ``ember.PagedAttention``."""
-    return build_transformer(config, weights, options.return_logits, options.kv_cache_strategy,
-                             options.kv_cache_page_size).build(config.architecture)
+    return build_decoder_graph(build_transformer(config, weights, options.return_logits, options.kv_cache_strategy,
+                                                 options.kv_cache_page_size), options, config.architecture)
 
 
 def decoder_kv_params(config: Any, strategy: KVCacheStrategy, dtype: str, page_size: int) -> KVCacheParams:

@@ -10,11 +10,13 @@ import onnx.defs
 from onnx.reference.op_run import OpRun
 
 from . import attention as _attention
+from . import collectives as _collectives
 from . import paged_attention as _paged_attention
 from .attention import attention, attention_reference
+from .collectives import all_gather, all_gather_reference, all_reduce, all_reduce_reference
 from .paged_attention import paged_attention, paged_attention_reference
 
-SCHEMAS = [_attention.SCHEMA, _paged_attention.SCHEMA]
+SCHEMAS = [_attention.SCHEMA, _paged_attention.SCHEMA, *_collectives.SCHEMAS]
 
 for _schema in SCHEMAS:
     if not onnx.defs.has(_schema.name, _schema.domain):
@@ -42,9 +44,10 @@ _PagedAttentionOp.__name__ = "PagedAttention"
 
 
 def reference_evaluator_ops() -> list[type[OpRun]]:
-    """``new_ops`` for ``onnx.reference.ReferenceEvaluator`` covering every ember op."""
+    """``new_ops`` for ``onnx.reference.ReferenceEvaluator`` covering every single-graph ember op (a collective's
+    meaning needs every rank's input: :mod:`.collectives` has their references, over a list of rank inputs)."""
     return [_AttentionOp, _PagedAttentionOp]
 
 
-__all__ = ["SCHEMAS", "attention", "attention_reference", "paged_attention", "paged_attention_reference",
-           "reference_evaluator_ops"]
+__all__ = ["SCHEMAS", "all_gather", "all_gather_reference", "all_reduce", "all_reduce_reference", "attention",
+           "attention_reference", "paged_attention", "paged_attention_reference", "reference_evaluator_ops"]
