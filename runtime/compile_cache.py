@@ -115,9 +115,9 @@ def compile_options(pipeline_config: PipelineConfig, architecture: "SupportedArc
     options = CompileOptions(target=pipeline_config.target, encoding=encoding, kv_cache_strategy=strategy,
                              return_logits=pipeline_config.return_logits,
                              kv_cache_bit_width=pipeline_config.kv_cache_bit_width, kv_cache_page_size=page_size,
-                             **extra)
-    if options.kv_cache_bit_width:
-        options.validate()  # an unsupported width fails before the graph is built and calibrated
+                             tensor_parallel=pipeline_config.tensor_parallel, **extra)
+    if options.kv_cache_bit_width or options.tensor_parallel > 1:
+        options.validate()  # an unsupported width or split fails before the graph is built
     return options
 
 
@@ -202,10 +202,14 @@ def compile_source(source: ModelSource, architecture: "SupportedArchitecture", o
     weights = spec.adapt(arch_config, source.open_weights(), source.weights_format.value,
                          {WeightsFormat(f).value: rules for f, rules in architecture.weight_adapters.items()})
     spec.check_checkpoint(arch_config, weights)
+    if options.tensor_parallel > 1 and spec.kv_params(arch_config, KVCacheStrategy.CONTINUOUS, "float32", 1) is None:
+        raise ValueError(f"tensor parallelism splits decoders; {architecture.name} has no KV cache (run it with "
+                         f"tensor_parallel=1)")
     progress = CompileProgress(compile_stage_count(options, before=1), f"compiling {source.path.name}")
     with progress:  # the bar closes whatever happens
         with progress.stage("reading the weights into the graph"):
-            graph = spec.build_graph(arch_config, weights, options.graph_options())
+            graph = [spec.build_graph(arch_config, weights, options.graph_options(rank))
+                     for rank in range(options.tensor_parallel)]
         return _lower_and_write(graph, source, architecture, options, directory, sha, hf_config, arch_config,
                                 progress)
 

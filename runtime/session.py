@@ -87,6 +87,10 @@ class InferenceSession:
         if kind not in {d.kind for d in self.devices}:
             raise ValueError(f"artifact {artifact.path} was compiled for {kind} devices; this session has "
                              f"{', '.join(map(str, self.devices))}")
+        if artifact.world_size > 1:  # rank 0 of a tensor-parallel group: the other ranks start and follow it
+            from .distributed.group import load_tensor_parallel
+
+            return load_tensor_parallel(artifact, self.backend(artifact.manifest), self.num_threads)
         return self.backend(artifact.manifest).load(artifact, rank)
 
     def backend(self, manifest: dict[str, Any]) -> RuntimeBackend:

@@ -17,6 +17,7 @@ import sys
 
 from .cli_options import (EXIT_RUNTIME_ERROR, EXIT_USAGE, EmberArgumentParser, UsageError,
                           add_kv_cache_bit_width, add_kv_cache_options, add_device_option, add_model_options, add_run_options,
+                          add_tensor_parallel,
                           add_sampling_options, add_speculative_options, add_threads, encoding_list, eprint, kv_cache_config, lazy_choice,
                           non_negative, placement, positive, positive_list, sampling_params, speculative_config, version)
 from .models_cli import add_commands as add_model_commands
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-strategy", type=lazy_choice("kv cache strategy"), default=None,
                    help="continuous or paged (default: the first the encoding supports)")
     add_kv_cache_bit_width(p)
+    add_tensor_parallel(p)
     p.add_argument("--force", action="store_true", help="recompile even if cached; replace an artifact in DIR")
     p.add_argument("--no-verify", action="store_true",
                    help="do not measure a quantized artifact's accuracy against the float32 build (by default the "
@@ -198,7 +200,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     result = compile_model(args.model, args.output, target=args.target, device=args.device, encoding=args.encoding,
                            kv_cache_strategy=args.kv_cache_strategy, max_length=args.max_length, force=args.force,
-                           kv_cache_bit_width=args.kv_cache_bit_width or 0, verify=not args.no_verify)
+                           kv_cache_bit_width=args.kv_cache_bit_width or 0, verify=not args.no_verify,
+                           tensor_parallel=args.tensor_parallel)
     if result.compiled:
         eprint(f"compiled {result.architecture} for {args.target} in {result.seconds:.2f} s")
     else:
@@ -311,6 +314,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 # entry point ------------------------------------------------------------------------------------------
+def _torchrun_follower(argv: list[str]) -> bool:
+    """Whether this process is a rank above 0 that torchrun started for a tensor-parallel command (every rank runs
+    the same command line; rank 0 runs it, the others serve rank 0's steps)."""
+    asks = any(a in ("--tensor-parallel", "-tp") or a.startswith("--tensor-parallel=") for a in argv)
+    return asks and os.environ.get("RANK", "0") != "0" and "WORLD_SIZE" in os.environ
+
+
 def _configure_logging(verbosity: int) -> None:
     level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -334,6 +344,13 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if _torchrun_follower(argv):  # a rank above 0 under torchrun: follow rank 0, which runs the command
+        from ember.runtime.distributed.group import serve_from_environment
+
+        _configure_logging(0)
+        serve_from_environment()
+        return 0
     parser = build_parser()
     args = parser.parse_args(argv)
     verbosity = getattr(args, "verbose", 0) + args.verbose_global

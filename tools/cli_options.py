@@ -215,13 +215,22 @@ def add_run_options(parser: argparse.ArgumentParser, handler: Callable[[argparse
         parser.add_argument("--target", type=lazy_choice("target"), default=None,
                             help="compile target (default: ort-cpu; an artifact's own; `ember list` shows them)")
     add_device_option(parser)
+    add_tensor_parallel(parser)
     add_threads(parser)
     parser.set_defaults(handler=handler)
 
 
+def add_tensor_parallel(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tensor-parallel", "-tp", type=positive, default=1, metavar="N",
+                        help="split the model over N ranks (processes on this machine joined by torch.distributed, "
+                             "or the ranks torchrun started; needs torch: pip install 'ember[distributed]')")
+
+
 def placement(args: argparse.Namespace) -> dict:
-    """The PipelineConfig fields of ``--target`` / ``--device`` (a target left unset asks nothing of an artifact)."""
-    return {"target": args.target or "ort-cpu", "device": args.device}
+    """The PipelineConfig fields of ``--target`` / ``--device`` / ``--tensor-parallel`` (a target left unset asks
+    nothing of an artifact)."""
+    return {"target": args.target or "ort-cpu", "device": args.device,
+            "tensor_parallel": getattr(args, "tensor_parallel", 1)}
 
 
 def version() -> str:

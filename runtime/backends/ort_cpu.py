@@ -132,11 +132,16 @@ class OrtCpuBackend(RuntimeBackend):
                                     disabled_optimizers=list(self.settings.get("disabled_optimizers", [])))
 
     def load(self, artifact: "Artifact", rank: int = 0) -> OrtCpuModel:
+        model = self.load_file(artifact.rank_model(rank))
+        logger.info("loaded %s (rank %d) in %.2f s with %d threads", artifact.path, rank, model.load_seconds,
+                    self.num_threads)
+        return model
+
+    def load_file(self, model_path: Path) -> OrtCpuModel:
+        """One model file of a verified artifact (a tensor-parallel rank's stage: ``runtime/distributed/``)."""
         start = time.perf_counter()
-        session = self._session(artifact.rank_model(rank))
-        seconds = time.perf_counter() - start
-        logger.info("loaded %s (rank %d) in %.2f s with %d threads", artifact.path, rank, seconds, self.num_threads)
-        return OrtCpuModel(self, session, seconds)
+        session = self._session(model_path)
+        return OrtCpuModel(self, session, time.perf_counter() - start)
 
     def available_memory(self) -> int:
         return psutil.virtual_memory().available // 2

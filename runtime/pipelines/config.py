@@ -86,6 +86,9 @@ class PipelineConfig:
     num_speculative_tokens: int = 4
     draft_model_path: str | Path | None = None
     speculative_adaptive: bool = True
+    # Tensor parallelism (runtime/distributed/): the decoder split over this many ranks, each a process on this
+    # machine (or started by torchrun across hosts), joined by torch.distributed.
+    tensor_parallel: int = 1
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -111,6 +114,8 @@ class PipelineConfig:
             raise ValueError(f"kv_cache_pages must be positive, got {self.kv_cache_pages}")
         if self.max_batch_size is not None and self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be positive, got {self.max_batch_size}")
+        if not isinstance(self.tensor_parallel, int) or self.tensor_parallel < 1:
+            raise ValueError(f"tensor_parallel must be a positive number of ranks, got {self.tensor_parallel!r}")
         self._check_speculative()
 
     def _check_speculative(self) -> None:

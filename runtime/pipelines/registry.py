@@ -63,9 +63,12 @@ def check_asked_of_artifact(pipeline_config: PipelineConfig, artifact: Artifact)
         asked["kv_cache_page_size"] = pipeline_config.kv_cache_page_size
     if pipeline_config.target != "ort-cpu":  # the default: any artifact's target is fine when none is asked
         asked["target"] = pipeline_config.target
+    if pipeline_config.tensor_parallel != 1:  # the default: an artifact runs over the ranks it was split for
+        asked["tensor_parallel"] = pipeline_config.tensor_parallel
     has = {"encoding": manifest.get("encoding"), "kv_cache_strategy": manifest.get("kv_cache_strategy"),
            "kv_cache_bit_width": options.get("kv_cache_bit_width", 0),
-           "kv_cache_page_size": options.get("kv_cache_page_size"), "target": manifest.get("target")}
+           "kv_cache_page_size": options.get("kv_cache_page_size"), "target": manifest.get("target"),
+           "tensor_parallel": artifact.world_size}
     for name, value in asked.items():
         value = getattr(value, "value", value)
         if value is not None and value != has[name]:

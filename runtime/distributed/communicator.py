@@ -1,0 +1,153 @@
+"""The communicator: the collectives of a step between a tensor-parallel model's ranks (DESIGN.md: distribution).
+
+:class:`Communicator` is what a rank's stage runner (``staged_model.py``) needs: a sum and a gather over numpy
+arrays, in place where it can be. :class:`TorchDistributedCommunicator` is the one implementation: torch.distributed
+(gloo on CPU; NCCL is its GPU backend, chosen by ``backend``), started from an ``init_method`` (the ranks this
+process spawned) or torchrun's environment. ember writes no transport of its own.
+
+Failure: a collective that cannot complete raises :class:`RankFailure` within the group's timeout (30 s by
+default): a rank that died closes its connections and the others fail at once; a rank that hangs is waited for until
+the timeout. Either way the message names the rank where it can be found: ``monitored_barrier`` (gloo) names the
+ranks that did not reach it.
+"""
+from __future__ import annotations
+
+import abc
+import logging
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+INSTALL_HINT = "tensor parallelism needs torch: pip install 'ember[distributed]'"
+
+
+class RankFailure(RuntimeError):
+    """A rank died, hung past the timeout, or broke the group; the message names the rank when it is known."""
+
+    def __init__(self, message: str, rank: int | None = None):
+        super().__init__(message)
+        self.rank = rank
+
+
+@dataclass
+class CollectiveStats:
+    """Per op (``all_reduce``, ``all_gather``, ``broadcast``): calls, payload bytes this rank put in, seconds inside."""
+
+    calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    bytes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+    def record(self, op: str, nbytes: int, seconds: float) -> None:
+        self.calls[op] += 1
+        self.bytes[op] += int(nbytes)
+        self.seconds[op] += seconds
+
+    def reset(self) -> None:
+        self.calls.clear()
+        self.bytes.clear()
+        self.seconds.clear()
+
+    def to_json(self) -> dict[str, dict[str, float]]:
+        return {op: {"calls": self.calls[op], "bytes": self.bytes[op], "seconds": self.seconds[op]}
+                for op in self.calls}
+
+
+class Communicator(abc.ABC):
+    """The collectives of a step, between ``world_size`` ranks (see the module docstring)."""
+
+    rank: int
+    world_size: int
+    stats: CollectiveStats
+
+    @abc.abstractmethod
+    def all_reduce(self, array: np.ndarray) -> None:
+        """Sum over the ranks, in place (a C-contiguous array of the same shape on every rank)."""
+
+    @abc.abstractmethod
+    def all_gather(self, array: np.ndarray, axis: int) -> np.ndarray:
+        """The ranks' arrays (the same shape on every rank) concatenated along ``axis`` in rank order."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Leave the group (idempotent)."""
+
+
+def _torch_distributed() -> Any:
+    try:
+        import torch
+        import torch.distributed as dist
+    except ImportError as error:
+        raise ImportError(INSTALL_HINT) from error
+    return torch, dist
+
+
+class TorchDistributedCommunicator(Communicator):
+    """torch.distributed's default process group (module docstring). ``timeout_s`` bounds every collective."""
+
+    def __init__(self, rank: int, world_size: int, init_method: str, timeout_s: float = 30.0,
+                 backend: str = "gloo"):
+        self.torch, self.dist = _torch_distributed()
+        self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
+        self.stats = CollectiveStats()
+        self._closed = False
+        self.dist.init_process_group(backend=backend, init_method=init_method, rank=rank, world_size=world_size,
+                                     timeout=timedelta(seconds=timeout_s))
+
+    @classmethod
+    def from_environment(cls, timeout_s: float = 30.0, backend: str = "gloo") -> "TorchDistributedCommunicator":
+        """The group torchrun's environment names (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``)."""
+        return cls(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), "env://", timeout_s, backend)
+
+    def _failure(self, error: BaseException) -> RankFailure:
+        """The failure of a collective, naming the rank that did not take part where gloo can tell."""
+        missing = None
+        try:
+            self.dist.monitored_barrier(timeout=timedelta(seconds=min(5.0, self.timeout_s)), wait_all_ranks=True)
+        except Exception as barrier_error:  # noqa: BLE001 - its message is what names the ranks
+            text = str(barrier_error)
+            ranks = [r for r in range(self.world_size) if r != self.rank and (f"rank {r}" in text.lower()
+                                                                            or f"ranks: {r}" in text.lower())]
+            missing = ranks[0] if ranks else (0 if self.rank != 0 else None)
+        who = f"rank {missing}" if missing is not None else "another rank"
+        return RankFailure(f"tensor-parallel rank {self.rank}: {who} of {self.world_size} failed or stopped "
+                           f"answering ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})",
+                           missing)
+
+    def _run(self, op: str, nbytes: int, call: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            result = call()
+        except Exception as error:  # noqa: BLE001 - gloo's errors are RuntimeErrors of several kinds
+            raise self._failure(error) from error
+        self.stats.record(op, nbytes, time.perf_counter() - start)
+        return result
+
+    def all_reduce(self, array: np.ndarray) -> None:
+        if not array.flags.c_contiguous or not array.flags.writeable:
+            raise ValueError("all_reduce works in place on a C-contiguous, writeable array")
+        tensor = self.torch.from_numpy(array)  # shares the array's memory: the sum lands in it
+        self._run("all_reduce", array.nbytes, lambda: self.dist.all_reduce(tensor))
+
+    def all_gather(self, array: np.ndarray, axis: int) -> np.ndarray:
+        array = np.ascontiguousarray(array)
+        parts = [self.torch.empty(array.shape, dtype=self.torch.from_numpy(array[:0]).dtype)
+                 for _ in range(self.world_size)]
+        self._run("all_gather", array.nbytes, lambda: self.dist.all_gather(parts, self.torch.from_numpy(array)))
+        return np.concatenate([p.numpy() for p in parts], axis=axis)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self.dist.is_initialized():
+                self.dist.destroy_process_group()
+        except Exception as error:  # noqa: BLE001 - leaving a broken group
+            logger.debug("destroying the process group: %s", error)

@@ -1,0 +1,121 @@
+"""One tensor-parallel rank's model: its stage graphs run in order, the collectives between them through the
+communicator (DESIGN.md: distribution).
+
+The compiler cut the rank's graph at its collectives (``compiler/passes/cut_at_collectives.py``); this puts the
+stages back together behind the one :class:`~ember.runtime.backends.LoadedModel` interface the decoder already
+drives. A graph input is bound to every stage that reads it, a long-lived buffer (a KV cache layer's pool, the
+logits) to the stage that reads or writes it; a value one stage makes and a later one reads stays on the host
+between them (the carried values: the residual stream, the rotary rows, the last token's index).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ember.compiler.passes.cut_at_collectives import Collective
+
+from ..backends.base import LoadedModel, RuntimeBackend
+from .communicator import Communicator
+
+if TYPE_CHECKING:
+    from ember.compiler.artifact import Artifact
+
+
+class StagedModel(LoadedModel):
+    """A rank's stages and the collectives after each (see the module docstring)."""
+
+    def __init__(self, backend: RuntimeBackend, stages: Sequence[tuple[LoadedModel, Sequence[Collective]]],
+                 communicator: Communicator, graph_outputs: Sequence[str], load_seconds: float = 0.0):
+        self.backend = backend
+        self.stages = [(model, list(collectives)) for model, collectives in stages]
+        self.communicator = communicator
+        self.load_seconds = load_seconds
+        made = {name for model, _ in self.stages for name in model.output_names}
+        made |= {c.output for _, collectives in self.stages for c in collectives}
+        self._carried_in = [[n for n in model.input_names if n in made] for model, _ in self.stages]
+        wanted = set(graph_outputs)
+        self._carried_out = [[n for n in model.output_names if n not in wanted] for model, _ in self.stages]
+        self.input_names = list(dict.fromkeys(n for model, _ in self.stages for n in model.input_names if n not in made))
+        self.output_names = [n for n in graph_outputs if any(n in model.output_names for model, _ in self.stages)]
+        self.collective_seconds = 0.0  # time inside collectives since construction (the benchmark's figure)
+
+    @classmethod
+    def load(cls, artifact: "Artifact", rank: int, backend: RuntimeBackend,
+             communicator: Communicator) -> "StagedModel":
+        """Rank ``rank``'s stages of a verified artifact, each loaded by ``backend`` (``load_file``)."""
+        start = time.perf_counter()
+        stages = [(backend.load_file(path), [Collective.from_json(c) for c in collectives])
+                  for path, collectives in artifact.rank_stages(rank)]
+        outputs = [value["name"] for value in artifact.manifest["graph"]["outputs"]]
+        return cls(backend, stages, communicator, outputs, time.perf_counter() - start)
+
+    # routing ------------------------------------------------------------------------------------------------
+    def _readers(self, name: str) -> list[LoadedModel]:
+        readers = [model for model, _ in self.stages if name in model.input_names]
+        if not readers:
+            raise KeyError(f"no stage of this rank's graph has an input {name!r}")
+        return readers
+
+    def _maker(self, name: str) -> LoadedModel:
+        for model, _ in self.stages:
+            if name in model.output_names:
+                return model
+        raise KeyError(f"no stage of this rank's graph makes an output {name!r}")
+
+    def input_dtype(self, name: str) -> np.dtype:
+        return self._readers(name)[0].input_dtype(name)
+
+    def bind_input(self, name: str, array: np.ndarray) -> None:
+        for model in self._readers(name):
+            model.bind_input(name, array)
+
+    def bind_buffer(self, name: str, view: Any, *, output: bool = False) -> None:
+        if output:
+            self._maker(name).bind_buffer(name, view, output=True)
+        else:
+            for model in self._readers(name):
+                model.bind_buffer(name, view)
+
+    def bind_output_to_host(self, name: str) -> None:
+        self._maker(name).bind_output_to_host(name)
+
+    def output(self, name: str) -> np.ndarray:
+        return self._maker(name).output(name)
+
+    # running ------------------------------------------------------------------------------------------------
+    def run(self) -> None:
+        """Every stage in order; after each, its collectives (every rank runs the same ones, in the same order)."""
+        values: dict[str, np.ndarray] = {}
+        for (model, collectives), carried_in, carried_out in zip(self.stages, self._carried_in, self._carried_out):
+            for name in carried_in:
+                model.bind_input(name, values[name])
+            for name in carried_out:  # rebound each run: an engine would reuse the last run's (shaped) output
+                model.bind_output_to_host(name)
+            model.run()
+            for name in carried_out:
+                values[name] = model.output(name)
+            if collectives:
+                start = time.perf_counter()
+                for collective in collectives:
+                    values[collective.output] = self._collect(collective, values[collective.input])
+                self.collective_seconds += time.perf_counter() - start
+
+    def _collect(self, collective: Collective, array: np.ndarray) -> np.ndarray:
+        if collective.op == "AllReduce":
+            array = np.ascontiguousarray(array)
+            self.communicator.all_reduce(array)
+            return array
+        if collective.op == "AllGather":
+            return self.communicator.all_gather(np.ascontiguousarray(array), int(collective.axis))
+        raise ValueError(f"unknown collective {collective.op!r} in the artifact")
+
+    def run_host(self, output_names: Sequence[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        for name, array in feeds.items():
+            self.bind_input(name, array)
+        for name in output_names:
+            self.bind_output_to_host(name)
+        self.run()
+        return [self.output(name).copy() for name in output_names]

@@ -1,0 +1,112 @@
+"""Tensor parallelism end to end: real rank processes joined by torch.distributed over gloo, against the
+single-process build of the same weights (logits within 1e-5 relative, greedy tokens identical), both KV cache
+strategies; the SmolLM2 split the issue names; counts that do not divide refused at compile time."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch.distributed", reason="tensor parallelism runs over torch.distributed (the test extra)")
+
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from ember.graphs.nn import KVCacheStrategy  # noqa: E402
+from ember.runtime.pipelines import PIPELINE_REGISTRY, PipelineConfig, ReturnLogits, SamplingParams  # noqa: E402
+from tests.reference.conftest import smollm2_path  # noqa: E402,F401 (fixture)
+from tests.reference.decode_loop import decode_steps  # noqa: E402
+from tests.reference.tiny_models import VOCAB, save_random_model  # noqa: E402
+
+RTOL = 1e-5
+PROMPTS = [[5, 17, 33, 2, 90, 41, 7], [11, 12, 13, 99, 140, 3, 60, 61, 62, 8, 9]]
+
+# Six heads so that 2 and 3 ranks both divide them; an intermediate size and a vocabulary neither divides (uneven MLP
+# slices, a padded vocabulary slice).
+SHAPES = {
+    # GQA (3 KV heads: 3 ranks get one each; 2 ranks: refused), untied head, q/k/v and o_proj bias
+    "gqa-bias": dict(num_attention_heads=6, num_key_value_heads=3, attention_bias=True, tie_word_embeddings=False),
+    # MQA (1 KV head, fewer than the ranks: copied to each), tied head
+    "mqa-tied": dict(num_attention_heads=6, num_key_value_heads=1, tie_word_embeddings=True),
+    # GQA with 2 KV heads (2 ranks: one each)
+    "gqa2": dict(num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=False),
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    made = {}
+
+    def get(shape: str):
+        if shape not in made:
+            directory = tmp_path_factory.mktemp(shape)
+            config = LlamaConfig(vocab_size=VOCAB, hidden_size=96, intermediate_size=100, num_hidden_layers=2,
+                                 head_dim=16, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
+                                 pad_token_id=0, **SHAPES[shape])
+            save_random_model(config, LlamaForCausalLM, directory, vector_std=0.1)
+            made[shape] = directory
+        return made[shape]
+    return get
+
+
+def _pipeline(directory, cache_dir, strategy: KVCacheStrategy, tensor_parallel: int):
+    config = PipelineConfig(model_path=directory, cache_dir=cache_dir, kv_cache_strategy=strategy, max_batch_size=4,
+                            return_logits=ReturnLogits.ALL, tensor_parallel=tensor_parallel, num_threads=1,
+                            kv_cache_bytes=64 << 20)
+    return PIPELINE_REGISTRY.retrieve(config)[1]
+
+
+def close(pipe) -> None:
+    group = getattr(pipe.pipeline_model.model, "group", None)
+    if group is not None:
+        group.close()
+
+
+@pytest.mark.parametrize("shape,world,strategy", [
+    ("gqa-bias", 3, KVCacheStrategy.PAGED),
+    ("gqa-bias", 3, KVCacheStrategy.CONTINUOUS),
+    ("mqa-tied", 2, KVCacheStrategy.CONTINUOUS),
+    ("mqa-tied", 3, KVCacheStrategy.PAGED),
+    ("gqa2", 2, KVCacheStrategy.PAGED),
+])
+def test_ranks_give_the_single_process_logits_and_tokens(checkpoint, tmp_path, shape, world, strategy):
+    directory = checkpoint(shape)
+    single = _pipeline(directory, tmp_path, strategy, 1)
+    split = _pipeline(directory, tmp_path, strategy, world)
+    try:
+        manifest = split.pipeline_model.artifact.manifest
+        assert manifest["tensor_parallel"]["world_size"] == world and len(manifest["ranks"]) == world
+        assert all(len(rank["stages"]) == 2 * 2 + 3 for rank in manifest["ranks"])
+        for prompt in PROMPTS:
+            tokens, steps, positions = decode_steps(split, prompt, 8)
+            want_tokens, want_steps, want_positions = decode_steps(single, prompt, 8)
+            scale = np.abs(want_positions).max()
+            np.testing.assert_allclose(positions, want_positions, rtol=RTOL, atol=RTOL * scale)
+            assert tokens == want_tokens
+        sampling = SamplingParams(max_new_tokens=12, ignore_eos=True)
+        assert split.generate_tokens(PROMPTS, sampling) == single.generate_tokens(PROMPTS, sampling)
+        assert split.pipeline_model.kv_manager.num_active == 0
+    finally:
+        close(split)
+
+
+def test_counts_that_do_not_divide_are_refused_at_compile_time(checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="6 attention heads do not divide into 4"):
+        _pipeline(checkpoint("gqa2"), tmp_path, KVCacheStrategy.PAGED, 4)
+    with pytest.raises(ValueError, match="3 KV heads neither divide into 2 parts"):
+        _pipeline(checkpoint("gqa-bias"), tmp_path, KVCacheStrategy.PAGED, 2)
+
+
+@pytest.mark.slow
+def test_smollm2_over_three_ranks_and_two_refused(smollm2_path, tmp_path):
+    prompt = list(range(400, 420))
+    sampling = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    config = dict(model_path=smollm2_path, cache_dir=tmp_path, encoding="float32", max_length=256, num_threads=1,
+                  kv_cache_strategy=KVCacheStrategy.PAGED)
+    with pytest.raises(ValueError, match="9 attention heads do not divide into 2"):
+        PIPELINE_REGISTRY.retrieve(PipelineConfig(**config, tensor_parallel=2))
+    split = PIPELINE_REGISTRY.retrieve(PipelineConfig(**config, tensor_parallel=3))[1]
+    try:
+        tokens = split.generate_tokens([prompt], sampling)
+    finally:
+        close(split)
+    single = PIPELINE_REGISTRY.retrieve(PipelineConfig(**config))[1]
+    assert tokens == single.generate_tokens([prompt], sampling)
