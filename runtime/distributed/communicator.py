@@ -7,14 +7,17 @@ process spawned) or torchrun's environment. ember writes no transport of its own
 
 Failure: a collective that cannot complete raises :class:`RankFailure` within the group's timeout (30 s by
 default): a rank that died closes its connections and the others fail at once; a rank that hangs is waited for until
-the timeout. Either way the message names the rank where it can be found: ``monitored_barrier`` (gloo) names the
-ranks that did not reach it.
+the timeout. Either way the message names the rank where it can be found: every rank beats once a second into the
+group's store (hosted by rank 0), and a rank whose beat stopped is the one named (gloo's own ``monitored_barrier``
+cannot tell after a timeout: the timed-out pair is closed); a rank that cannot reach the store names rank 0.
 """
 from __future__ import annotations
 
 import abc
 import logging
 import os
+import re
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -25,6 +28,8 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
+#: Seconds between a rank's heartbeats in the group's store (what names a rank that stopped).
+HEARTBEAT_S = 1.0
 INSTALL_HINT = "tensor parallelism needs torch: pip install 'ember[distributed]'"
 
 
@@ -92,33 +97,65 @@ class TorchDistributedCommunicator(Communicator):
     """torch.distributed's default process group (module docstring). ``timeout_s`` bounds every collective."""
 
     def __init__(self, rank: int, world_size: int, init_method: str, timeout_s: float = 30.0,
-                 backend: str = "gloo"):
+                 backend: str = "gloo", rendezvous_timeout_s: float = 120.0):
+        """``rendezvous_timeout_s`` bounds the wait for the other ranks to join (under torchrun, rank 0 joins after
+        it has compiled the model); ``timeout_s`` every collective after that (they run on their own group)."""
         self.torch, self.dist = _torch_distributed()
         self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
         self.stats = CollectiveStats()
         self._closed = False
         self.dist.init_process_group(backend=backend, init_method=init_method, rank=rank, world_size=world_size,
-                                     timeout=timedelta(seconds=timeout_s))
+                                     timeout=timedelta(seconds=max(timeout_s, rendezvous_timeout_s)))
+        self.group = self.dist.new_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        self._store = _get_default_store()
+        self._store.set(f"ember/heartbeat/{rank}", repr(time.time()))
+        threading.Thread(target=self._heartbeat, name="ember-heartbeat", daemon=True).start()
 
     @classmethod
-    def from_environment(cls, timeout_s: float = 30.0, backend: str = "gloo") -> "TorchDistributedCommunicator":
-        """The group torchrun's environment names (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``)."""
-        return cls(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), "env://", timeout_s, backend)
+    def from_environment(cls, timeout_s: float = 30.0, backend: str = "gloo",
+                         rendezvous_timeout_s: float = 3600.0) -> "TorchDistributedCommunicator":
+        """The group torchrun's environment names (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``); the
+        ranks above 0 wait up to an hour for rank 0, which compiles the model first when the cache has none."""
+        return cls(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), "env://", timeout_s, backend,
+                   rendezvous_timeout_s)
+
+    def _heartbeat(self) -> None:
+        """Every second, this rank's clock into the group's store: when a collective fails, the ranks whose beat
+        stopped (dead, or stopped as a whole: SIGSTOP, a debugger) are the ones to name."""
+        store = self._store
+        key = f"ember/heartbeat/{self.rank}"
+        while not self._closed:
+            try:
+                store.set(key, repr(time.time()))
+            except Exception:  # noqa: BLE001 - the store's host (rank 0) is gone: nothing left to tell
+                return
+            time.sleep(HEARTBEAT_S)
+
+    def _silent_ranks(self) -> list[int] | None:
+        """Ranks whose heartbeat is older than a few beats; None when the store cannot be read (rank 0 is gone)."""
+        now, silent = time.time(), []
+        try:
+            for rank in range(self.world_size):
+                if rank != self.rank and now - float(self._store.get(f"ember/heartbeat/{rank}")) > 3 * HEARTBEAT_S:
+                    silent.append(rank)
+        except Exception:  # noqa: BLE001 - the store lives in rank 0's process
+            return None
+        return silent
 
     def _failure(self, error: BaseException) -> RankFailure:
-        """The failure of a collective, naming the rank that did not take part where gloo can tell."""
-        missing = None
-        try:
-            self.dist.monitored_barrier(timeout=timedelta(seconds=min(5.0, self.timeout_s)), wait_all_ranks=True)
-        except Exception as barrier_error:  # noqa: BLE001 - its message is what names the ranks
-            text = str(barrier_error)
-            ranks = [r for r in range(self.world_size) if r != self.rank and (f"rank {r}" in text.lower()
-                                                                            or f"ranks: {r}" in text.lower())]
-            missing = ranks[0] if ranks else (0 if self.rank != 0 else None)
+        """The failure of a collective, naming the rank that stopped where the heartbeats tell."""
+        time.sleep(2 * HEARTBEAT_S)  # a rank that just died: let its beat age
+        silent = self._silent_ranks()
+        if silent is None:
+            missing = 0
+        else:
+            missing = silent[0] if silent else None
         who = f"rank {missing}" if missing is not None else "another rank"
+        first_line = str(error).splitlines()[0] if str(error) else ""
         return RankFailure(f"tensor-parallel rank {self.rank}: {who} of {self.world_size} failed or stopped "
-                           f"answering ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})",
-                           missing)
+                           f"answering ({type(error).__name__}: {first_line})", missing)
 
     def _run(self, op: str, nbytes: int, call: Any) -> Any:
         start = time.perf_counter()
@@ -133,13 +170,14 @@ class TorchDistributedCommunicator(Communicator):
         if not array.flags.c_contiguous or not array.flags.writeable:
             raise ValueError("all_reduce works in place on a C-contiguous, writeable array")
         tensor = self.torch.from_numpy(array)  # shares the array's memory: the sum lands in it
-        self._run("all_reduce", array.nbytes, lambda: self.dist.all_reduce(tensor))
+        self._run("all_reduce", array.nbytes, lambda: self.dist.all_reduce(tensor, group=self.group))
 
     def all_gather(self, array: np.ndarray, axis: int) -> np.ndarray:
         array = np.ascontiguousarray(array)
         parts = [self.torch.empty(array.shape, dtype=self.torch.from_numpy(array[:0]).dtype)
                  for _ in range(self.world_size)]
-        self._run("all_gather", array.nbytes, lambda: self.dist.all_gather(parts, self.torch.from_numpy(array)))
+        self._run("all_gather", array.nbytes, lambda: self.dist.all_gather(parts, self.torch.from_numpy(array),
+                                                                            group=self.group))
         return np.concatenate([p.numpy() for p in parts], axis=axis)
 
     def close(self) -> None:
