@@ -13,6 +13,7 @@ from ember.graphs.nn.kv_cache import KVCacheStrategy
 
 from ..compile_progress import CompileProgress, pass_name
 from ..passes.base import Pass
+from ..passes.inline_functions import inline_functions
 from ..passes.lowering_record import refuse_unlowered
 
 Progress = Callable[[int], None]
@@ -54,7 +55,9 @@ class Target:
         return self.passes + self.encoding_passes.get(encoding, ())
 
     def lower(self, model: ir.Model, encoding: str = "float32", progress: CompileProgress | None = None) -> ir.Model:
-        """Run the passes (each a stage of ``progress``), then refuse any custom op left unlowered."""
+        """Inline the blocks of a ``use_subgraphs`` graph, run the passes (each a stage of ``progress``), then refuse
+        any custom op left unlowered."""
+        model = inline_functions(model)
         for compiler_pass in self.passes_for(encoding):
             with progress.stage(f"lowering: {pass_name(compiler_pass)}") if progress else nullcontext():
                 model = compiler_pass(model)

@@ -29,6 +29,7 @@ import onnx_ir as ir
 
 from ..ir import ops
 from ..ir.graph import Graph, current_graph
+from ..ir.subgraphs import outline_layer_groups
 from .attention import Attention, PagedInputs
 from .embedding import Embedding
 from .kv_cache import KVCacheParams, KVCacheStrategy
@@ -145,7 +146,10 @@ class Transformer:
                 graph.add_output(present_key, key_name)
                 graph.add_output(present_value, value_name)
             graph.metadata["ember.return_logits"] = self.return_logits.value
-            return graph.to_model()
+            model = graph.to_model()
+        if self.use_subgraphs:
+            model = outline_layer_groups(model, self.subgraph_layer_groups)
+        return model
 
     def _capped(self, logits: ir.Value) -> ir.Value:
         if not self.logit_softcap:
