@@ -80,6 +80,11 @@ class Communicator(abc.ABC):
         """The ranks' arrays (the same shape on every rank) concatenated along ``axis`` in rank order."""
 
     @abc.abstractmethod
+    def silent_ranks(self) -> list[int] | None:
+        """The other ranks that stopped answering (dead or stopped), to name in an error; None when that cannot be
+        known (the place that keeps track is gone)."""
+
+    @abc.abstractmethod
     def close(self) -> None:
         """Leave the group (idempotent)."""
 
@@ -133,8 +138,10 @@ class TorchDistributedCommunicator(Communicator):
                 return
             time.sleep(HEARTBEAT_S)
 
-    def _silent_ranks(self) -> list[int] | None:
-        """Ranks whose heartbeat is older than a few beats; None when the store cannot be read (rank 0 is gone)."""
+    def silent_ranks(self) -> list[int] | None:
+        """Ranks whose heartbeat is older than a few beats (after waiting for two, so that a rank that just died
+        shows); None when the store cannot be read (it lives in rank 0's process: rank 0 is gone)."""
+        time.sleep(2 * HEARTBEAT_S)
         now, silent = time.time(), []
         try:
             for rank in range(self.world_size):
@@ -146,8 +153,7 @@ class TorchDistributedCommunicator(Communicator):
 
     def _failure(self, error: BaseException) -> RankFailure:
         """The failure of a collective, naming the rank that stopped where the heartbeats tell."""
-        time.sleep(2 * HEARTBEAT_S)  # a rank that just died: let its beat age
-        silent = self._silent_ranks()
+        silent = self.silent_ranks()
         if silent is None:
             missing = 0
         else:

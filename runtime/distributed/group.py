@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import weakref
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -92,10 +93,18 @@ class TensorParallelGroup:
         self.failed = error if isinstance(error, RankFailure) else RankFailure(self._who_failed(error))
 
     def _who_failed(self, error: BaseException) -> str:
-        dead = self.children.failed_ranks() if self.children is not None else {}
-        if dead:
-            rank, how = next(iter(dead.items()))
-            return f"tensor-parallel rank {rank} failed ({how}) : {error}"
+        """The failure's message, naming the rank: a child that exited (waited for a few seconds: a killed child is
+        reaped a moment after its connections close), else one whose heartbeat stopped."""
+        deadline = time.monotonic() + 3.0
+        while self.children is not None and time.monotonic() < deadline:
+            dead = self.children.failed_ranks()
+            if dead:
+                rank, how = next(iter(dead.items()))
+                return f"tensor-parallel rank {rank} failed ({how}): {error}"
+            time.sleep(0.1)
+        silent = self.communicator.silent_ranks()
+        if silent:
+            return f"tensor-parallel rank {silent[0]} stopped answering: {error}"
         return f"a tensor-parallel rank did not take the next step: {error}"
 
     def close(self) -> None:
