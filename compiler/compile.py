@@ -93,8 +93,9 @@ class CompileOptions:
 
 
 #: Runtime backends whose ranks run a stage-cut graph (they load each stage file; the communicator runs the
-#: collectives between them on host arrays).
-TENSOR_PARALLEL_RUNTIMES = ("onnxruntime-cpu",)
+#: collectives between them on host arrays: over gloo on a GPU too, the activations copied to the host and back at
+#: each collective; NCCL on device buffers is not written yet). TensorRT builds one engine per rank graph: not yet.
+TENSOR_PARALLEL_RUNTIMES = ("onnxruntime-cpu", "onnxruntime-cuda")
 
 
 @functools.lru_cache(maxsize=1)
@@ -160,12 +161,12 @@ def compile_graph(graph: ir.Model | Sequence[ir.Model], output_dir: str | Path, 
     does not import the runtime). ``progress`` counts the stages (:func:`compile_stage_count`); a caller that did
     work before (reading the checkpoint) passes its own, else one is made here."""
     options.validate()
-    graphs = [graph] if isinstance(graph, ir.Model) else list(graph)
-    if len(graphs) != options.tensor_parallel:
-        raise ValueError(f"{len(graphs)} rank graph(s) for tensor_parallel {options.tensor_parallel}")
     if options.kv_cache_bit_width and runner is None:  # before the lowering, not after it
         raise ValueError(f"a {options.kv_cache_bit_width}-bit KV cache is calibrated by running the float model: "
                          f"pass a runtime backend to run it (runner=)")
+    graphs = [graph] if isinstance(graph, ir.Model) else list(graph)
+    if len(graphs) != options.tensor_parallel:
+        raise ValueError(f"{len(graphs)} rank graph(s) for tensor_parallel {options.tensor_parallel}")
     target = get_target(options.target)
     start = time.perf_counter()
     if progress is None:
@@ -207,7 +208,7 @@ def compile_graph(graph: ir.Model | Sequence[ir.Model], output_dir: str | Path, 
         }
         if options.tensor_parallel > 1:
             body["tensor_parallel"] = {"world_size": options.tensor_parallel, "communicator": "torch.distributed",
-                                       "backend": {"cpu": "gloo", "cuda": "nccl"}[target.device_kind]}
+                                       "backend": "gloo", "collectives_on": "host"}
         return body
 
     with progress.stage("writing"):

@@ -234,9 +234,15 @@ class OrtCudaBackend(CudaBuffersBackend):
                                          disabled_optimizers=list(self.settings.get("disabled_optimizers", [])))
 
     def load(self, artifact: Artifact, rank: int = 0) -> OrtCudaModel:
+        model = self.load_file(artifact.rank_model(rank))
+        logger.info("loaded %s (rank %d) on cuda:%d in %.2f s%s", artifact.path, rank, self.device_index,
+                    model.load_seconds, " with CUDA graphs" if model.cuda_graph else "")
+        return model
+
+    def load_file(self, path: Path) -> OrtCudaModel:
+        """One model file of a verified artifact (a tensor-parallel rank's stage: ``runtime/distributed/``)."""
         start = time.perf_counter()
         cuda_graph = bool(self.settings.get("enable_cuda_graph"))
-        path = artifact.rank_model(rank)
         try:
             session = self._session(path, cuda_graph)
         except Exception as error:
@@ -248,10 +254,7 @@ class OrtCudaBackend(CudaBuffersBackend):
         if CUDA_PROVIDER not in session.get_providers():
             raise DeviceUnavailable(f"onnxruntime did not start its {CUDA_PROVIDER} on cuda:{self.device_index} "
                                     f"for {path} (providers: {', '.join(session.get_providers())})")
-        seconds = time.perf_counter() - start
-        logger.info("loaded %s (rank %d) on cuda:%d in %.2f s%s", artifact.path, rank, self.device_index, seconds,
-                    " with CUDA graphs" if cuda_graph else "")
-        return OrtCudaModel(self, session, seconds, cuda_graph)
+        return OrtCudaModel(self, session, time.perf_counter() - start, cuda_graph)
 
     def run_graph(self, model_path: Path, inputs: dict[str, np.ndarray],
                   in_place: dict[str, tuple[str, np.ndarray]]) -> None:

@@ -149,7 +149,7 @@ def load_tensor_parallel(artifact: "Artifact", backend: RuntimeBackend, num_thre
         threads = max(1, num_threads // on_host)
         group.channel.send({"artifact": str(artifact.path), "manifest_sha256": artifact.manifest.get("manifest_sha256"),
                             "threads": threads})
-        local_backend = backend_for(artifact.manifest, threads)
+        local_backend = backend_for(artifact.manifest, threads, device_index=backend.device_index)
         staged = StagedModel.load(artifact, 0, local_backend, communicator)
         group.channel.barrier()  # every rank has loaded: the first step's collectives wait for no load
     except BaseException:
@@ -185,7 +185,9 @@ def follow(communicator: Communicator) -> None:
         if artifact.manifest.get("manifest_sha256") != hello["manifest_sha256"]:
             raise ValueError(f"rank {communicator.rank}: {hello['artifact']} is not the artifact rank 0 loaded (its "
                              f"manifest differs); every host needs the same artifact at the same path")
-        backend = backend_for(artifact.manifest, int(hello["threads"]))
+        # one device per rank on a host: cuda:<local rank> (ignored on the CPU)
+        device = int(os.environ.get("LOCAL_RANK", communicator.rank))
+        backend = backend_for(artifact.manifest, int(hello["threads"]), device_index=device)
         model = StagedModel.load(artifact, communicator.rank, backend, communicator)
         channel.barrier()
         follower = Follower(backend, model)

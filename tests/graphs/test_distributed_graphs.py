@@ -101,19 +101,23 @@ def checkpoints(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("variant,world,strategy", [
-    ("llama-gqa-llama3", 2, KVCacheStrategy.CONTINUOUS),  # tied head, GQA
-    ("llama-gqa-llama3", 4, KVCacheStrategy.PAGED),  # 2 KV heads over 4 ranks: copied
-    ("llama-mqa-linear", 2, KVCacheStrategy.PAGED),  # MQA, untied head
-    ("llama-mqa-linear", 4, KVCacheStrategy.CONTINUOUS),
-    ("qwen2-bias", 2, KVCacheStrategy.PAGED),  # q/k/v bias
-    ("llama-attention-bias", 2, KVCacheStrategy.CONTINUOUS),  # o_proj bias: added once, after the all-reduce
-    ("mistral-window", 2, KVCacheStrategy.PAGED),
+@pytest.mark.parametrize("variant,world,strategy,target_name", [
+    ("llama-gqa-llama3", 2, KVCacheStrategy.CONTINUOUS, "ort-cpu"),  # tied head, GQA
+    ("llama-gqa-llama3", 4, KVCacheStrategy.PAGED, "ort-cpu"),  # 2 KV heads over 4 ranks: copied
+    ("llama-mqa-linear", 2, KVCacheStrategy.PAGED, "ort-cpu"),  # MQA, untied head
+    ("llama-mqa-linear", 4, KVCacheStrategy.CONTINUOUS, "ort-cpu"),
+    ("qwen2-bias", 2, KVCacheStrategy.PAGED, "ort-cpu"),  # q/k/v bias
+    ("llama-attention-bias", 2, KVCacheStrategy.CONTINUOUS, "ort-cpu"),  # o_proj bias: added once, after the all-reduce
+    ("mistral-window", 2, KVCacheStrategy.PAGED, "ort-cpu"),
+    # ort-cuda's float32 rank graphs (its explicit attention forms) on onnxruntime's CPU provider: no GPU here
+    ("llama-gqa-llama3", 2, KVCacheStrategy.PAGED, "ort-cuda"),
+    ("qwen2-bias", 2, KVCacheStrategy.CONTINUOUS, "ort-cuda"),
 ])
-def test_rank_stages_with_reference_collectives_give_the_single_graph(checkpoints, variant, world, strategy):
+def test_rank_stages_with_reference_collectives_give_the_single_graph(checkpoints, variant, world, strategy,
+                                                                     target_name):
     directory = checkpoints(variant)
     config = ModelSource.resolve(directory).hf_config()
-    target = get_target("ort-cpu")
+    target = get_target(target_name)
 
     def lowered(tensor_parallel: int, rank: int) -> ir.Model:
         options = GraphOptions(kv_cache_strategy=strategy, tensor_parallel=tensor_parallel, rank=rank)

@@ -98,3 +98,21 @@ def test_a_rank_that_raises_is_reported_with_its_exit_code():
     children = RankGroup.start(2, fail)
     children.close(timeout_s=30)
     assert children.failed_ranks() == {1: "exit code 1"}
+
+
+def reduce_half(rank: int, world: int, init_method: str) -> None:
+    communicator = TorchDistributedCommunicator(rank, world, init_method, timeout_s=20)
+    values = np.full(5, rank + 0.5, np.float16)
+    communicator.all_reduce(values)
+    communicator.close()
+
+
+def test_half_precision_sums_as_its_reference():
+    """A float16 rank graph (ort-cuda) all-reduces float16 activations."""
+    with RankGroup.start(2, reduce_half) as children:
+        communicator = TorchDistributedCommunicator(0, 2, children.init_method, timeout_s=20)
+        values = np.full(5, 0.5, np.float16)
+        communicator.all_reduce(values)
+        communicator.close()
+    assert values.dtype == np.float16
+    assert np.array_equal(values, all_reduce_reference([np.full(5, 0.5, np.float16), np.full(5, 1.5, np.float16)]))
