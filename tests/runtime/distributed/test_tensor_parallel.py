@@ -110,3 +110,18 @@ def test_smollm2_over_three_ranks_and_two_refused(smollm2_path, tmp_path):
         close(split)
     single = PIPELINE_REGISTRY.retrieve(PipelineConfig(**config))[1]
     assert tokens == single.generate_tokens([prompt], sampling)
+
+
+def test_speculative_decoding_over_ranks_keeps_the_greedy_tokens(checkpoint, tmp_path):
+    """Verification rows and the release of rejected drafts' pages go through the same mirrored operations."""
+    prompt = [5, 17, 33, 2, 90, 5, 17, 33, 2, 90, 5, 17]  # repeats: n-gram drafts to verify
+    sampling = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    common = dict(model_path=checkpoint("gqa2"), cache_dir=tmp_path, max_batch_size=2, num_threads=1,
+                  kv_cache_bytes=64 << 20)
+    plain = PIPELINE_REGISTRY.retrieve(PipelineConfig(**common, kv_cache_strategy=KVCacheStrategy.PAGED))[1]
+    split = PIPELINE_REGISTRY.retrieve(PipelineConfig(**common, speculative="ngram", tensor_parallel=2))[1]
+    try:
+        assert split.generate_tokens([prompt], sampling) == plain.generate_tokens([prompt], sampling)
+        assert split.pipeline_model.kv_manager.num_active == 0
+    finally:
+        close(split)
