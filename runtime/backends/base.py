@@ -84,9 +84,15 @@ class LoadedModel(abc.ABC):
     def output(self, name: str) -> np.ndarray:
         """An output the engine allocated in the last run (:meth:`bind_output_to_host`), on the host."""
 
-    @abc.abstractmethod
     def run_host(self, output_names: Sequence[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """One call with host inputs and host outputs (no buffers kept): models without a KV cache (encoders)."""
+        """One call with host inputs and host outputs (no buffers kept): models without a KV cache (encoders). This
+        form goes through the bindings; an engine with a direct host call (onnxruntime's ``run``) overrides it."""
+        for name, array in feeds.items():
+            self.bind_input(name, array)
+        for name in output_names:
+            self.bind_output_to_host(name)
+        self.run()
+        return [self.output(name).copy() for name in output_names]
 
 
 class RuntimeBackend(abc.ABC):

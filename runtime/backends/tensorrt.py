@@ -228,14 +228,6 @@ class TensorRTModel(LoadedModel):
     def output(self, name: str) -> np.ndarray:
         return self._results[name]
 
-    def run_host(self, output_names: Sequence[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        for name, array in feeds.items():
-            self.bind_input(name, array)
-        for name in output_names:
-            self.bind_output_to_host(name)
-        self.run()
-        return [self._results[name] for name in output_names]
-
 
 class TensorRTBackend(CudaBuffersBackend):
     """See the module docstring. ``settings``: ``max_batch_size``, ``max_length``, ``pages`` (the engine's limits),

@@ -16,7 +16,6 @@ from __future__ import annotations
 import abc
 import logging
 import os
-import re
 import threading
 import time
 from collections import defaultdict
@@ -89,7 +88,8 @@ class Communicator(abc.ABC):
         """Leave the group (idempotent)."""
 
 
-def _torch_distributed() -> Any:
+def torch_distributed() -> Any:
+    """``(torch, torch.distributed)``, or an ImportError saying which extra to install."""
     try:
         import torch
         import torch.distributed as dist
@@ -105,7 +105,7 @@ class TorchDistributedCommunicator(Communicator):
                  backend: str = "gloo", rendezvous_timeout_s: float = 120.0):
         """``rendezvous_timeout_s`` bounds the wait for the other ranks to join (under torchrun, rank 0 joins after
         it has compiled the model); ``timeout_s`` every collective after that (they run on their own group)."""
-        self.torch, self.dist = _torch_distributed()
+        self.torch, self.dist = torch_distributed()
         self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
         self.stats = CollectiveStats()
         self._closed = False
@@ -179,11 +179,9 @@ class TorchDistributedCommunicator(Communicator):
         self._run("all_reduce", array.nbytes, lambda: self.dist.all_reduce(tensor, group=self.group))
 
     def all_gather(self, array: np.ndarray, axis: int) -> np.ndarray:
-        array = np.ascontiguousarray(array)
-        parts = [self.torch.empty(array.shape, dtype=self.torch.from_numpy(array[:0]).dtype)
-                 for _ in range(self.world_size)]
-        self._run("all_gather", array.nbytes, lambda: self.dist.all_gather(parts, self.torch.from_numpy(array),
-                                                                            group=self.group))
+        tensor = self.torch.from_numpy(np.ascontiguousarray(array))
+        parts = [self.torch.empty_like(tensor) for _ in range(self.world_size)]
+        self._run("all_gather", tensor.nbytes, lambda: self.dist.all_gather(parts, tensor, group=self.group))
         return np.concatenate([p.numpy() for p in parts], axis=axis)
 
     def close(self) -> None:

@@ -20,7 +20,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from ..backends import RuntimeBackend, backend_for
-from .communicator import Communicator, RankFailure, TorchDistributedCommunicator
+from .communicator import Communicator, RankFailure, TorchDistributedCommunicator, torch_distributed
 from .launcher import RankGroup, guard_against_orphaning
 from .mirror import Follower, MirroredBackend, MirroredModel, StepMessage
 from .staged_model import StagedModel
@@ -49,10 +49,8 @@ class StepChannel:
     """Rank 0's steps to the followers: one broadcast of a pickled :class:`StepMessage` per model run."""
 
     def __init__(self) -> None:
-        import torch.distributed as dist
-
-        self._dist = dist
-        self.group = dist.new_group(backend="gloo", timeout=_IDLE_TIMEOUT)
+        self._dist = torch_distributed()[1]
+        self.group = self._dist.new_group(backend="gloo", timeout=_IDLE_TIMEOUT)
 
     def send(self, message: Any) -> None:
         self._dist.broadcast_object_list([message], src=0, group=self.group)

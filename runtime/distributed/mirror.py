@@ -142,14 +142,6 @@ class MirroredModel(LoadedModel):
     def output(self, name: str) -> np.ndarray:
         return self.local.output(name)
 
-    def run_host(self, output_names: Sequence[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        for name, array in feeds.items():
-            self.bind_input(name, array)
-        for name in output_names:
-            self.bind_output_to_host(name)
-        self.run()
-        return [self.output(name).copy() for name in output_names]
-
 
 class Follower:
     """Another rank's side: replays rank 0's operations on its own backend and model (module docstring)."""

@@ -111,11 +111,3 @@ class StagedModel(LoadedModel):
         if collective.op == "AllGather":
             return self.communicator.all_gather(np.ascontiguousarray(array), int(collective.axis))
         raise ValueError(f"unknown collective {collective.op!r} in the artifact")
-
-    def run_host(self, output_names: Sequence[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        for name, array in feeds.items():
-            self.bind_input(name, array)
-        for name in output_names:
-            self.bind_output_to_host(name)
-        self.run()
-        return [self.output(name).copy() for name in output_names]
