@@ -93,9 +93,14 @@ class CompileOptions:
 
 
 #: Runtime backends whose ranks run a stage-cut graph (they load each stage file; the communicator runs the
-#: collectives between them on host arrays: over gloo on a GPU too, the activations copied to the host and back at
-#: each collective; NCCL on device buffers is not written yet). TensorRT builds one engine per rank graph: not yet.
+#: collectives between them). TensorRT (one engine per rank stage, or its NCCL plugin in one engine) is not written.
 TENSOR_PARALLEL_RUNTIMES = ("onnxruntime-cpu", "onnxruntime-cuda")
+#: Device kind -> the torch.distributed backend that runs a step's collectives and where their operands live: gloo
+#: on host arrays; NCCL on the device buffers the rank's stages write (no copy to the host between stages).
+#: onnxruntime's own NCCL ops (``com.microsoft`` AllReduce/AllGather, in the graph) exist only in builds made with
+#: ``--use_nccl --use_mpi`` and take their ranks from MPI (``contrib_ops/cuda/collective/nccl_kernels``): the
+#: PyPI onnxruntime-gpu has neither, so the rank graph is cut here too and NCCL runs between the stages.
+COLLECTIVE_BACKENDS = {"cpu": ("gloo", "host"), "cuda": ("nccl", "device")}
 
 
 @functools.lru_cache(maxsize=1)
@@ -207,8 +212,9 @@ def compile_graph(graph: ir.Model | Sequence[ir.Model], output_dir: str | Path, 
             "lowerings": lowerings,
         }
         if options.tensor_parallel > 1:
+            backend, operands = COLLECTIVE_BACKENDS[target.device_kind]
             body["tensor_parallel"] = {"world_size": options.tensor_parallel, "communicator": "torch.distributed",
-                                       "backend": "gloo", "collectives_on": "host"}
+                                       "backend": backend, "collectives_on": operands}
         return body
 
     with progress.stage("writing"):

@@ -84,6 +84,17 @@ class LoadedModel(abc.ABC):
     def output(self, name: str) -> np.ndarray:
         """An output the engine allocated in the last run (:meth:`bind_output_to_host`), on the host."""
 
+    def bind_output_on_device(self, name: str) -> None:
+        """Like :meth:`bind_output_to_host`, on the model's device: for a value the next graph reads where it is
+        (a tensor-parallel stage's output, summed by NCCL in place). The host backends' device is the host."""
+        self.bind_output_to_host(name)
+
+    def device_output(self, name: str) -> Any:
+        """An output the engine allocated on the device in the last run (:meth:`bind_output_on_device`), as what
+        :meth:`bind_buffer` binds (a device view); a host array on the host backends (bind it with
+        :meth:`bind_input`)."""
+        return self.output(name)
+
     def run_host(self, output_names: Sequence[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """One call with host inputs and host outputs (no buffers kept): models without a KV cache (encoders). This
         form goes through the bindings; an engine with a direct host call (onnxruntime's ``run``) overrides it."""

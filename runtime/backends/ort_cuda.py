@@ -190,6 +190,18 @@ class OrtCudaModel(LoadedModel):
     def output(self, name: str) -> np.ndarray:
         return self.binding.get_outputs()[self._output_order.index(name)].numpy()
 
+    def bind_output_on_device(self, name: str) -> None:
+        self._note_output(name)
+        self.binding.bind_output(name, "cuda", self.backend.device_index)  # onnxruntime's device allocator
+        self._bound.pop("out:" + name, None)
+
+    def device_output(self, name: str) -> DeviceView:
+        """The output onnxruntime allocated on the device, by address; the view keeps its OrtValue (and so the
+        memory) alive."""
+        value = self.binding.get_outputs()[self._output_order.index(name)]
+        return DeviceView(int(value.data_ptr()), tuple(int(d) for d in value.shape()), numpy_dtype_of(value.data_type()),
+                          self.backend.device_index, value)
+
     def run_host(self, output_names: Sequence[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         self.backend.cuda.activate()
         return self.session.run(list(output_names), feeds)

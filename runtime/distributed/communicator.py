@@ -2,8 +2,13 @@
 
 :class:`Communicator` is what a rank's stage runner (``staged_model.py``) needs: a sum and a gather over numpy
 arrays, in place where it can be. :class:`TorchDistributedCommunicator` is the one implementation: torch.distributed
-(gloo on CPU; NCCL is its GPU backend, chosen by ``backend``), started from an ``init_method`` (the ranks this
-process spawned) or torchrun's environment. ember writes no transport of its own.
+over gloo, started from an ``init_method`` (the ranks this process spawned) or torchrun's environment. ember
+writes no transport of its own.
+
+Operands: host arrays go over gloo. A GPU artifact's ranks (manifest ``tensor_parallel.backend`` "nccl") also open a
+NCCL group (:meth:`Communicator.open_device_group`, once the artifact is known: every rank in the same order), and
+their operands are the device buffers their stages wrote, lent to torch without a copy (``device_tensors.py``).
+The gloo group stays for everything on the host: the step channel, the heartbeats' store.
 
 Failure: a collective that cannot complete raises :class:`RankFailure` within the group's timeout (30 s by
 default): a rank that died closes its connections and the others fail at once; a rank that hangs is waited for until
@@ -25,10 +30,15 @@ from typing import Any
 
 import numpy as np
 
+from ..backends.cuda_memory import DeviceView
+from .device_tensors import as_torch, from_torch
+
 logger = logging.getLogger(__name__)
 
 #: Seconds between a rank's heartbeats in the group's store (what names a rank that stopped).
 HEARTBEAT_S = 1.0
+#: A collective's operand: a host array (gloo) or a device buffer (NCCL).
+Operand = np.ndarray | DeviceView
 INSTALL_HINT = "tensor parallelism needs torch: pip install 'ember[distributed]'"
 
 
@@ -71,12 +81,19 @@ class Communicator(abc.ABC):
     stats: CollectiveStats
 
     @abc.abstractmethod
-    def all_reduce(self, array: np.ndarray) -> None:
-        """Sum over the ranks, in place (a C-contiguous array of the same shape on every rank)."""
+    def all_reduce(self, array: Operand) -> None:
+        """Sum over the ranks, in place (a C-contiguous array, or a device buffer, of the same shape on every
+        rank)."""
 
     @abc.abstractmethod
-    def all_gather(self, array: np.ndarray, axis: int) -> np.ndarray:
-        """The ranks' arrays (the same shape on every rank) concatenated along ``axis`` in rank order."""
+    def all_gather(self, array: Operand, axis: int) -> Operand:
+        """The ranks' arrays (the same shape on every rank) concatenated along ``axis`` in rank order (on the host
+        or the device, as ``array`` is)."""
+
+    @abc.abstractmethod
+    def open_device_group(self, backend: str, device_index: int) -> None:
+        """Join the group that runs collectives on device buffers (``"nccl"``) with this rank on
+        ``cuda:<device_index>``: every rank calls it, in the same order relative to its other groups."""
 
     @abc.abstractmethod
     def silent_ranks(self) -> list[int] | None:
@@ -109,6 +126,8 @@ class TorchDistributedCommunicator(Communicator):
         self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
         self.stats = CollectiveStats()
         self._closed = False
+        self.device_group: Any = None  # open_device_group's (NCCL)
+        self.device: Any = None
         self.dist.init_process_group(backend=backend, init_method=init_method, rank=rank, world_size=world_size,
                                      timeout=timedelta(seconds=max(timeout_s, rendezvous_timeout_s)))
         self.group = self.dist.new_group(backend=backend, timeout=timedelta(seconds=timeout_s))
@@ -172,17 +191,62 @@ class TorchDistributedCommunicator(Communicator):
         self.stats.record(op, nbytes, time.perf_counter() - start)
         return result
 
-    def all_reduce(self, array: np.ndarray) -> None:
-        if not array.flags.c_contiguous or not array.flags.writeable:
-            raise ValueError("all_reduce works in place on a C-contiguous, writeable array")
-        tensor = self.torch.from_numpy(array)  # shares the array's memory: the sum lands in it
-        self._run("all_reduce", array.nbytes, lambda: self.dist.all_reduce(tensor, group=self.group))
+    def open_device_group(self, backend: str, device_index: int) -> None:
+        """See :meth:`Communicator.open_device_group`. NCCL's ``wait`` is made blocking (``TORCH_NCCL_BLOCKING_WAIT``,
+        read when the group is made), so a collective that a dead or hung rank stalls raises here after the timeout,
+        like gloo's, instead of the watchdog tearing the process down."""
+        if backend != "nccl":
+            raise ValueError(f"device collectives run over NCCL; the artifact asks for {backend!r}")
+        if not (self.torch.cuda.is_available() and self.dist.is_nccl_available()):
+            raise RuntimeError(f"tensor-parallel rank {self.rank}: this artifact's collectives run over NCCL on CUDA "
+                               f"devices; this torch ({self.torch.__version__}) has "
+                               f"{'no NCCL' if self.torch.cuda.is_available() else 'no CUDA device'}")
+        if device_index >= self.torch.cuda.device_count():
+            raise RuntimeError(f"tensor-parallel rank {self.rank} runs on cuda:{device_index}; this host has "
+                               f"{self.torch.cuda.device_count()} CUDA device(s)")
+        os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
+        self.device = self.torch.device("cuda", device_index)
+        self.torch.cuda.set_device(self.device)
+        self.device_group = self.dist.new_group(backend="nccl", timeout=timedelta(seconds=self.timeout_s))
 
-    def all_gather(self, array: np.ndarray, axis: int) -> np.ndarray:
-        tensor = self.torch.from_numpy(np.ascontiguousarray(array))
+    def _group_of(self, array: Operand) -> Any:
+        if isinstance(array, np.ndarray):
+            return self.group
+        if self.device_group is None:
+            raise RuntimeError("a collective on device buffers needs the NCCL group (open_device_group)")
+        return self.device_group
+
+    def _settled(self, call: Any, array: Operand) -> Any:
+        """``call``, and on a device the device's work finished after it: the rank's next stage runs on the
+        backend's own stream, which does not wait for torch's."""
+        if isinstance(array, np.ndarray):
+            return call
+
+        def settled() -> Any:
+            result = call()
+            self.torch.cuda.synchronize(self.device)
+            return result
+        return settled
+
+    def all_reduce(self, array: Operand) -> None:
+        if isinstance(array, np.ndarray) and (not array.flags.c_contiguous or not array.flags.writeable):
+            raise ValueError("all_reduce works in place on a C-contiguous, writeable array")
+        group = self._group_of(array)
+        tensor = as_torch(self.torch, array)  # shares the operand's memory: the sum lands in it
+        self._run("all_reduce", array.nbytes,
+                  self._settled(lambda: self.dist.all_reduce(tensor, group=group), array))
+
+    def all_gather(self, array: Operand, axis: int) -> Operand:
+        if isinstance(array, np.ndarray):
+            array = np.ascontiguousarray(array)
+        group = self._group_of(array)
+        tensor = as_torch(self.torch, array)
         parts = [self.torch.empty_like(tensor) for _ in range(self.world_size)]
-        self._run("all_gather", tensor.nbytes, lambda: self.dist.all_gather(parts, tensor, group=self.group))
-        return np.concatenate([p.numpy() for p in parts], axis=axis)
+
+        def gather() -> Any:
+            self.dist.all_gather(parts, tensor, group=group)
+            return self.torch.cat(parts, dim=axis)
+        return from_torch(self._run("all_gather", array.nbytes, self._settled(gather, array)), array)
 
     def close(self) -> None:
         if self._closed:

@@ -5,10 +5,11 @@ tensor_parallel=N)`` on one machine: :class:`~.launcher.RankGroup` spawns them) 
 this and other hosts (``RANK`` / ``WORLD_SIZE`` / ``MASTER_ADDR`` in the environment: every rank runs the same
 ``ember`` command and the ranks above 0 turn into followers, :func:`serve_from_environment`).
 
-Two channels join the ranks, both torch.distributed over gloo: the communicator (``.communicator``) for the
-collectives inside a step, whose timeout (30 s) bounds how long a dead or hung rank can stall the others; and the
-step channel here, on which the followers wait for rank 0's next step for as long as the server idles (its own
-process group, without that timeout; rank 0's death still closes its connections at once).
+Two channels join the ranks: the communicator (``.communicator``) for the collectives inside a step, whose timeout
+(30 s) bounds how long a dead or hung rank can stall the others (gloo on the host; NCCL on device buffers too, for a
+GPU artifact: :func:`open_device_collectives`); and the step channel here, over gloo, on which the followers wait for
+rank 0's next step for as long as the server idles (its own process group, without that timeout; rank 0's death
+still closes its connections at once).
 """
 from __future__ import annotations
 
@@ -34,6 +35,15 @@ logger = logging.getLogger(__name__)
 COLLECTIVE_TIMEOUT_S = 30.0
 #: How long a follower waits for rank 0's next step (a server may idle for days).
 _IDLE_TIMEOUT = timedelta(days=365)
+
+
+def open_device_collectives(artifact: "Artifact", communicator: Communicator, device_index: int) -> None:
+    """The NCCL group, when the artifact's collectives run on device buffers (manifest ``tensor_parallel``:
+    ``collectives_on`` "device"); every rank calls this right after the artifact is known, so the groups are made in
+    the same order everywhere."""
+    block = artifact.manifest.get("tensor_parallel", {})
+    if block.get("collectives_on", "host") == "device":
+        communicator.open_device_group(str(block["backend"]), device_index)
 
 
 def torchrun_environment() -> tuple[int, int, int] | None:
@@ -147,6 +157,7 @@ def load_tensor_parallel(artifact: "Artifact", backend: RuntimeBackend, num_thre
         threads = max(1, num_threads // on_host)
         group.channel.send({"artifact": str(artifact.path), "manifest_sha256": artifact.manifest.get("manifest_sha256"),
                             "threads": threads})
+        open_device_collectives(artifact, communicator, backend.device_index)
         local_backend = backend_for(artifact.manifest, threads, device_index=backend.device_index)
         staged = StagedModel.load(artifact, 0, local_backend, communicator)
         group.channel.barrier()  # every rank has loaded: the first step's collectives wait for no load
@@ -185,6 +196,7 @@ def follow(communicator: Communicator) -> None:
                              f"manifest differs); every host needs the same artifact at the same path")
         # one device per rank on a host: cuda:<local rank> (ignored on the CPU)
         device = int(os.environ.get("LOCAL_RANK", communicator.rank))
+        open_device_collectives(artifact, communicator, device)
         backend = backend_for(artifact.manifest, int(hello["threads"]), device_index=device)
         model = StagedModel.load(artifact, communicator.rank, backend, communicator)
         channel.barrier()

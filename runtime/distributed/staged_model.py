@@ -4,8 +4,10 @@ communicator (DESIGN.md: distribution).
 The compiler cut the rank's graph at its collectives (``compiler/passes/cut_at_collectives.py``); this puts the
 stages back together behind the one :class:`~ember.runtime.backends.LoadedModel` interface the decoder already
 drives. A graph input is bound to every stage that reads it, a long-lived buffer (a KV cache layer's pool, the
-logits) to the stage that reads or writes it; a value one stage makes and a later one reads stays on the host
-between them (the carried values: the residual stream, the rotary rows, the last token's index).
+logits) to the stage that reads or writes it; a value one stage makes and a later one reads (the carried values:
+the residual stream, the rotary rows, the last token's index) stays where the stage wrote it, on the rank's device
+(``LoadedModel.bind_output_on_device``): a host array on the CPU, a device buffer on a GPU, summed there by NCCL
+and bound to the next stage by address, never copied to the host.
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ import numpy as np
 from ember.compiler.passes.cut_at_collectives import Collective
 
 from ..backends.base import LoadedModel, RuntimeBackend
-from .communicator import Communicator
+from ..backends.cuda_memory import DeviceView
+from .communicator import Communicator, Operand
 
 if TYPE_CHECKING:
     from ember.compiler.artifact import Artifact
@@ -88,26 +91,31 @@ class StagedModel(LoadedModel):
     # running ------------------------------------------------------------------------------------------------
     def run(self) -> None:
         """Every stage in order; after each, its collectives (every rank runs the same ones, in the same order)."""
-        values: dict[str, np.ndarray] = {}
+        values: dict[str, Operand] = {}
         for (model, collectives), carried_in, carried_out in zip(self.stages, self._carried_in, self._carried_out):
             for name in carried_in:
-                model.bind_input(name, values[name])
+                value = values[name]
+                if isinstance(value, DeviceView):
+                    model.bind_buffer(name, value)
+                else:
+                    model.bind_input(name, value)
             for name in carried_out:  # rebound each run: an engine would reuse the last run's (shaped) output
-                model.bind_output_to_host(name)
+                model.bind_output_on_device(name)
             model.run()
             for name in carried_out:
-                values[name] = model.output(name)
+                values[name] = model.device_output(name)
             if collectives:
                 start = time.perf_counter()
                 for collective in collectives:
                     values[collective.output] = self._collect(collective, values[collective.input])
                 self.collective_seconds += time.perf_counter() - start
 
-    def _collect(self, collective: Collective, array: np.ndarray) -> np.ndarray:
-        if collective.op == "AllReduce":
+    def _collect(self, collective: Collective, array: Operand) -> Operand:
+        if isinstance(array, np.ndarray):
             array = np.ascontiguousarray(array)
+        if collective.op == "AllReduce":
             self.communicator.all_reduce(array)
             return array
         if collective.op == "AllGather":
-            return self.communicator.all_gather(np.ascontiguousarray(array), int(collective.axis))
+            return self.communicator.all_gather(array, int(collective.axis))
         raise ValueError(f"unknown collective {collective.op!r} in the artifact")
