@@ -125,3 +125,52 @@ def test_speculative_decoding_over_ranks_keeps_the_greedy_tokens(checkpoint, tmp
         assert split.pipeline_model.kv_manager.num_active == 0
     finally:
         close(split)
+
+
+@pytest.fixture(scope="module")
+def block_aligned(tmp_path_factory):
+    """Row-parallel slices (o_proj's 128 inputs, down_proj's 256, over 2 ranks) that are whole 32-weight blocks."""
+    directory = tmp_path_factory.mktemp("block-aligned")
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2, head_dim=32,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1,
+                         eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    save_random_model(config, LlamaForCausalLM, directory, vector_std=0.1)
+    return directory
+
+
+def _encoded(directory, cache_dir, encoding: str, tensor_parallel: int):
+    return PIPELINE_REGISTRY.retrieve(PipelineConfig(
+        model_path=directory, cache_dir=cache_dir, encoding=encoding, kv_cache_strategy=KVCacheStrategy.PAGED,
+        max_batch_size=2, return_logits=ReturnLogits.ALL, tensor_parallel=tensor_parallel, num_threads=1,
+        kv_cache_bytes=64 << 20))[1]
+
+
+@pytest.mark.parametrize("encoding", ["q4_0", "q8_0"])
+def test_quantized_ranks_with_whole_blocks_give_the_single_process_logits(block_aligned, tmp_path, encoding):
+    """Each rank's slice of a quantized weight holds the same blocks as the whole weight: the same numbers."""
+    single = _encoded(block_aligned, tmp_path, encoding, 1)
+    split = _encoded(block_aligned, tmp_path, encoding, 2)
+    try:
+        tokens, _, positions = decode_steps(split, PROMPTS[0], 8)
+        want_tokens, _, want_positions = decode_steps(single, PROMPTS[0], 8)
+        np.testing.assert_allclose(positions, want_positions, rtol=RTOL, atol=RTOL * np.abs(want_positions).max())
+        assert tokens == want_tokens
+    finally:
+        close(split)
+
+
+def test_quantized_ranks_whose_slices_cut_blocks_are_as_accurate_as_one_process(checkpoint, tmp_path):
+    """o_proj's 96 inputs over 2 ranks are 48 each: a rank's slice is quantized in its own blocks, so its numbers
+    differ from the single build's, but not its distance from float32 (at the prompt's positions)."""
+    directory = checkpoint("gqa2")
+    reference = decode_steps(_encoded(directory, tmp_path, "float32", 1), PROMPTS[1], 1)[2]
+    single = decode_steps(_encoded(directory, tmp_path, "q4_0", 1), PROMPTS[1], 1)[2]
+    split_pipeline = _encoded(directory, tmp_path, "q4_0", 2)
+    try:
+        split = decode_steps(split_pipeline, PROMPTS[1], 1)[2]
+    finally:
+        close(split_pipeline)
+    scale = np.abs(reference).max()
+    single_error = np.abs(single - reference).max() / scale
+    split_error = np.abs(split - reference).max() / scale
+    assert 0 < split_error <= 1.25 * single_error, (split_error, single_error)
