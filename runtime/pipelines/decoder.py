@@ -236,9 +236,14 @@ class DecoderPipelineModel(PipelineModel, KVCacheMixin):
     def execute_rows(self, rows: Sequence[tuple[TextContext, int]]) -> np.ndarray:
         """Compute ``count`` tokens of each context from its ``start_idx``; next-token logits per row
         (in as many model calls as the KV strategy needs, see :mod:`.kv_binding`)."""
-        logits = np.empty((len(rows), self.vocab_size), dtype=np.float32)
+        logits: np.ndarray | None = None
         for _, outputs, order in self._grouped_calls(rows, commit=True):
+            if len(order) == len(rows) and order == sorted(order):
+                return outputs.next_token_logits  # one call, rows in order (every decode step): no 2nd copy
+            if logits is None:
+                logits = np.empty((len(rows), self.vocab_size), dtype=np.float32)
             logits[order] = outputs.next_token_logits
+        assert logits is not None
         return logits
 
     def _grouped_calls(self, rows: Sequence[tuple[TextContext, int]],

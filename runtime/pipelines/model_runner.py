@@ -68,9 +68,10 @@ class ModelRunner:
         logits = self.model.execute_rows(rows)
         finishing = [i for i, (ctx, count) in enumerate(rows) if ctx.start_idx + count == ctx.active_idx]
         contexts = [rows[i][0] for i in finishing]
-        tokens = sample_contexts(logits[finishing], contexts) if finishing else np.empty(0, np.int64)
+        chosen = logits if len(finishing) == len(rows) else logits[finishing]  # a decode step: every row, no copy
+        tokens = sample_contexts(chosen, contexts) if finishing else np.empty(0, np.int64)
         top_n = [ctx.sampling.top_logprobs for ctx in contexts]
-        logprobs = (self.model.compute_log_probabilities(None, ModelOutputs(next_token_logits=logits[finishing]),
+        logprobs = (self.model.compute_log_probabilities(None, ModelOutputs(next_token_logits=chosen),
                                                          tokens, top_n, [False] * len(contexts))
                     if any(top_n) else [None] * len(contexts))
         sampled = {i: (int(t), lp) for i, t, lp in zip(finishing, tokens, logprobs)}
