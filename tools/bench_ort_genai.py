@@ -198,7 +198,10 @@ class OrtGenaiRunner:
 
     name = "ort-genai"
 
-    def __init__(self, model: str | Path | None, num_threads: int, cache_dir: Path, progress: bool = True):
+    def __init__(self, model: str | Path | None, num_threads: int, cache_dir: Path, progress: bool = True,
+                 session_options: dict[str, Any] | None = None):
+        """``session_options``: more of the decoder's onnxruntime session options (genai_config's names), e.g.
+        ``enable_profiling`` (a file prefix) for ``bench_decode_profile``."""
         from .bench_hf import weights_source
 
         og = require_ort_genai()
@@ -209,7 +212,7 @@ class OrtGenaiRunner:
         build_seconds = time.perf_counter() - start
         config = og.Config(str(self.model_dir))
         config.overlay(json.dumps({"model": {"decoder": {"session_options": {
-            "intra_op_num_threads": num_threads, "inter_op_num_threads": 1}}}}))
+            "intra_op_num_threads": num_threads, "inter_op_num_threads": 1, **(session_options or {})}}}}))
         self.model = og.Model(config)
         self.info = {"source": str(source.path), "model_dir": str(self.model_dir), "threads": num_threads,
                      "onnxruntime_genai": _ort_genai_version(), "precision": PRECISION,
