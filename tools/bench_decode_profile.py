@@ -105,7 +105,7 @@ def profiled_cpu_backend(prefix: Path) -> type[OrtCpuBackend]:
 
 
 def profile_ember(model: str | None, encoding: str, batch: int, prompt_tokens: int, new_tokens: int, threads: int,
-                  out: Path) -> tuple[DecodeProfile, Any, Path]:
+                  out: Path, kv_cache_strategy: str | None = None) -> tuple[DecodeProfile, Any, Path]:
     """ember's profile, its tokenizer (ort-genai's runs use the same prompt) and its cache folder."""
     from ember.runtime.compile_cache import ensure_artifact
     from ember.runtime.pipelines.architectures import BUILTIN_ARCHITECTURES
@@ -118,7 +118,7 @@ def profile_ember(model: str | None, encoding: str, batch: int, prompt_tokens: i
     backends = {**BACKENDS, OrtCpuBackend.name: profiled_cpu_backend(out / "ember")}
     registry = PipelineRegistry(BUILTIN_ARCHITECTURES, artifacts=ensure_artifact, backends=backends)
     config = pipeline_config(model, encoding=encoding, num_threads=threads, max_batch_size=batch,
-                             max_length=prompt_tokens + new_tokens)
+                             max_length=prompt_tokens + new_tokens, kv_cache_strategy=kv_cache_strategy)
     resolved = registry.resolve(config)
     pipeline = registry.build_pipeline(resolved)
     loaded = LoadedPipeline(tokenizer=pipeline.tokenizer, pipeline=pipeline, seconds=0.0, compiled=resolved.compiled,
@@ -129,7 +129,8 @@ def profile_ember(model: str | None, encoding: str, batch: int, prompt_tokens: i
     for _ in range(2):  # the first run warms up
         runner.run(ids, new_tokens, batch)
     path = pipeline.pipeline_model.model.session.end_profiling()
-    return read_profile(path, f"ember {encoding}"), pipeline.tokenizer, Path(config.cache_dir)
+    strategy = resolved.artifact.manifest.get("options", {}).get("kv_cache_strategy", "")
+    return read_profile(path, f"ember {encoding} {strategy}".strip()), pipeline.tokenizer, Path(config.cache_dir)
 
 
 def profile_ort_genai(model: str | None, batch: int, prompt_tokens: int, new_tokens: int, threads: int,
@@ -175,12 +176,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--kv-cache-strategy", choices=["continuous", "paged"], default=None,
+                        help="ember's KV cache (default: the architecture's, as ember bench --batch-size)")
     parser.add_argument("--compare", choices=["ort-genai"], default=None)
     parser.add_argument("--out", type=Path, default=None, help="where the profiles go (default: a temporary folder)")
     args = parser.parse_args(argv)
     out = args.out or Path(tempfile.mkdtemp(prefix="ember-profile-"))
     ours, tokenizer, cache_dir = profile_ember(args.model, args.encoding, args.batch_size, args.prompt_tokens,
-                                               args.new_tokens, args.threads, out)
+                                               args.new_tokens, args.threads, out, args.kv_cache_strategy)
     profiles = [ours]
     if args.compare == "ort-genai":
         profiles.append(profile_ort_genai(args.model, args.batch_size, args.prompt_tokens, args.new_tokens,
