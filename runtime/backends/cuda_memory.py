@@ -150,9 +150,9 @@ def copy_plan(shape: Sequence[int], itemsize: int, dst: Sequence[int], src: Sequ
     dst, src = [int(r) for r in dst], [int(r) for r in src]
     if len(dst) != len(src):
         raise ValueError(f"{len(dst)} destination rows for {len(src)} source rows")
-    for r in (*dst, *src):
-        if not 0 <= r < rows:
-            raise IndexError(f"row {r} is out of range for a buffer of {rows} rows")
+    for row in (*dst, *src):
+        if not 0 <= row < rows:
+            raise IndexError(f"row {row} is out of range for a buffer of {rows} rows")
     last = dict(zip(dst, src))  # the last pair of a repeated destination wins, as in numpy
     pairs = [(d, s) for d, s in last.items() if d != s]
     regions = row_regions(shape, itemsize, within)
@@ -356,7 +356,7 @@ class CudaBuffersBackend(RuntimeBackend, abc.ABC):
         self.cuda.activate()
         if plan.temp_bytes and (self._temp is None or self._temp.nbytes < plan.temp_bytes):
             self._temp = self.cuda.allocate(plan.temp_bytes)
-        base, temp = buffer.handle.ptr, self._temp.ptr if plan.temp_bytes else 0
+        base, temp = buffer.handle.ptr, self._temp.ptr if plan.temp_bytes and self._temp is not None else 0
         for c in plan.copies:
             self.cuda.copy_2d((temp if c.dst_temp else base) + c.dst, c.dst_pitch,
                               (temp if c.src_temp else base) + c.src, c.src_pitch, c.width, c.height)

@@ -94,6 +94,8 @@ class OrtCudaModel(LoadedModel):
     """One rank's graph in an ``onnxruntime.InferenceSession`` on the CUDA provider, with an IOBinding kept across
     calls (see the module docstring)."""
 
+    backend: OrtCudaBackend
+
     def __init__(self, backend: OrtCudaBackend, session: Any, load_seconds: float, cuda_graph: bool):
         self.backend = backend
         self.session = session

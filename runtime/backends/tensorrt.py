@@ -29,7 +29,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 
@@ -72,7 +72,15 @@ def numpy_dtype_of(trt_dtype: Any) -> np.dtype:
     return host_dtype(NUMPY_DTYPES[name])
 
 
-def engine_limits(manifest: Mapping[str, Any], settings: Mapping[str, Any]) -> dict[str, int | None]:
+class EngineLimits(TypedDict):
+    """What an engine is built for (``ensure_engine``'s keywords)."""
+
+    max_batch_size: int
+    max_length: int
+    pages: int | None
+
+
+def engine_limits(manifest: Mapping[str, Any], settings: Mapping[str, Any]) -> EngineLimits:
     """The ``max_batch_size``, ``max_length`` and ``pages`` an engine is built for: the runtime settings', else
     8 sequences of up to 4096 tokens (capped to the model's positions), and for a PAGED cache the pool that holds
     them all plus the scratch page."""
@@ -125,6 +133,8 @@ def import_tensorrt(what: str) -> Any:
 
 class TensorRTModel(LoadedModel):
     """One engine and its execution context, with addresses and shapes kept across calls (module docstring)."""
+
+    backend: TensorRTBackend
 
     def __init__(self, backend: TensorRTBackend, engine: Any, graph: Mapping[str, Any], load_seconds: float,
                  engine_path: Path):

@@ -173,10 +173,7 @@ class TorchDistributedCommunicator(Communicator):
     def _failure(self, error: BaseException) -> RankFailure:
         """The failure of a collective, naming the rank that stopped where the heartbeats tell."""
         silent = self.silent_ranks()
-        if silent is None:
-            missing = 0
-        else:
-            missing = silent[0] if silent else None
+        missing: int | None = 0 if silent is None else (silent[0] if silent else None)
         who = f"rank {missing}" if missing is not None else "another rank"
         first_line = str(error).splitlines()[0] if str(error) else ""
         return RankFailure(f"tensor-parallel rank {self.rank}: {who} of {self.world_size} failed or stopped "

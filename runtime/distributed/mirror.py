@@ -104,6 +104,8 @@ class StepSink(Protocol):
 class MirroredModel(LoadedModel):
     """Rank 0's model: the local staged model, each binding recorded, each run sent to the other ranks first."""
 
+    backend: MirroredBackend
+
     def __init__(self, local: LoadedModel, backend: MirroredBackend, group: StepSink):
         self.local = local
         self.backend = backend

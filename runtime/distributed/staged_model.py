@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -25,6 +26,13 @@ from .communicator import Communicator, Operand
 
 if TYPE_CHECKING:
     from ember.compiler.artifact import Artifact
+
+
+@runtime_checkable
+class StageLoader(Protocol):
+    """A backend that loads one model file of an artifact (the onnxruntime backends' ``load_file``)."""
+
+    def load_file(self, path: Path) -> LoadedModel: ...
 
 
 class StagedModel(LoadedModel):
@@ -48,7 +56,10 @@ class StagedModel(LoadedModel):
     @classmethod
     def load(cls, artifact: "Artifact", rank: int, backend: RuntimeBackend,
              communicator: Communicator) -> "StagedModel":
-        """Rank ``rank``'s stages of a verified artifact, each loaded by ``backend`` (``load_file``)."""
+        """Rank ``rank``'s stages of a verified artifact, each loaded by ``backend`` (which must be a
+        :class:`StageLoader`: the onnxruntime backends are)."""
+        if not isinstance(backend, StageLoader):
+            raise TypeError(f"the {backend.name} backend cannot load a rank's stages (it has no load_file)")
         start = time.perf_counter()
         stages = [(backend.load_file(path), [Collective.from_json(c) for c in collectives])
                   for path, collectives in artifact.rank_stages(rank)]
@@ -116,6 +127,6 @@ class StagedModel(LoadedModel):
         if collective.op == "AllReduce":
             self.communicator.all_reduce(array)
             return array
-        if collective.op == "AllGather":
-            return self.communicator.all_gather(array, int(collective.axis))
+        if collective.op == "AllGather" and collective.axis is not None:
+            return self.communicator.all_gather(array, collective.axis)
         raise ValueError(f"unknown collective {collective.op!r} in the artifact")
