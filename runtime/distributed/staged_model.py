@@ -127,6 +127,8 @@ class StagedModel(LoadedModel):
         if collective.op == "AllReduce":
             self.communicator.all_reduce(array)
             return array
-        if collective.op == "AllGather" and collective.axis is not None:
+        if collective.op == "AllGather":
+            if collective.axis is None:
+                raise ValueError(f"the artifact's AllGather of {collective.input!r} names no axis")
             return self.communicator.all_gather(array, collective.axis)
         raise ValueError(f"unknown collective {collective.op!r} in the artifact")
