@@ -67,9 +67,9 @@ def read_profile(path: str | Path, name: str) -> DecodeProfile:
     node_starts = np.array([e["ts"] for e in nodes])
     decode, in_run = [], []
     for run in runs:
-        last = np.searchsorted(node_starts, run["ts"] + run["dur"], side="right")
         first = int(np.searchsorted(node_starts, run["ts"], side="left"))
-        mine = nodes[first:int(last)]
+        last = int(np.searchsorted(node_starts, run["ts"] + run["dur"], side="right"))
+        mine = nodes[first:last]
         shape = next((s for s in map(_token_shape, mine) if s is not None), None)
         if shape is not None and shape[1] == 1:
             decode.append(run)

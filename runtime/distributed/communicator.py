@@ -179,13 +179,17 @@ class TorchDistributedCommunicator(Communicator):
         return RankFailure(f"tensor-parallel rank {self.rank}: {who} of {self.world_size} failed or stopped "
                            f"answering ({type(error).__name__}: {first_line})", missing)
 
-    def _run(self, op: str, nbytes: int, call: Any) -> Any:
+    def _run(self, op: str, operand: Operand, call: Any) -> Any:
+        """``call`` timed and recorded, a failure named; on a device, the device's work finished after it (the
+        rank's next stage runs on the backend's own stream, which does not wait for torch's)."""
         start = time.perf_counter()
         try:
             result = call()
+            if self.device is not None and not isinstance(operand, np.ndarray):
+                self.torch.cuda.synchronize(self.device)
         except Exception as error:  # noqa: BLE001 - gloo's errors are RuntimeErrors of several kinds
             raise self._failure(error) from error
-        self.stats.record(op, nbytes, time.perf_counter() - start)
+        self.stats.record(op, operand.nbytes, time.perf_counter() - start)
         return result
 
     def open_device_group(self, backend: str, device_index: int) -> None:
@@ -213,25 +217,12 @@ class TorchDistributedCommunicator(Communicator):
             raise RuntimeError("a collective on device buffers needs the NCCL group (open_device_group)")
         return self.device_group
 
-    def _settled(self, call: Any, array: Operand) -> Any:
-        """``call``, and on a device the device's work finished after it: the rank's next stage runs on the
-        backend's own stream, which does not wait for torch's."""
-        if isinstance(array, np.ndarray):
-            return call
-
-        def settled() -> Any:
-            result = call()
-            self.torch.cuda.synchronize(self.device)
-            return result
-        return settled
-
     def all_reduce(self, array: Operand) -> None:
         if isinstance(array, np.ndarray) and (not array.flags.c_contiguous or not array.flags.writeable):
             raise ValueError("all_reduce works in place on a C-contiguous, writeable array")
         group = self._group_of(array)
         tensor = as_torch(self.torch, array)  # shares the operand's memory: the sum lands in it
-        self._run("all_reduce", array.nbytes,
-                  self._settled(lambda: self.dist.all_reduce(tensor, group=group), array))
+        self._run("all_reduce", array, lambda: self.dist.all_reduce(tensor, group=group))
 
     def all_gather(self, array: Operand, axis: int) -> Operand:
         if isinstance(array, np.ndarray):
@@ -243,7 +234,7 @@ class TorchDistributedCommunicator(Communicator):
         def gather() -> Any:
             self.dist.all_gather(parts, tensor, group=group)
             return self.torch.cat(parts, dim=axis)
-        return from_torch(self._run("all_gather", array.nbytes, self._settled(gather, array)), array)
+        return from_torch(self._run("all_gather", array, gather), array)
 
     def close(self) -> None:
         if self._closed:

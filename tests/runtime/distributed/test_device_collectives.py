@@ -62,16 +62,9 @@ def test_host_operands_share_memory_with_torch_both_ways():
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.runtime.distributed.tiny_llama import save_tiny_llama
 
-    from tests.reference.tiny_models import VOCAB, save_random_model
-
-    directory = tmp_path_factory.mktemp("tiny-llama")
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=96, intermediate_size=100, num_hidden_layers=2, head_dim=16,
-                         num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1,
-                         eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
-    save_random_model(config, LlamaForCausalLM, directory, vector_std=0.1)
-    return directory
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), num_key_value_heads=2, tie_word_embeddings=False)
 
 
 @pytest.mark.parametrize("target,encoding,backend,operands", [("ort-cuda", "float16", "nccl", "device"),

@@ -8,13 +8,11 @@ import pytest
 
 pytest.importorskip("torch.distributed", reason="tensor parallelism runs over torch.distributed (the test extra)")
 
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
-
 from ember.graphs.nn import KVCacheStrategy  # noqa: E402
 from ember.runtime.pipelines import PIPELINE_REGISTRY, PipelineConfig, ReturnLogits, SamplingParams  # noqa: E402
 from tests.reference.conftest import smollm2_path  # noqa: E402,F401 (fixture)
 from tests.reference.decode_loop import decode_steps  # noqa: E402
-from tests.reference.tiny_models import VOCAB, save_random_model  # noqa: E402
+from tests.runtime.distributed.tiny_llama import save_tiny_llama  # noqa: E402
 
 RTOL = 1e-5
 PROMPTS = [[5, 17, 33, 2, 90, 41, 7], [11, 12, 13, 99, 140, 3, 60, 61, 62, 8, 9]]
@@ -37,12 +35,7 @@ def checkpoint(tmp_path_factory):
 
     def get(shape: str):
         if shape not in made:
-            directory = tmp_path_factory.mktemp(shape)
-            config = LlamaConfig(vocab_size=VOCAB, hidden_size=96, intermediate_size=100, num_hidden_layers=2,
-                                 head_dim=16, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
-                                 pad_token_id=0, **SHAPES[shape])
-            save_random_model(config, LlamaForCausalLM, directory, vector_std=0.1)
-            made[shape] = directory
+            made[shape] = save_tiny_llama(tmp_path_factory.mktemp(shape), **SHAPES[shape])
         return made[shape]
     return get
 
@@ -130,12 +123,8 @@ def test_speculative_decoding_over_ranks_keeps_the_greedy_tokens(checkpoint, tmp
 @pytest.fixture(scope="module")
 def block_aligned(tmp_path_factory):
     """Row-parallel slices (o_proj's 128 inputs, down_proj's 256, over 2 ranks) that are whole 32-weight blocks."""
-    directory = tmp_path_factory.mktemp("block-aligned")
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2, head_dim=32,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1,
-                         eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
-    save_random_model(config, LlamaForCausalLM, directory, vector_std=0.1)
-    return directory
+    return save_tiny_llama(tmp_path_factory.mktemp("block-aligned"), hidden_size=128, intermediate_size=256,
+                           head_dim=32, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
 
 
 def _encoded(directory, cache_dir, encoding: str, tensor_parallel: int):
