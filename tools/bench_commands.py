@@ -27,7 +27,7 @@ def _bench_embeddings(args: argparse.Namespace) -> bool:
     for option in other:
         if getattr(args, option[2:].replace("-", "_")) is not None:
             raise UsageError(f"{option} does not apply to {kind} model")
-    peers = ("st",) if embeddings else ("hf", "ort-genai")
+    peers = ("st",) if embeddings else ("hf", "ort-genai", "continuous")
     if args.compare not in (None, *peers):
         raise UsageError(f"--compare {args.compare} does not apply to {kind} model; use --compare "
                          + " or ".join(peers))
@@ -49,7 +49,18 @@ def _generation_peer(args: argparse.Namespace, threads: int, cache_dir) -> Calla
                 "then cached) ...")
         return OrtGenaiRunner(args.model, threads, cache_dir)
 
-    return {"hf": hf, "ort-genai": ort_genai}.get(args.compare)
+    def continuous():
+        from .bench import EmberRunner, loaded_encoding
+        from .loading import load_pipeline, pipeline_config
+
+        eprint("ember: loading the same model with the continuous KV cache for --compare continuous ...")
+        config = pipeline_config(args.model, encoding=args.encoding[0] if args.encoding else None,
+                                 num_threads=threads, kv_cache_strategy="continuous",
+                                 max_batch_size=args.batch_size or 8, max_length=args.prompt_tokens + args.new_tokens)
+        loaded = load_pipeline(config)
+        return EmberRunner(loaded, name=f"ember {loaded_encoding(loaded)} continuous")
+
+    return {"hf": hf, "ort-genai": ort_genai, "continuous": continuous}.get(args.compare)
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -65,6 +76,9 @@ def run_bench(args: argparse.Namespace) -> int:
         build_errors = (OrtGenaiBuildError,)
     args.prompt_tokens = 64 if args.prompt_tokens is None else args.prompt_tokens
     args.new_tokens = 128 if args.new_tokens is None else args.new_tokens
+    if args.compare == "continuous" and not args.concurrency:
+        raise UsageError("--compare continuous measures the engine's --concurrency levels against ember's own static "
+                         "batch (--batch-size) on the continuous KV cache")
     engine_bench = (_cmd_bench_serving if args.concurrency or args.prefix_cache else
                     _cmd_bench_speculative if args.speculative or args.draft_model else None)
     if engine_bench is not None:

@@ -133,10 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bandwidth-mib", type=positive, default=None, metavar="N", help=argparse.SUPPRESS)
     p.add_argument("--runs", type=positive, default=5, metavar="N", help="measured runs (default: 5)")
     p.add_argument("--warmup", type=non_negative, default=1, metavar="N", help="unmeasured runs first (default: 1)")
-    p.add_argument("--compare", choices=["hf", "st", "ort-genai"], default=None,
+    p.add_argument("--compare", choices=["hf", "st", "ort-genai", "continuous"], default=None,
                    help="also run the same weights in a peer and print ratios: hf (transformers) or ort-genai "
                         "(onnxruntime-genai, int4 model built by its builder; pip install 'ember[bench]') for "
-                        "a text-generation model, st (sentence-transformers) for an embeddings model")
+                        "a text-generation model, st (sentence-transformers) for an embeddings model; with "
+                        "--concurrency, continuous: ember's own static batch on the continuous KV cache")
     p.add_argument("--encoding", type=encoding_list, default=None, metavar="E[,E...]",
                    help="weight encoding; for text generation a comma-separated list is measured in one run, "
                         "e.g. float32,q8_0,q4_0 (default: the architecture's)")

@@ -110,13 +110,17 @@ def add_kv_cache_options(parser: argparse.ArgumentParser, default_strategy: str 
                         help="paged: tokens per page (default: 16)")
     parser.add_argument("--no-prefix-caching", action="store_true",
                         help="paged: do not share the pages of common prompt prefixes between requests")
+    parser.add_argument("--decode-slots", type=non_negative, default=0, metavar="N",
+                        help="paged, CPU: decode up to N sequences on the continuous graph over slots mirrored from "
+                             "their pages while only they are decoding (faster at low concurrency; loads the weights "
+                             "a second time and holds a max-length slot per sequence; default 0: off)")
 
 
 def kv_cache_config(args: argparse.Namespace) -> dict:
     """The PipelineConfig fields of the KV cache options."""
     config = {"kv_cache_strategy": args.kv_cache_strategy, "kv_cache_bytes": args.kv_cache_bytes,
               "kv_cache_pages": args.kv_cache_pages, "enable_prefix_caching": not args.no_prefix_caching,
-              "kv_cache_bit_width": args.kv_cache_bit_width or 0}
+              "kv_cache_bit_width": args.kv_cache_bit_width or 0, "decode_slots": args.decode_slots}
     if args.kv_cache_page_size is not None:
         config["kv_cache_page_size"] = args.kv_cache_page_size
     return config
@@ -142,6 +146,9 @@ def speculative_config(args: argparse.Namespace) -> dict:
         if args.num_speculative_tokens is not None:
             raise UsageError("--num-speculative-tokens needs --speculative")
         return {}
+    if getattr(args, "decode_slots", 0):
+        raise UsageError("--decode-slots is for plain decoding: speculative verification runs the paged graph, "
+                         "whose last bits the plain steps must share")
     config = {"speculative": args.speculative or "draft", "draft_model_path": args.draft_model}
     if args.num_speculative_tokens is not None:
         config["num_speculative_tokens"] = args.num_speculative_tokens

@@ -89,6 +89,10 @@ class PipelineConfig:
     # Tensor parallelism (runtime/distributed/): the decoder split over this many ranks, each a process on this
     # machine (or started by torchrun across hosts), joined by torch.distributed.
     tensor_parallel: int = 1
+    # PAGED on a CPU: decode up to this many sequences on the continuous graph over slots mirrored from their pages
+    # (runtime/kv_cache/slot_mirror.py) while only they are decoding; costs a second session (weights loaded twice)
+    # and a slot of max_length per sequence. 0: off.
+    decode_slots: int = 0
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -117,6 +121,22 @@ class PipelineConfig:
         if not isinstance(self.tensor_parallel, int) or self.tensor_parallel < 1:
             raise ValueError(f"tensor_parallel must be a positive number of ranks, got {self.tensor_parallel!r}")
         self._check_speculative()
+        self._check_decode_slots()
+
+    def _check_decode_slots(self) -> None:
+        """Decode slots mirror a paged cache's float pages, for plain decoding on one process."""
+        if not isinstance(self.decode_slots, int) or self.decode_slots < 0:
+            raise ValueError(f"decode_slots must be a number of slots >= 0, got {self.decode_slots!r}")
+        if not self.decode_slots:
+            return
+        for clash, why in ((self.kv_cache_strategy is KVCacheStrategy.CONTINUOUS, "the paged KV cache"),
+                           (self.speculative is not None, "plain decoding (a verification step runs the paged graph, "
+                                                          "whose last bits its plain steps must share)"),
+                           (self.kv_cache_bit_width != 0, "a float KV cache"),
+                           (self.tensor_parallel != 1, "one process (tensor_parallel 1)")):
+            if clash:
+                raise ValueError(f"decode_slots mirror pages for {why}")
+        self.kv_cache_strategy = KVCacheStrategy.PAGED
 
     def _check_speculative(self) -> None:
         """Resolve the speculative options once: a draft model implies ``draft``; the paged cache and every

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from ember.compiler.artifact import Artifact, verify_artifact
-from ember.graphs.nn.kv_cache import DEFAULT_PAGE_SIZE
+from ember.graphs.nn.kv_cache import DEFAULT_PAGE_SIZE, KVCacheStrategy
 from ember.graphs.nn.transformer import ReturnLogits
 
 from ..backends import BACKENDS, RuntimeBackend, runtime_of
@@ -196,6 +196,11 @@ class PipelineRegistry:
         class (with the draft model of speculative decoding)."""
         architecture, config = model.architecture, model.pipeline_config
         pipeline_model = self._pipeline_model(model)
+        if config.decode_slots:
+            if architecture.task is not PipelineTask.TEXT_GENERATION:
+                raise ValueError(f"decode slots are for text generation; {architecture.name} serves "
+                                 f"{architecture.task.value}")
+            pipeline_model.attach_decode_slots(self._decode_slot_model(model, pipeline_model.max_seq_len))
         tokenizer = architecture.tokenizer(model.artifact.tokenizer_dir)
         extra = ({"context_validators": architecture.context_validators}
                  if architecture.task is PipelineTask.TEXT_GENERATION else {})
@@ -218,6 +223,18 @@ class PipelineRegistry:
         source = ModelSource.resolve(draft_config.model_path)
         architecture = self._architecture_of(source, None, PipelineTask.TEXT_GENERATION)
         return self._pipeline_model(self._resolve(draft_config, source, architecture))
+
+    def _decode_slot_model(self, model: ResolvedModel, max_length: int) -> Any:
+        """The decoder that runs decode slots: the same source compiled like the target but CONTINUOUS, a slot of
+        ``max_length`` per decode slot (runtime/kv_cache/slot_mirror.py)."""
+        config = model.pipeline_config
+        if model.source.kind == "artifact":
+            raise ValueError(f"decode slots compile the model with a continuous KV cache too; {model.source.path} "
+                             "is an artifact compiled for one cache: pass the source model (HF folder or GGUF)")
+        slot_config = dataclasses.replace(
+            config, kv_cache_strategy=KVCacheStrategy.CONTINUOUS, decode_slots=0, max_batch_size=config.decode_slots,
+            max_length=max_length, return_logits=ReturnLogits.LAST_TOKEN, kv_cache_pages=None)
+        return self._pipeline_model(self._resolve(slot_config, model.source, model.architecture))
 
     def _pipeline_model(self, model: ResolvedModel) -> Any:
         """The resolved model's pipeline model, in a session on the configured device (else device 0 of the kind

@@ -28,3 +28,31 @@ def test_compare_with_prefix_cache_is_a_usage_error(tiny_llama, env):  # noqa: F
     result = ember("bench", str(tiny_llama), "--prefix-cache", "--compare", "hf", env=env)
     assert_clean_error(result, 2)
     assert "--compare applies to --concurrency" in result.stderr
+
+
+def test_decode_slots_against_the_continuous_static_batch(tiny_llama, env, tmp_path):  # noqa: F811
+    """Issue 15's concurrency-1 goal in one run: the paged engine with a decode slot against ember's own continuous
+    static batch 1, the report naming the peer and the engine's strategy."""
+    out = tmp_path / "slots.json"
+    result = ember("bench", str(tiny_llama), "--concurrency", "1", "--decode-slots", "1", "--compare", "continuous",
+                   "--batch-size", "1", "--runs", "2", "--prompt-tokens", "8", "--new-tokens", "4", "--json", str(out),
+                   env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["kv_cache_strategy"] == "paged"
+    peer = report["concurrency"]["peer"]
+    assert peer["name"].endswith("continuous") and peer["batch_size"] == 1
+    assert report["concurrency"]["levels"]["1"]["ratio_to_peer"] > 0
+    assert "continuous static batch 1" in result.stdout
+
+
+def test_compare_continuous_needs_concurrency(tiny_llama, env):  # noqa: F811
+    result = ember("bench", str(tiny_llama), "--compare", "continuous", env=env)
+    assert_clean_error(result, 2)
+    assert "--compare continuous measures the engine" in result.stderr
+
+
+def test_decode_slots_with_speculative_decoding_is_refused(tiny_llama, env):  # noqa: F811
+    result = ember("bench", str(tiny_llama), "--speculative", "ngram", "--decode-slots", "1", env=env)
+    assert_clean_error(result, 2)
+    assert "--decode-slots is for plain decoding" in result.stderr

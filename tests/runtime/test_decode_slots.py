@@ -1,0 +1,127 @@
+"""Decode slots (issue 15, point 1): a paged pipeline decodes sequences that hold a slot on the continuous graph
+(GroupQueryAttention over a slot in place), the pages staying the truth, on a real tiny Llama through onnxruntime:
+
+- step by step (its prompt, then decode steps), the logits of a lone sequence run in a slot equal the paged
+  graph's within 1e-5 relative, and the steps really ran in the slot;
+- requests of different lengths in one batch (paged steps while several decode, the slot once one is left, rows
+  moving between the two) give the tokens of the paged pipeline without slots; afterwards a prompt that extends a
+  finished one reads its pages from the prefix cache (written back from the slot) and gives the same tokens too;
+- the mirror's invariant (each sequence's slot or pages hold all its tokens, equal where both do) holds after every
+  step; releasing a request frees its slot and its pages;
+- what decode slots cannot serve is refused when the configuration is made (speculative decoding, an int8 or a
+  continuous cache, tensor parallelism), or when the model is a compiled artifact.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ember.runtime.pipelines import PIPELINE_REGISTRY, PipelineConfig, SamplingParams
+from ember.runtime.pipelines.context import TextContext
+
+from ..reference.tiny_models import make_model
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], list(range(20, 33)), [40, 41, 42]]
+NEW_TOKENS = [6, 19, 11]  # rows finish at different steps: the last one decodes alone
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    model = tmp_path_factory.mktemp("tiny-slots")
+    make_model("llama-gqa-llama3", model)
+    return model, tmp_path_factory.mktemp("cache")
+
+
+def load(tiny, **kwargs):
+    model, cache = tiny
+    config = PipelineConfig(model_path=model, cache_dir=cache, kv_cache_strategy="paged", max_length=64,
+                            kv_cache_page_size=4, max_batch_size=4, **kwargs)
+    return PIPELINE_REGISTRY.retrieve(config)[1]
+
+
+@pytest.fixture(scope="module")
+def plain(tiny):
+    return load(tiny)
+
+
+@pytest.fixture(scope="module")
+def slotted(tiny):
+    return load(tiny, decode_slots=1)
+
+
+def check(pipeline) -> None:
+    model = pipeline.pipeline_model
+    model.kv_manager.check_invariants()
+    if model._mirror is not None:
+        model._mirror.check_invariants()
+
+
+def test_a_lone_sequence_decodes_in_its_slot_with_the_paged_logits(plain, slotted):
+    models = [plain.pipeline_model, slotted.pipeline_model]
+    contexts = [TextContext(list(PROMPTS[1]), max_length=64, request_id=f"step-{i}") for i in range(2)]
+    before = slotted.pipeline_model.slot_steps
+    try:
+        inputs = [m.prepare_initial_token_inputs([c]) for m, c in zip(models, contexts)]
+        for step in range(12):
+            logits = [m.execute(i).next_token_logits for m, i in zip(models, inputs)]
+            np.testing.assert_allclose(logits[1], logits[0], rtol=1e-5, atol=1e-5 * np.abs(logits[0]).max())
+            token = int(np.argmax(logits[0][0]))
+            for ctx in contexts:
+                ctx.start_idx = ctx.active_idx
+                ctx.append(token)
+            inputs = [m.prepare_next_token_inputs(np.array([token]), i) for m, i in zip(models, inputs)]
+            check(slotted)
+    finally:
+        for model, ctx in zip(models, contexts):
+            model.release(ctx.request_id)
+    assert slotted.pipeline_model.slot_steps - before == 12  # the prompt too: a lone request runs in its slot
+    check(slotted)
+    assert slotted.pipeline_model.kv_manager.num_active == 0
+    assert slotted.pipeline_model._slot_model.kv_manager.num_active == 0
+
+
+def run(pipeline, prompts, new_tokens) -> list[list[int]]:
+    contexts = [pipeline.new_context(p, SamplingParams(max_new_tokens=n, ignore_eos=True))
+                for p, n in zip(prompts, new_tokens)]
+    for _ in pipeline.generate(contexts):
+        check(pipeline)
+    return [c.generated for c in contexts]
+
+
+def test_rows_move_between_pages_and_slot_and_give_the_paged_tokens(plain, slotted):
+    before = slotted.pipeline_model.slot_steps
+    expected = run(plain, PROMPTS, NEW_TOKENS)
+    assert run(slotted, PROMPTS, NEW_TOKENS) == expected
+    assert slotted.pipeline_model.slot_steps - before >= NEW_TOKENS[1] - NEW_TOKENS[2] - 1  # the lone tail
+    # The longest request's tokens decoded in the slot reached its pages: a prompt extending it is served from the
+    # prefix cache (whole pages) and continues exactly as without slots.
+    follow_up = [PROMPTS[1] + expected[1] + [3]]
+    cached = slotted.pipeline_model.kv_manager.prompt_tokens_cached
+    assert run(slotted, follow_up, [8]) == run(plain, follow_up, [8])
+    assert slotted.pipeline_model.kv_manager.prompt_tokens_cached - cached >= 16
+    assert slotted.pipeline_model.kv_manager.num_active == 0
+
+
+def test_two_slots_decode_two_rows_together(tiny, plain):
+    two = load(tiny, decode_slots=2)
+    expected = run(plain, PROMPTS[:2], NEW_TOKENS[:2])
+    assert run(two, PROMPTS[:2], NEW_TOKENS[:2]) == expected
+    assert two.pipeline_model.slot_steps >= NEW_TOKENS[0] - 1
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(speculative="ngram"), "plain decoding"),
+    (dict(kv_cache_bit_width=8), "float KV cache"),
+    (dict(kv_cache_strategy="continuous"), "paged KV cache"),
+    (dict(tensor_parallel=2), "one process"),
+    (dict(decode_slots=-1), "decode_slots must be"),
+])
+def test_what_slots_cannot_serve_is_refused_in_the_configuration(options, message):
+    with pytest.raises(ValueError, match=message):
+        PipelineConfig(model_path="unused", **{"decode_slots": 1, **options})
+
+
+def test_a_compiled_artifact_cannot_get_slots(tiny, plain):
+    artifact = plain.pipeline_model.artifact.path
+    with pytest.raises(ValueError, match="pass the source model"):
+        PIPELINE_REGISTRY.retrieve(PipelineConfig(model_path=artifact, decode_slots=1, max_length=64))
