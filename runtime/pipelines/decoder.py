@@ -227,6 +227,11 @@ class DecoderPipelineModel(PipelineModel, KVCacheMixin):
         self._mirror = SlotMirror(self.kv_manager, slot_model.kv_manager)
         self._slot_model = slot_model
 
+    @property
+    def slot_mirror(self) -> SlotMirror | None:
+        """The decode slots' mirror (None without decode slots): its ``slots`` manager, ``check_invariants``."""
+        return self._mirror
+
     def _execute_in_slots(self, inputs: DecoderInputs) -> ModelOutputs | None:
         """One step in the slots, committed on both caches; None (nothing done) when the rows do not fit: more rows
         than free slots, or a mix GroupQueryAttention cannot run in one call. A lone request's prompt runs there too,

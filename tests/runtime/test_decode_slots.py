@@ -52,8 +52,8 @@ def slotted(tiny):
 def check(pipeline) -> None:
     model = pipeline.pipeline_model
     model.kv_manager.check_invariants()
-    if model._mirror is not None:
-        model._mirror.check_invariants()
+    if model.slot_mirror is not None:
+        model.slot_mirror.check_invariants()
 
 
 def test_a_lone_sequence_decodes_in_its_slot_with_the_paged_logits(plain, slotted):
@@ -77,7 +77,7 @@ def test_a_lone_sequence_decodes_in_its_slot_with_the_paged_logits(plain, slotte
     assert slotted.pipeline_model.slot_steps - before == 12  # the prompt too: a lone request runs in its slot
     check(slotted)
     assert slotted.pipeline_model.kv_manager.num_active == 0
-    assert slotted.pipeline_model._slot_model.kv_manager.num_active == 0
+    assert slotted.pipeline_model.slot_mirror.slots.num_active == 0
 
 
 def run(pipeline, prompts, new_tokens) -> list[list[int]]:
@@ -125,3 +125,18 @@ def test_a_compiled_artifact_cannot_get_slots(tiny, plain):
     artifact = plain.pipeline_model.artifact.path
     with pytest.raises(ValueError, match="pass the source model"):
         PIPELINE_REGISTRY.retrieve(PipelineConfig(model_path=artifact, decode_slots=1, max_length=64))
+
+
+def test_a_request_stopped_mid_decode_frees_its_slot_and_pages(slotted):
+    """Leaving ``generate`` early aborts the request (as a disconnected client does): its slot's tokens go back to its
+    pages before they are released, and a prompt repeating them is then served from the prefix cache."""
+    model = slotted.pipeline_model
+    context = slotted.new_context(PROMPTS[1], SamplingParams(max_new_tokens=30, ignore_eos=True))
+    for i, _ in enumerate(slotted.generate([context])):
+        if i == 9:
+            break
+    check(slotted)
+    assert model.kv_manager.num_active == 0 and model.slot_mirror.slots.num_active == 0
+    assert model.kv_manager.pool.num_referenced == 0
+    cached = model.kv_manager.match_prefix(PROMPTS[1] + context.generated + [3])
+    assert cached >= 16  # whole pages of the prompt and the tokens decoded in the slot
