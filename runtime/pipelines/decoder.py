@@ -8,7 +8,6 @@ claimed, which rows can share a call and what is bound besides the tokens depend
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -21,12 +20,13 @@ from ember.graphs.nn.transformer import ReturnLogits
 
 from ..kv_cache.continuous import ContinuousKVCacheManager
 from ..kv_cache.paged import PagedKVCacheManager
-from ..kv_cache.slot_mirror import SlotMirror
 from ..session import Device, InferenceSession, LoadedModel
 from .config import PipelineConfig
 from .context import TextContext
-from .interfaces import KVCacheMixin, ModelInputs, ModelOutputs, PipelineModel
-from .kv_binding import ContinuousBinding, PagedBinding, batch_mode
+from .interfaces import KVCacheMixin, ModelOutputs, PipelineModel
+from .decode_slots import DecodeSlots
+from .decoder_inputs import DecoderInputs
+from .kv_binding import ContinuousBinding, PagedBinding
 
 if TYPE_CHECKING:
     from .supported_architecture import ResolvedModel
@@ -35,19 +35,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH_SIZE = 8  # CONTINUOUS: each slot reserves max_length tokens
 DEFAULT_MAX_PAGED_BATCH_SIZE = 32  # PAGED: requests cost only the pages they fill
-
-
-@dataclasses.dataclass(kw_only=True)
-class DecoderInputs(ModelInputs):
-    """``tokens`` [batch, seq] int64 (right-padded), ``input_lengths`` and ``cache_lengths`` [batch] int32."""
-
-    tokens: np.ndarray
-    input_lengths: np.ndarray
-    cache_lengths: np.ndarray
-    request_ids: list[str] = dataclasses.field(default_factory=list)
-    return_n_logits: int = 1
-    # ``kv_cache_inputs`` (ModelInputs' field): what the KV strategy binds besides the cache,
-    # ``ContinuousKVInputs`` (the rows' first slot) or ``PagedKVInputs`` (page table, slot mapping); kv_binding.py.
 
 
 class DecoderPipelineModel(PipelineModel, KVCacheMixin):
@@ -76,9 +63,7 @@ class DecoderPipelineModel(PipelineModel, KVCacheMixin):
         # first rows), read back to the host after each call.
         self._logits = self.model.backend.allocate((self.kv.max_batch_size, self.vocab_size), np.float32)
         self._logit_views: dict[int, Any] = {}
-        self._slot_model: DecoderPipelineModel | None = None  # decode slots (attach_decode_slots)
-        self._mirror: SlotMirror | None = None
-        self.slot_steps = 0  # decode steps run in the slots
+        self.decode_slots: DecodeSlots | None = None  # attach_decode_slots
         start = time.perf_counter()
         self.warm_up()
         self.warm_up_seconds = time.perf_counter() - start
@@ -216,50 +201,11 @@ class DecoderPipelineModel(PipelineModel, KVCacheMixin):
             self.release(request_id)
 
     def attach_decode_slots(self, slot_model: DecoderPipelineModel) -> None:
-        """Run in ``slot_model`` (the same model compiled CONTINUOUS, a slot per sequence it may hold) the steps whose
-        rows all hold or can get a slot; the pages stay the truth (:mod:`ember.runtime.kv_cache.slot_mirror`)."""
+        """Run in ``slot_model`` (the same model compiled CONTINUOUS, a slot per sequence it may hold) the steps that
+        fit its slots; the pages stay the truth (:mod:`.decode_slots`)."""
         if not isinstance(self.kv_manager, PagedKVCacheManager):
             raise ValueError("decode slots mirror a paged KV cache; this model's is continuous")
-        if not isinstance(slot_model.kv_manager, ContinuousKVCacheManager):
-            raise ValueError("the decode slots' model must have a continuous KV cache")
-        if slot_model.vocab_size != self.vocab_size:
-            raise ValueError(f"the decode slots' model has {slot_model.vocab_size} logits, this one {self.vocab_size}")
-        self._mirror = SlotMirror(self.kv_manager, slot_model.kv_manager)
-        self._slot_model = slot_model
-
-    @property
-    def slot_mirror(self) -> SlotMirror | None:
-        """The decode slots' mirror (None without decode slots): its ``slots`` manager, ``check_invariants``."""
-        return self._mirror
-
-    def _execute_in_slots(self, inputs: DecoderInputs) -> ModelOutputs | None:
-        """One step in the slots, committed on both caches; None (nothing done) when the rows do not fit: more rows
-        than free slots, or a mix GroupQueryAttention cannot run in one call. A lone request's prompt runs there too,
-        so that at concurrency 1 only the slots' session runs (two sessions taking turns each find the other's
-        onnxruntime threads still spinning: a prefill measured twice as long)."""
-        slot_model, mirror = self._slot_model, self._mirror
-        assert slot_model is not None and mirror is not None
-        ids = inputs.request_ids
-        one_token = inputs.tokens.shape[1] == 1
-        if (not inputs.input_lengths.all() or len(ids) > slot_model.max_batch_size or not mirror.can_take(ids)
-                or batch_mode(inputs.input_lengths, inputs.cache_lengths) is None
-                or not (one_token or self.return_logits is ReturnLogits.LAST_TOKEN)):
-            return None
-        mirror.prepare(ids)
-        order, slot_inputs = slot_model.kv.order(list(ids))
-        rows = [ids.index(r) for r in order] if order != ids else list(range(len(ids)))
-        outputs = slot_model.execute(DecoderInputs(
-            tokens=inputs.tokens[rows], input_lengths=inputs.input_lengths[rows],
-            cache_lengths=inputs.cache_lengths[rows], request_ids=order, kv_cache_inputs=slot_inputs))
-        self.kv.commit(ids, inputs.tokens, inputs.input_lengths)  # the pages' bookkeeping; their K/V come on flush
-        logits = outputs.next_token_logits
-        if rows != list(range(len(ids))):
-            logits = np.empty_like(logits)
-            logits[rows] = outputs.next_token_logits
-        self.slot_steps += 1
-        if self.return_logits is ReturnLogits.ALL:  # one-token rows: their one position
-            return ModelOutputs(next_token_logits=logits, logits=logits[:, None])
-        return ModelOutputs(next_token_logits=logits)
+        self.decode_slots = DecodeSlots(self.kv_manager, slot_model, self.vocab_size, self.return_logits)
 
     # the scheduler's interface (runtime/scheduler.py) --------------------------------------------
     @property
@@ -377,12 +323,10 @@ class DecoderPipelineModel(PipelineModel, KVCacheMixin):
         batch = inputs.tokens.shape[0]
         if int((inputs.cache_lengths + inputs.input_lengths).max()) > self.max_seq_len:
             raise ValueError(f"a sequence would pass the maximum length {self.max_seq_len}")
-        if self._mirror is not None:
-            if commit:
-                outputs_in_slots = self._execute_in_slots(inputs)
-                if outputs_in_slots is not None:
-                    return outputs_in_slots
-            self._mirror.flush()  # the paged graph reads pages: slots' tokens first
+        if self.decode_slots is not None:
+            if commit and self.decode_slots.fits(inputs):
+                return self.decode_slots.execute(inputs, self._commit)
+            self.decode_slots.before_paged_step()
         model = self.model
         model.bind_input("input_ids", inputs.tokens)
         model.bind_input("input_lengths", inputs.input_lengths)
@@ -403,14 +347,17 @@ class DecoderPipelineModel(PipelineModel, KVCacheMixin):
             outputs = ModelOutputs(next_token_logits=all_logits[rows, inputs.input_lengths - 1].copy(),
                                    logits=all_logits)
         if commit:
-            self.kv.commit(inputs.request_ids, inputs.tokens, inputs.input_lengths)
-        if self._mirror is not None and commit:
-            self._mirror.paged_step_done(inputs.request_ids)
+            self._commit(inputs)
+            if self.decode_slots is not None:
+                self.decode_slots.after_paged_step(inputs.request_ids)
         return outputs
 
+    def _commit(self, inputs: DecoderInputs) -> None:
+        self.kv.commit(inputs.request_ids, inputs.tokens, inputs.input_lengths)
+
     def release(self, request_id: str) -> None:
-        if self._mirror is not None:
-            self._mirror.release(request_id)  # its slot's tokens into its pages (cached pages keep them), slot freed
+        if self.decode_slots is not None:
+            self.decode_slots.release(request_id)
         self.kv.release(request_id)
         for listener in self.release_listeners:  # e.g. a draft model's cache for the same request
             listener(request_id)

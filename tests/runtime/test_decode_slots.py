@@ -52,14 +52,14 @@ def slotted(tiny):
 def check(pipeline) -> None:
     model = pipeline.pipeline_model
     model.kv_manager.check_invariants()
-    if model.slot_mirror is not None:
-        model.slot_mirror.check_invariants()
+    if model.decode_slots is not None:
+        model.decode_slots.mirror.check_invariants()
 
 
 def test_a_lone_sequence_decodes_in_its_slot_with_the_paged_logits(plain, slotted):
     models = [plain.pipeline_model, slotted.pipeline_model]
     contexts = [TextContext(list(PROMPTS[1]), max_length=64, request_id=f"step-{i}") for i in range(2)]
-    before = slotted.pipeline_model.slot_steps
+    before = slotted.pipeline_model.decode_slots.steps
     try:
         inputs = [m.prepare_initial_token_inputs([c]) for m, c in zip(models, contexts)]
         for step in range(12):
@@ -74,10 +74,10 @@ def test_a_lone_sequence_decodes_in_its_slot_with_the_paged_logits(plain, slotte
     finally:
         for model, ctx in zip(models, contexts):
             model.release(ctx.request_id)
-    assert slotted.pipeline_model.slot_steps - before == 12  # the prompt too: a lone request runs in its slot
+    assert slotted.pipeline_model.decode_slots.steps - before == 12  # the prompt too: a lone request runs in its slot
     check(slotted)
     assert slotted.pipeline_model.kv_manager.num_active == 0
-    assert slotted.pipeline_model.slot_mirror.slots.num_active == 0
+    assert slotted.pipeline_model.decode_slots.mirror.slots.num_active == 0
 
 
 def run(pipeline, prompts, new_tokens) -> list[list[int]]:
@@ -89,10 +89,10 @@ def run(pipeline, prompts, new_tokens) -> list[list[int]]:
 
 
 def test_rows_move_between_pages_and_slot_and_give_the_paged_tokens(plain, slotted):
-    before = slotted.pipeline_model.slot_steps
+    before = slotted.pipeline_model.decode_slots.steps
     expected = run(plain, PROMPTS, NEW_TOKENS)
     assert run(slotted, PROMPTS, NEW_TOKENS) == expected
-    assert slotted.pipeline_model.slot_steps - before >= NEW_TOKENS[1] - NEW_TOKENS[2] - 1  # the lone tail
+    assert slotted.pipeline_model.decode_slots.steps - before >= NEW_TOKENS[1] - NEW_TOKENS[2] - 1  # the lone tail
     # The longest request's tokens decoded in the slot reached its pages: a prompt extending it is served from the
     # prefix cache (whole pages) and continues exactly as without slots.
     follow_up = [PROMPTS[1] + expected[1] + [3]]
@@ -106,7 +106,7 @@ def test_two_slots_decode_two_rows_together(tiny, plain):
     two = load(tiny, decode_slots=2)
     expected = run(plain, PROMPTS[:2], NEW_TOKENS[:2])
     assert run(two, PROMPTS[:2], NEW_TOKENS[:2]) == expected
-    assert two.pipeline_model.slot_steps >= NEW_TOKENS[0] - 1
+    assert two.pipeline_model.decode_slots.steps >= NEW_TOKENS[0] - 1
 
 
 @pytest.mark.parametrize("options,message", [
@@ -136,7 +136,7 @@ def test_a_request_stopped_mid_decode_frees_its_slot_and_pages(slotted):
         if i == 9:
             break
     check(slotted)
-    assert model.kv_manager.num_active == 0 and model.slot_mirror.slots.num_active == 0
+    assert model.kv_manager.num_active == 0 and model.decode_slots.mirror.slots.num_active == 0
     assert model.kv_manager.pool.num_referenced == 0
     cached = model.kv_manager.match_prefix(PROMPTS[1] + context.generated + [3])
     assert cached >= 16  # whole pages of the prompt and the tokens decoded in the slot
