@@ -7,7 +7,8 @@
   moving between the two) give the tokens of the paged pipeline without slots; afterwards a prompt that extends a
   finished one reads its pages from the prefix cache (written back from the slot) and gives the same tokens too;
 - the mirror's invariant (each sequence's slot or pages hold all its tokens, equal where both do) holds after every
-  step; releasing a request frees its slot and its pages;
+  step; releasing a request (finished, aborted, preempted under a pool too small for all) frees its slot and its
+  pages, and preempted requests resume with the tokens of a pipeline without slots;
 - what decode slots cannot serve is refused when the configuration is made (speculative decoding, an int8 or a
   continuous cache, tensor parallelism), or when the model is a compiled artifact.
 """
@@ -80,10 +81,11 @@ def test_a_lone_sequence_decodes_in_its_slot_with_the_paged_logits(plain, slotte
     assert slotted.pipeline_model.decode_slots.mirror.slots.num_active == 0
 
 
-def run(pipeline, prompts, new_tokens) -> list[list[int]]:
+def run(pipeline, prompts, new_tokens, preempted: list | None = None) -> list[list[int]]:
     contexts = [pipeline.new_context(p, SamplingParams(max_new_tokens=n, ignore_eos=True))
                 for p, n in zip(prompts, new_tokens)]
-    for _ in pipeline.generate(contexts):
+    on_step = None if preempted is None else (lambda decision: preempted.extend(decision.preempted))
+    for _ in pipeline.generate(contexts, on_step=on_step):
         check(pipeline)
     return [c.generated for c in contexts]
 
@@ -140,3 +142,17 @@ def test_a_request_stopped_mid_decode_frees_its_slot_and_pages(slotted):
     assert model.kv_manager.pool.num_referenced == 0
     cached = model.kv_manager.match_prefix(PROMPTS[1] + context.generated + [3])
     assert cached >= 16  # whole pages of the prompt and the tokens decoded in the slot
+
+
+def test_preemption_under_a_small_pool_gives_the_same_tokens(tiny):
+    """Pages run out while rows move between pages and slot: preempted requests are recomputed from their pages (those
+    of tokens decoded in the slot were written back first) and every request gets the tokens of a pipeline without
+    slots under the same pool."""
+    small = dict(kv_cache_pages=16, enable_prefix_caching=True)  # 64 tokens: one max-length sequence
+    plain_small, slotted_small = load(tiny, **small), load(tiny, decode_slots=1, **small)
+    prompts, new_tokens = PROMPTS + [list(range(60, 66))], [20, 30, 25, 20]
+    expected = run(plain_small, prompts, new_tokens)
+    preempted: list[str] = []
+    assert run(slotted_small, prompts, new_tokens, preempted) == expected
+    assert preempted and slotted_small.pipeline_model.decode_slots.steps > 0
+    assert slotted_small.pipeline_model.kv_manager.num_active == 0
