@@ -18,8 +18,8 @@ hold). One of them always equals the request's committed length:
   the time another request can read them;
 - :meth:`release` flushes the request before its pages are released (cached pages keep their content).
 
-Copies are host numpy copies of a few tokens per layer (a full page of 16 tokens into 60 pools is ~0.1 ms), so
-both managers' buffers must be host arrays (the CPU backend's).
+Copies are host numpy copies of the tokens that moved, per layer (usually the few decoded since the last write-back),
+so both managers' buffers must be host arrays (the CPU backend's).
 """
 from __future__ import annotations
 
