@@ -133,7 +133,8 @@ def _cmd_bench_serving(args: argparse.Namespace) -> int:
     eprint(f"ember: {loaded.describe()}")
     report = {"model": args.model or "SmolLM2-135M-Instruct (embedded default)",
               "encoding": loaded.pipeline.pipeline_model.artifact.manifest["encoding"],
-              "kv_cache_strategy": kv["kv_cache_strategy"], "threads": loaded.num_threads}
+              "kv_cache_strategy": kv["kv_cache_strategy"], "decode_slots": kv["decode_slots"],
+              "threads": loaded.num_threads}
     if levels and args.http:
         from .bench_http import run_http_benchmark
         report["http"] = run_http_benchmark(loaded.pipeline, loaded.tokenizer, levels, prompt_tokens=args.prompt_tokens,

@@ -202,8 +202,9 @@ def format_embeddings_report(report: dict[str, Any]) -> str:
 
 def format_serving_report(report: dict[str, Any]) -> str:
     """``ember bench --concurrency`` / ``--prefix-cache``: one row per concurrency level, the prefix-cache line."""
-    lines = [f"model: {report['model']}, encoding {report['encoding']}, {report['kv_cache_strategy']} KV cache, "
-             f"{report['threads']} threads"]
+    slots = report.get("decode_slots", 0)
+    lines = [f"model: {report['model']}, encoding {report['encoding']}, {report['kv_cache_strategy']} KV cache"
+             + (f" with {slots} decode slot{'s' * (slots > 1)}" if slots else "") + f", {report['threads']} threads"]
     concurrency = report.get("concurrency")
     if concurrency:
         lines.append(f"{concurrency['prompt_tokens']}-token prompts, {concurrency['new_tokens']} new tokens each, "

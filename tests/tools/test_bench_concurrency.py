@@ -39,7 +39,8 @@ def test_decode_slots_against_the_continuous_static_batch(tiny_llama, env, tmp_p
                    env=env, timeout=300)
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
-    assert report["kv_cache_strategy"] == "paged"
+    assert report["kv_cache_strategy"] == "paged" and report["decode_slots"] == 1
+    assert "paged KV cache with 1 decode slot," in result.stdout
     peer = report["concurrency"]["peer"]
     assert peer["name"].endswith("continuous") and peer["batch_size"] == 1
     assert report["concurrency"]["levels"]["1"]["ratio_to_peer"] > 0
