@@ -32,6 +32,7 @@ from ember.compiler.passes.lower_attention_gqa import lower_attention_to_gqa
 from ember.compiler.passes.lower_paged_attention import lower_paged_attention
 from ember.graphs.ir.custom import attention, paged_attention
 from ember.graphs.ir.graph import Graph
+from ember.graphs.nn.rotary import RotaryEmbedding
 
 logger = logging.getLogger(__name__)
 
@@ -66,12 +67,6 @@ class FormTime:
     ratio: float
 
 
-def _rotary_tables(shape: Shape) -> tuple[np.ndarray, np.ndarray]:
-    positions = np.arange(shape.context + 2)[:, None]
-    inv = 1.0 / 10000 ** (np.arange(0, shape.head_dim, 2) / shape.head_dim)
-    return np.cos(positions * inv).astype(np.float32), np.sin(positions * inv).astype(np.float32)
-
-
 def build(shape: Shape, form: str) -> ir.Model:
     """The lowered ``form`` graph: inputs query/key/value, lengths, its caches (``cache.{i}``-named per form)."""
     s = shape
@@ -81,23 +76,23 @@ def build(shape: Shape, form: str) -> ir.Model:
         value = g.add_input("value", F32, [s.batch, 1, s.kv_heads * s.head_dim])
         cache_lengths = g.add_input("cache_lengths", I32, [s.batch])
         input_lengths = g.add_input("input_lengths", I32, [s.batch])
-        cos, sin = (g.add_constant(t, n) for t, n in zip(_rotary_tables(s), ("rotary.cos", "rotary.sin")))
+        tables = RotaryEmbedding(s.head_dim, 10000.0, s.context + 2).tables()
+        cos, sin = (g.add_constant(t, n) for t, n in zip(tables, ("rotary.cos", "rotary.sin")))
         if form == "paged":
             page_table = g.add_input("page_table", I32, [s.batch, s.pages_per_row])
             slot_mapping = g.add_input("slot_mapping", I64, [s.batch, 1])
-        heads = {"num_heads": s.heads, "kv_num_heads": s.kv_heads}
         for i in range(s.layers):
+            # paged: a pool of token rows; continuous: a slot per row, one position past the context
+            dims: list[int | str | None] = (["pool_rows", s.kv_heads, s.head_dim] if form == "paged"
+                                            else [s.batch, s.kv_heads, s.context + 1, s.head_dim])
+            key_cache, value_cache = (g.add_input(f"{w}_cache.{i}", F32, dims) for w in ("key", "value"))
             if form == "paged":
-                pool = ["pool_rows", s.kv_heads, s.head_dim]
-                caches = [g.add_input(f"{w}_cache.{i}", F32, pool) for w in ("key", "value")]
                 x, key_out, value_out = paged_attention(
-                    x, key, value, *caches, page_table, slot_mapping, cache_lengths, input_lengths, cos, sin,
-                    page_size=s.page_size, **heads)
+                    x, key, value, key_cache, value_cache, page_table, slot_mapping, cache_lengths, input_lengths,
+                    cos, sin, num_heads=s.heads, kv_num_heads=s.kv_heads, page_size=s.page_size)
             else:
-                slot = [s.batch, s.kv_heads, s.context + 1, s.head_dim]
-                caches = [g.add_input(f"{w}_cache.{i}", F32, slot) for w in ("key", "value")]
-                x, key_out, value_out = attention(x, key, value, *caches, cache_lengths, input_lengths,
-                                                            cos, sin, **heads)
+                x, key_out, value_out = attention(x, key, value, key_cache, value_cache, cache_lengths, input_lengths,
+                                                  cos, sin, num_heads=s.heads, kv_num_heads=s.kv_heads)
             g.add_output(key_out, f"key_cache_out.{i}")
             g.add_output(value_out, f"value_cache_out.{i}")
         g.add_output(x, "output")

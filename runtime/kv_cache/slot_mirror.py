@@ -51,13 +51,6 @@ class SlotMirror:
         self._slot_arrays = [slots.backend.to_host(b) for b in slots.all_buffers]
         self._pool_length: dict[str, int] = {}  # per mirrored request: tokens whose K/V its pages hold
 
-    @property
-    def num_mirrored(self) -> int:
-        return len(self._pool_length)
-
-    def holds(self, request_id: str) -> bool:
-        return request_id in self._pool_length
-
     def can_take(self, request_ids: Sequence[str]) -> bool:
         """Whether every row holds a slot or can get a free one now."""
         new = sum(1 for r in request_ids if r not in self._pool_length)

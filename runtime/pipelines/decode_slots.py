@@ -14,7 +14,6 @@ spinning (time to first token 23 -> 33-54 ms for SmolLM2 q4_0; BENCHMARKS.md "De
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
@@ -36,9 +35,6 @@ class SlotDecoder(Protocol):
     vocab_size: int
     kv_manager: ContinuousKVCacheManager | PagedKVCacheManager
     kv: ContinuousBinding | PagedBinding
-
-    @property
-    def max_batch_size(self) -> int: ...
 
     def execute(self, model_inputs: DecoderInputs, commit: bool = True) -> ModelOutputs: ...
 
@@ -62,13 +58,12 @@ class DecodeSlots:
         """Whether the step can run in the slots: every row has tokens, holds or can get a slot, and the continuous
         graph runs the mix in one call (with every position's logits asked for, one-token rows only)."""
         ids = inputs.request_ids
-        return (bool(inputs.input_lengths.all()) and len(ids) <= self.model.max_batch_size
-                and self.mirror.can_take(ids) and batch_mode(inputs.input_lengths, inputs.cache_lengths) is not None
-                and (inputs.tokens.shape[1] == 1 or self.return_logits is ReturnLogits.LAST_TOKEN))
+        return (bool(inputs.input_lengths.all()) and self.mirror.can_take(ids)
+                and batch_mode(inputs.input_lengths, inputs.cache_lengths) is not None and (inputs.tokens.shape[1] == 1 or self.return_logits is ReturnLogits.LAST_TOKEN))
 
-    def execute(self, inputs: DecoderInputs, commit_pages: Callable[[DecoderInputs], None]) -> ModelOutputs:
-        """Run a step that :meth:`fits` in the slots; ``commit_pages(inputs)`` then records the tokens in the paged
-        cache's bookkeeping (their K/V reach the pages when the mirror flushes)."""
+    def execute(self, inputs: DecoderInputs) -> ModelOutputs:
+        """Run a step that :meth:`fits` in the slots, committed in them; the caller commits it to the paged cache's
+        bookkeeping (its K/V reach the pages when the mirror flushes)."""
         ids = inputs.request_ids
         self.mirror.prepare(ids)
         order, slot_inputs = self.binding.order(list(ids))
@@ -76,7 +71,6 @@ class DecodeSlots:
         outputs = self.model.execute(dataclasses.replace(
             inputs, tokens=inputs.tokens[rows], input_lengths=inputs.input_lengths[rows],
             cache_lengths=inputs.cache_lengths[rows], request_ids=order, kv_cache_inputs=slot_inputs))
-        commit_pages(inputs)
         logits = outputs.next_token_logits
         assert logits is not None  # a decoder's call always gives next-token logits
         if rows != sorted(rows):

@@ -325,7 +325,9 @@ class DecoderPipelineModel(PipelineModel, KVCacheMixin):
             raise ValueError(f"a sequence would pass the maximum length {self.max_seq_len}")
         if self.decode_slots is not None:
             if commit and self.decode_slots.fits(inputs):
-                return self.decode_slots.execute(inputs, self._commit)
+                outputs = self.decode_slots.execute(inputs)
+                self.kv.commit(inputs.request_ids, inputs.tokens, inputs.input_lengths)
+                return outputs
             self.decode_slots.before_paged_step()
         model = self.model
         model.bind_input("input_ids", inputs.tokens)
@@ -347,13 +349,10 @@ class DecoderPipelineModel(PipelineModel, KVCacheMixin):
             outputs = ModelOutputs(next_token_logits=all_logits[rows, inputs.input_lengths - 1].copy(),
                                    logits=all_logits)
         if commit:
-            self._commit(inputs)
+            self.kv.commit(inputs.request_ids, inputs.tokens, inputs.input_lengths)
             if self.decode_slots is not None:
                 self.decode_slots.after_paged_step(inputs.request_ids)
         return outputs
-
-    def _commit(self, inputs: DecoderInputs) -> None:
-        self.kv.commit(inputs.request_ids, inputs.tokens, inputs.input_lengths)
 
     def release(self, request_id: str) -> None:
         if self.decode_slots is not None:
