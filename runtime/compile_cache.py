@@ -28,7 +28,8 @@ from ember.compiler.targets import get_target
 from ember.graphs.nn.kv_cache import KVCacheStrategy
 
 from .backends import backend_from_runtime
-from .pipelines.config import BLOCK_ENCODINGS, NATIVE_ENCODINGS, PipelineConfig, SupportedEncoding, WeightsFormat
+from .pipelines.config import (BLOCK_ENCODINGS, NATIVE_ENCODINGS, PipelineConfig, SupportedEncoding, WeightsFormat,
+                               default_cache_dir)
 from .pipelines.model_source import ModelSource
 from .pipelines.architectures import BUILTIN_ARCHITECTURES
 from .pipelines.registry import PipelineRegistry, ResolvedArtifact, load_compiled_artifact
@@ -83,7 +84,7 @@ def resolve_encoding(pipeline_config: PipelineConfig, architecture: "SupportedAr
     if encoding is None and "float32" in supported and parameter_count(source) < exact_below:
         encoding = SupportedEncoding.float32
     if encoding is None:
-        native = NATIVE_ENCODINGS.get(max(block_types, key=block_types.get)) if block_types else None
+        native = NATIVE_ENCODINGS.get(max(block_types, key=lambda t: block_types[t])) if block_types else None
         encoding = native if native is not None and native.value in supported else architecture.default_encoding
     encoding = SupportedEncoding(getattr(encoding, "value", encoding))
     if encoding.value not in supported:
@@ -146,7 +147,7 @@ def ensure_artifact(pipeline_config: PipelineConfig, architecture: "SupportedArc
     if source.kind == "artifact":
         return load_compiled_artifact(pipeline_config, architecture, source)
     start = time.perf_counter()
-    cache_dir = Path(pipeline_config.cache_dir)
+    cache_dir = Path(pipeline_config.cache_dir or default_cache_dir())  # PipelineConfig fills in the default
     options = compile_options(pipeline_config, architecture, source)
     sha = source_sha256(source, cache_dir)
     directory = cache_dir / ARTIFACTS_DIR / f"{architecture.name}-{cache_key(sha + rules_fingerprint(architecture), options)}"
@@ -199,7 +200,7 @@ def compile_source(source: ModelSource, architecture: "SupportedArchitecture", o
     check_tokenizer(source)  # a tokenizer or chat template that cannot work fails now, not after the compile
     spec = architecture.spec
     arch_config = spec.config_from_hf(hf_config)
-    weights = spec.adapt(arch_config, source.open_weights(), source.weights_format.value,
+    weights = spec.adapt(arch_config, source.open_weights(), source.checkpoint_format().value,
                          {WeightsFormat(f).value: rules for f, rules in architecture.weight_adapters.items()})
     spec.check_checkpoint(arch_config, weights)
     if options.tensor_parallel > 1 and spec.kv_params(arch_config, KVCacheStrategy.CONTINUOUS, "float32", 1) is None:
@@ -225,7 +226,7 @@ def _lower_and_write(graph: Any, source: ModelSource, architecture: "SupportedAr
     max_positions = architecture.pipeline_model.calculate_max_seq_len(PipelineConfig(model_path=source.path),
                                                                       hf_config)
     manifest: dict[str, Any] = {
-        "source": {"path": str(source.path), "format": source.weights_format.value, "sha256": sha},
+        "source": {"path": str(source.path), "format": source.checkpoint_format().value, "sha256": sha},
         "architecture": architecture.name,
         "task": architecture.task.value,
         "encoding": options.encoding,

@@ -13,7 +13,7 @@ import asyncio
 import itertools
 import logging
 import threading
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from .kv_cache.paged import PagedKVCacheManager
@@ -98,7 +98,7 @@ class AsyncLLMEngine:
         self._loop_task: asyncio.Task | None = None
 
     async def generate(self, prompt_tokens: Sequence[int], sampling: SamplingParams | None = None,
-                       request_id: str | None = None) -> AsyncIterator[StepOutput]:
+                       request_id: str | None = None) -> AsyncGenerator[StepOutput, None]:
         """One request's outputs, token by token, until it finishes (or the caller stops iterating)."""
         request_id = self.engine.add_request(prompt_tokens, sampling, request_id)
         queue: asyncio.Queue[StepOutput] = asyncio.Queue()
@@ -132,9 +132,9 @@ class AsyncLLMEngine:
                     queue.put_nowait(StepOutput(request_id, None, error=f"{type(error).__name__}: {error}"))
                 return
             for output in outputs:
-                queue = self._queues.get(output.request_id)
-                if queue is not None:
-                    queue.put_nowait(output)
+                waiting = self._queues.get(output.request_id)
+                if waiting is not None:
+                    waiting.put_nowait(output)
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True)

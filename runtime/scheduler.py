@@ -38,7 +38,8 @@ logger = logging.getLogger(__name__)
 class SchedulableModel(Protocol):
     """What the scheduler needs of a pipeline model: its KV cache decisions (``DecoderPipelineModel``)."""
 
-    max_batch_size: int
+    @property
+    def max_batch_size(self) -> int: ...
 
     def admit(self, context: TextContext) -> bool: ...
 
@@ -289,7 +290,7 @@ class Scheduler:
                 ctx.sampling.prompt_logprobs is not None else None
             outputs.append(StepOutput(result.request_id, result.token, result.finish_reason, result.log_probabilities,
                                       prompt_log_probabilities=prompt))
-            if request is not None and ctx.is_done and request.status is RequestStatus.RUNNING:
+            if request is not None and ctx is not None and ctx.is_done and request.status is RequestStatus.RUNNING:
                 self._finish(request)  # once, though a verified row may have produced several outputs
         return outputs
 

@@ -146,6 +146,13 @@ class PagePool:
         """The page's prefix-cache entry, or None when it is not registered."""
         return self._entry[page]
 
+    def _cached(self, page: int) -> CachedPage:
+        """The entry of an evictable page (evictable pages are cached ones)."""
+        entry = self._entry[page]
+        if entry is None:
+            raise RuntimeError(f"page {page} is evictable but not cached")
+        return entry
+
     def stats(self) -> dict[str, int]:
         return {
             "num_pages": self.num_pages, "page_size": self.page_size, "free": self.num_free,
@@ -165,8 +172,7 @@ class PagePool:
             page = self._free.pop()
         elif self._evictable:
             page, _ = self._evictable.popitem(last=False)
-            entry = self._entry[page]
-            del self._index[entry.hash]
+            del self._index[self._cached(page).hash]
             self._entry[page] = None
             self.evictions += 1
         else:
@@ -268,7 +274,7 @@ class PagePool:
         dropped = 0
         while self._evictable:
             page, _ = self._evictable.popitem(last=False)
-            del self._index[self._entry[page].hash]
+            del self._index[self._cached(page).hash]
             self._entry[page] = None
             self._free.append(page)
             dropped += 1

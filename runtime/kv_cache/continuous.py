@@ -108,7 +108,7 @@ class ContinuousKVCacheManager(LayerBuffers):
         """Make the batch occupy consecutive slots; returns ``(first_slot, ids in row order)``."""
         slots = sorted(self._slot_of[r] for r in request_ids)
         if slots and slots[-1] - slots[0] + 1 == len(slots):
-            return slots[0], [self._owner[s] for s in slots]
+            return slots[0], [self._holder(s) for s in slots]
         for row, request_id in enumerate(request_ids):
             current = self._slot_of[request_id]
             if current != row:
@@ -128,7 +128,7 @@ class ContinuousKVCacheManager(LayerBuffers):
     def _move(self, src: int, dst: int) -> None:
         n = int(self._length[src])
         self._copy([dst], [src], n)
-        owner = self._owner[src]
+        owner = self._holder(src)
         self._owner[dst], self._length[dst] = owner, n
         self._slot_of[owner] = dst
 
@@ -138,8 +138,16 @@ class ContinuousKVCacheManager(LayerBuffers):
         self._owner[a], self._owner[b] = self._owner[b], self._owner[a]
         self._length[[a, b]] = self._length[[b, a]]
         for slot in (a, b):
-            if self._owner[slot] is not None:
-                self._slot_of[self._owner[slot]] = slot
+            owner = self._owner[slot]
+            if owner is not None:
+                self._slot_of[owner] = slot
+
+    def _holder(self, slot: int) -> str:
+        """The request in an occupied slot."""
+        owner = self._owner[slot]
+        if owner is None:
+            raise RuntimeError(f"slot {slot} is free")
+        return owner
 
     def _copy(self, dst: list[int], src: list[int], length: int) -> None:
         """Slots ``src`` into slots ``dst``, their first ``length`` positions, in every layer's K and V."""

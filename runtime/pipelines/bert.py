@@ -67,7 +67,7 @@ class BertModelConfig:
         return upper_bounded_default(limit, self.pipeline_config.max_length)
 
 
-class BertPipelineModel(PipelineModel):
+class BertPipelineModel(PipelineModel[BertInputs]):
     """A compiled encoder on onnxruntime that returns embeddings (or last hidden states)."""
 
     def __init__(self, pipeline_config: PipelineConfig, session: InferenceSession, devices: Sequence[Device] = (),
@@ -137,7 +137,7 @@ class BertPipelineModel(PipelineModel):
                 raise ValueError(f"an input has {len(ids)} tokens; the model's maximum is {self.max_seq_len}")
         return self._batch(token_lists)
 
-    def prepare_next_token_inputs(self, next_tokens: np.ndarray, prev_model_inputs: ModelInputs) -> ModelInputs:
+    def prepare_next_token_inputs(self, next_tokens: np.ndarray, prev_model_inputs: BertInputs) -> BertInputs:
         raise ValueError("an encoder computes embeddings in one step; there is no next token")
 
     def execute(self, model_inputs: BertInputs) -> ModelOutputs:

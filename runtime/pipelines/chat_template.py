@@ -234,7 +234,7 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
             _sizes().check("a sum", start, *items)
             return (items,)
 
-        growing = {"join": join, "indent": indent, "replace": replace, "sum": total,
+        growing: dict[str, Callable[..., Any]] = {"join": join, "indent": indent, "replace": replace, "sum": total,
                    "center": lambda value, width=80: _sizes().check(f"center({width})", base=int(width)),
                    "batch": lambda value, linecount, fill_with=None: _sizes().check(
                        f"batch({linecount})", base=int(linecount) if fill_with is not None else 0),
@@ -259,7 +259,7 @@ def _checked_filter(original: Callable[..., Any], check: Callable[..., Any] | No
                 rest = replaced + rest[len(replaced):]
         return original(*head, *rest, **kwargs)
     if mark is not None:
-        run.jinja_pass_arg = mark
+        setattr(run, "jinja_pass_arg", mark)  # the mark jinja reads to pass the context
     return run
 
 

@@ -37,7 +37,7 @@ DEFAULT_MAX_BATCH_SIZE = 8  # CONTINUOUS: each slot reserves max_length tokens
 DEFAULT_MAX_PAGED_BATCH_SIZE = 32  # PAGED: requests cost only the pages they fill
 
 
-class DecoderPipelineModel(PipelineModel, KVCacheMixin):
+class DecoderPipelineModel(PipelineModel[DecoderInputs], KVCacheMixin):
     """A compiled decoder-only model on its runtime backend, with a CONTINUOUS or PAGED KV cache."""
 
     def __init__(self, pipeline_config: PipelineConfig, session: InferenceSession, devices: Sequence[Device] = (),
@@ -76,7 +76,10 @@ class DecoderPipelineModel(PipelineModel, KVCacheMixin):
         pipeline_config = pipeline_config or PipelineConfig(model_path=None)
         strategy = KVCacheStrategy(pipeline_config.kv_cache_strategy or KVCacheStrategy.CONTINUOUS)
         dtype = "int8" if pipeline_config.kv_cache_bit_width == 8 else "float32"
-        return spec.kv_params(config, strategy, dtype, pipeline_config.kv_cache_page_size)
+        params = spec.kv_params(config, strategy, dtype, pipeline_config.kv_cache_page_size)
+        if params is None:
+            raise ValueError(f"{spec.name} keeps no KV cache: it is not a decoder")
+        return params
 
     # loading ------------------------------------------------------------------------------------
     def load_model(self, session: InferenceSession) -> LoadedModel:
@@ -234,6 +237,7 @@ class DecoderPipelineModel(PipelineModel, KVCacheMixin):
         (in as many model calls as the KV strategy needs, see :mod:`.kv_binding`)."""
         logits: np.ndarray | None = None
         for _, outputs, order in self._grouped_calls(rows, commit=True):
+            assert outputs.next_token_logits is not None  # a decoder's call always gives next-token logits
             if len(order) == len(rows) and order == sorted(order):
                 return outputs.next_token_logits  # one call, rows in order (every decode step): no 2nd copy
             if logits is None:
@@ -263,6 +267,7 @@ class DecoderPipelineModel(PipelineModel, KVCacheMixin):
         logits: list[np.ndarray] = [np.empty(0)] * len(rows)
         calls = []
         for inputs, outputs, order in self._grouped_calls(rows, commit=False):
+            assert outputs.logits is not None  # return_logits ALL (checked above)
             for row, i in enumerate(order):
                 end = int(inputs.input_lengths[row])
                 logits[i] = outputs.logits[row, end - num_logits[i]:end]

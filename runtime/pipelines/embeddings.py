@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from .bert import BertPipelineModel
 from .config import PipelineConfig
+from .interfaces import ModelOutputs
 
 
 @dataclass(eq=False)
@@ -58,8 +59,8 @@ class EmbeddingsPipeline:
     def next_token(self, batch: dict[str, EmbeddingsContext], num_steps: int = 1) -> dict[str, EmbeddingsResponse]:
         """MAX's step API: embed every context in ``batch`` in one model call."""
         contexts = list(batch.values())
-        outputs = self.pipeline_model.execute(self.pipeline_model.prepare_initial_token_inputs(contexts))
-        return {c.request_id: EmbeddingsResponse(outputs.logits[i]) for i, c in enumerate(contexts)}
+        vectors = _vectors(self.pipeline_model.execute(self.pipeline_model.prepare_initial_token_inputs(contexts)))
+        return {c.request_id: EmbeddingsResponse(vectors[i]) for i, c in enumerate(contexts)}
 
     def encode(self, texts: Iterable[str], batch_size: int = 32, progress: bool = False) -> np.ndarray:
         """``[len(texts), dim]`` embeddings, in the order given."""
@@ -68,12 +69,19 @@ class EmbeddingsPipeline:
             raise ValueError("nothing to embed")
         token_lists = self.tokenize(texts)
         order = np.argsort([len(t) for t in token_lists], kind="stable")
-        results: list[np.ndarray | None] = [None] * len(texts)
+        results: list[np.ndarray] = [np.empty(0)] * len(texts)
         starts = range(0, len(order), batch_size)
         for start in tqdm(starts, desc="embedding", unit="batch", disable=not progress):
             rows = order[start:start + batch_size]
             inputs = self.pipeline_model.prepare_initial_token_inputs([token_lists[i] for i in rows])
-            vectors = self.pipeline_model.execute(inputs).logits
+            vectors = _vectors(self.pipeline_model.execute(inputs))
             for row, vector in zip(rows, vectors):
                 results[row] = vector
         return np.stack(results)
+
+
+def _vectors(outputs: ModelOutputs) -> np.ndarray:
+    """An encoder's call gives its rows' vectors (pooled, or the last hidden state) as ``logits``."""
+    if outputs.logits is None:
+        raise ValueError("the encoder's call gave no vectors")
+    return outputs.logits

@@ -4,7 +4,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
@@ -52,8 +52,12 @@ class ModelOutputs:
     logits: np.ndarray | None = None
 
 
-class PipelineModel(abc.ABC):
-    """A compiled model with its session, input preparation and execution."""
+InputsT = TypeVar("InputsT", bound=ModelInputs)
+
+
+class PipelineModel(abc.ABC, Generic[InputsT]):
+    """A compiled model with its session, input preparation and execution; ``InputsT``: the inputs it prepares
+    and executes (``DecoderInputs``, ``BertInputs``)."""
 
     def __init__(self, pipeline_config: PipelineConfig, session: InferenceSession, devices: Sequence[Device],
                  kv_cache_config: Any = None, weights: Any = None, adapter: Any = None,
@@ -84,8 +88,8 @@ class PipelineModel(abc.ABC):
 
     @classmethod
     @abc.abstractmethod
-    def get_kv_params(cls, huggingface_config: Any, pipeline_config: PipelineConfig) -> KVCacheParams:
-        """Shape and type of the model's KV cache."""
+    def get_kv_params(cls, huggingface_config: Any, pipeline_config: PipelineConfig) -> KVCacheParams | None:
+        """Shape and type of the model's KV cache (None: the model keeps none)."""
 
     @classmethod
     def graph_options(cls, pipeline_config: PipelineConfig, source: Any) -> dict[str, Any]:
@@ -115,15 +119,15 @@ class PipelineModel(abc.ABC):
 
     @abc.abstractmethod
     def prepare_initial_token_inputs(self, context_batch: Sequence[Any], kv_cache_inputs: Any = None,
-                                     return_n_logits: int = 1) -> ModelInputs:
+                                     return_n_logits: int = 1) -> InputsT:
         """Batch the contexts' pending tokens and claim KV cache room for new contexts."""
 
     @abc.abstractmethod
-    def prepare_next_token_inputs(self, next_tokens: np.ndarray, prev_model_inputs: ModelInputs) -> ModelInputs:
+    def prepare_next_token_inputs(self, next_tokens: np.ndarray, prev_model_inputs: InputsT) -> InputsT:
         """Inputs for the next decode step, from the tokens just sampled."""
 
     @abc.abstractmethod
-    def execute(self, model_inputs: ModelInputs) -> ModelOutputs:
+    def execute(self, model_inputs: InputsT) -> ModelOutputs:
         """Run the compiled graph."""
 
     def compute_log_probabilities(self, model_inputs: ModelInputs | None, model_outputs: ModelOutputs,
@@ -135,6 +139,8 @@ class PipelineModel(abc.ABC):
         alternatives; that needs every position's logits (``model_outputs.logits``, an artifact compiled with
         ``return_logits=ALL``) and the row's ``input_lengths``."""
         logits = model_outputs.next_token_logits
+        if logits is None:
+            raise ValueError("log probabilities need the model's next-token logits")
         results: list[Any] = []
         for row, (top_n, echo) in enumerate(zip(batch_top_n, batch_echo)):
             if top_n <= 0 and not echo:
@@ -159,7 +165,23 @@ class PipelineModel(abc.ABC):
 
 
 class KVCacheMixin(abc.ABC):
-    """KV cache sizing and manager creation for models that have a KV cache."""
+    """KV cache sizing and manager creation for models that have a KV cache (next to :class:`PipelineModel`,
+    whose classmethods answer the abstract ones here)."""
+
+    @classmethod
+    @abc.abstractmethod
+    def get_kv_params(cls, huggingface_config: Any, pipeline_config: PipelineConfig) -> KVCacheParams:
+        """Shape and type of the model's KV cache."""
+
+    @classmethod
+    @abc.abstractmethod
+    def calculate_max_seq_len(cls, pipeline_config: PipelineConfig, huggingface_config: Any) -> int:
+        """The model's maximum sequence length."""
+
+    @classmethod
+    @abc.abstractmethod
+    def _hf_config(cls, pipeline_config: PipelineConfig) -> Any:
+        """The model's config when the caller passes none."""
 
     @classmethod
     def estimate_kv_cache_size(cls, pipeline_config: PipelineConfig, available_cache_memory: int,

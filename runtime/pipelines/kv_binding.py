@@ -39,6 +39,10 @@ class PagedKVInputs:
     slot_mapping: np.ndarray
 
 
+#: What a call binds besides its tokens, whichever the strategy (the decoder passes it through untouched).
+KVInputs = ContinuousKVInputs | PagedKVInputs | None
+
+
 def batch_mode(input_lengths: np.ndarray, cache_lengths: np.ndarray) -> str | None:
     """``prefill``, ``decode`` or ``extend`` (one row after a prefix); None if GroupQueryAttention cannot run it."""
     if int(input_lengths.max()) == 1:
@@ -97,7 +101,9 @@ class ContinuousBinding:
             raise ValueError("a batch must be all new prompts, one token per row, or a single row; split it")
 
     def step_inputs(self, request_ids: list[str], counts: np.ndarray, seq_len: int,
-                    prev: ContinuousKVInputs) -> ContinuousKVInputs:
+                    prev: KVInputs) -> ContinuousKVInputs:
+        if not isinstance(prev, ContinuousKVInputs):
+            raise TypeError(f"a continuous cache's call needs its rows' first slot (from order()), not {prev!r}")
         return prev  # the rows keep their slots
 
     def bind(self, model: LoadedModel, request_ids: list[str], kv: ContinuousKVInputs) -> None:
@@ -169,7 +175,7 @@ class PagedBinding:
         pass  # the paged graph runs any mix of rows
 
     def step_inputs(self, request_ids: list[str], counts: np.ndarray, seq_len: int,
-                    prev: PagedKVInputs | None) -> PagedKVInputs:
+                    prev: KVInputs) -> PagedKVInputs:
         for request_id, n in zip(request_ids, counts):
             self.manager.reserve(request_id, int(n))
         return PagedKVInputs(*self.manager.batch_inputs(request_ids, counts, seq_len))

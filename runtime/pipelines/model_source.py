@@ -66,6 +66,12 @@ class ModelSource:
     def weights_format(self) -> WeightsFormat | None:
         return {"gguf": WeightsFormat.gguf, "hf": WeightsFormat.safetensors}.get(self.kind)
 
+    def checkpoint_format(self) -> WeightsFormat:
+        """The format of the checkpoint a compile reads (an artifact has none: it is compiled already)."""
+        if self.weights_format is None:
+            raise ValueError(f"{self.path} is a compiled artifact, not a checkpoint to compile")
+        return self.weights_format
+
     def files(self) -> list[Path]:
         """The files whose bytes define the model (hashed into the compile-cache key)."""
         if self.kind == "gguf":
@@ -87,7 +93,7 @@ class ModelSource:
         """Bytes per GGML block type (``Q4_1``, ``Q8_0``, ...) of the block-quantized matrices in a GGUF; {} else."""
         if self.kind != "gguf":
             return {}
-        weights, totals = self.gguf, {}
+        weights, totals = self.gguf, dict[str, int]()
         for name in weights.keys():
             qtype = weights.block_type(name)
             if qtype is not None and len(weights.shape(name)) == 2:
@@ -162,4 +168,4 @@ class ModelSource:
             return (architectures or [None])[0]
         from ember.graphs.architectures import gguf_architectures
         arch = self._gguf_architecture()
-        return gguf_architectures().get(arch, arch)
+        return gguf_architectures().get(arch, arch) if arch is not None else None

@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -37,6 +38,7 @@ from ember.compiler.hashing import sha256_file
 
 from .config import default_cache_dir
 
+fcntl: Any
 try:
     import fcntl
 except ImportError:  # Windows: no lock; the atomic rename still keeps a folder whole (both may download)
@@ -293,6 +295,7 @@ def _run_pip(command: list[str], description: str, raw_progress: bool) -> subpro
     with tempfile.TemporaryFile("w+") as stderr, bar:
         # stderr goes to a file: a pipe that nobody reads could fill up and block pip
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        assert process.stdout is not None  # stdout=PIPE
         for line in process.stdout:
             match = _PROGRESS_LINE.match(line.strip())
             if match is None:

@@ -242,7 +242,9 @@ class PipelineRegistry:
         config = model.pipeline_config
         device = parse_device(config.device or runtime_of(model.artifact.manifest).get("device_kind", "cpu"))
         session = InferenceSession([device], num_threads=config.num_threads, backends=self.backends)
-        return model.architecture.pipeline_model(config, session, resolved=model)
+        # ember's pipeline models take the resolved model besides MAX's arguments (PipelineModel's own do not)
+        model_class: Any = model.architecture.pipeline_model
+        return model_class(config, session, resolved=model)
 
     def retrieve(self, pipeline_config: PipelineConfig, task: PipelineTask | None = None,
                  override_architecture: str | None = None) -> tuple[Any, Any]:

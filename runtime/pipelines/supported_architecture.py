@@ -18,6 +18,7 @@ from ember.graphs.architectures.spec import ArchitectureSpec, WeightRules
 from ember.graphs.nn.kv_cache import KVCacheStrategy
 
 from .config import PipelineConfig, SupportedEncoding, WeightsFormat
+from .interfaces import PipelineModel
 from .model_source import ModelSource
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ class SupportedArchitecture:
     example_repo_ids: list[str]
     default_encoding: SupportedEncoding
     supported_encodings: dict[SupportedEncoding, list[KVCacheStrategy]]
-    pipeline_model: type
+    pipeline_model: type[PipelineModel]
     task: PipelineTask
     tokenizer: type
     default_weights_format: WeightsFormat
@@ -57,11 +58,9 @@ class SupportedArchitecture:
     required_arguments: dict[str, Any] = field(default_factory=dict)
     context_validators: list[Callable[[Any], None]] = field(default_factory=list)
     # Every fact about the architecture (config, KV parameters, limits, weight bytes and rules, graph builder).
-    spec: ArchitectureSpec | None = None
+    spec: ArchitectureSpec = field(kw_only=True)
 
     def __post_init__(self) -> None:
-        if self.spec is None:
-            raise ValueError(f"{self.name}: an architecture needs its spec (ember.graphs.architectures)")
         if self.name not in self.spec.hf_architectures:
             raise ValueError(f"{self.name}: spec {self.spec.name!r} does not build it "
                              f"(it builds {', '.join(self.spec.hf_architectures)})")

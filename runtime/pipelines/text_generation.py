@@ -89,7 +89,7 @@ class TextGenerationPipeline:
                     request_id: str | None = None) -> TextContext:
         """A context for this model (its max length and EOS ids filled in), checked by the architecture's
         context validators: a ValueError with the validator's message if one rejects it."""
-        kwargs = {"request_id": request_id} if request_id else {}
+        kwargs: dict[str, Any] = {"request_id": request_id} if request_id else {}
         if sampling is not None:
             kwargs["sampling"] = sampling
         vocab = self.pipeline_model.vocab_size
@@ -194,7 +194,7 @@ class TextGenerationPipeline:
                 if on_step is not None:
                     on_step(decision)
                 yield from _per_token([(o.request_id, TextResponse(o.token, o.log_probabilities, o.finish_reason))
-                                       for o in outputs])
+                                       for o in outputs if o.token is not None])  # None: the engine's error mark
         finally:
             for request_id in list(scheduler.requests):
                 scheduler.abort(request_id)

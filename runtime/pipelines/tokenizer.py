@@ -223,6 +223,7 @@ class TextTokenizer:
         if not isinstance(self.config, dict):
             raise ValueError(f"{config_file}: not a JSON object")
         template_file = self.directory / "chat_template.jinja"
+        template: Any  # the config's value: a string, a list of named templates, or anything a broken file holds
         if template_file.exists():
             template, origin = template_file.read_text(encoding="utf-8", errors="replace"), template_file
         else:

@@ -20,7 +20,7 @@ class BackgroundServer:
     """``with BackgroundServer(app) as server: httpx.get(server.base_url + "/health")``; leaving the block shuts
     the server down gracefully (running responses get ``shutdown_timeout`` seconds)."""
 
-    def __init__(self, app: Any, *, host: str = "127.0.0.1", shutdown_timeout: float = 5.0):
+    def __init__(self, app: Any, *, host: str = "127.0.0.1", shutdown_timeout: int = 5):
         import uvicorn
 
         config = uvicorn.Config(app, host=host, port=0, log_level="warning",

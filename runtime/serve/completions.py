@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -27,7 +27,7 @@ from .state import ServedGenerator
 router = APIRouter()
 
 
-async def _scoring_only(deltas: AsyncIterator[ChoiceDelta]) -> AsyncIterator[ChoiceDelta]:
+async def _scoring_only(deltas: AsyncGenerator[ChoiceDelta, None]) -> AsyncGenerator[ChoiceDelta, None]:
     """``max_tokens: 0``: the computed token is not part of the answer; the choice ends by length at once."""
     async with contextlib.aclosing(deltas) as stream:
         async for delta in stream:
@@ -67,15 +67,20 @@ class _Choices:
         self.offsets[delta.index] = next_offset(out) if out.tokens else offset
         return out
 
-    def choice(self, delta: ChoiceDelta) -> CompletionChoice | None:
-        """The choice object for a delta, or for a whole choice (None: a streamed delta with nothing to say)."""
+    def choice(self, delta: ChoiceDelta) -> CompletionChoice:
+        """The choice object for a whole choice, or for a streamed delta (see :meth:`chunk`)."""
         first = delta.index not in self.started
         self.started.add(delta.index)
         text = (self.texts[self.prompt_of(delta.index)] if first and self.body.echo else "") + delta.text
-        logprobs = self.logprobs(delta, first)
-        if not text and not delta.finish_reason and not (logprobs and logprobs.tokens):
+        return CompletionChoice(index=delta.index, text=text, logprobs=self.logprobs(delta, first),
+                                finish_reason=delta.finish_reason)
+
+    def chunk(self, delta: ChoiceDelta) -> CompletionChoice | None:
+        """The choice object of a streamed delta; None when it has nothing to say (no text, tokens or reason)."""
+        choice = self.choice(delta)
+        if not choice.text and not choice.finish_reason and not (choice.logprobs and choice.logprobs.tokens):
             return None
-        return CompletionChoice(index=delta.index, text=text, logprobs=logprobs, finish_reason=delta.finish_reason)
+        return choice
 
 
 @router.post("/v1/completions", response_model=None)
@@ -104,7 +109,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
 
     if body.stream:
         def render(delta: ChoiceDelta) -> CompletionResponse | None:
-            choice = choices.choice(delta)
+            choice = choices.chunk(delta)
             return None if choice is None else response([choice])
 
         usage_chunk = (lambda usage: response([], usage)) if body.include_usage else None

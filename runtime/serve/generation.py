@@ -11,14 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..pipelines.context import SamplingParams
 from .errors import APIError
 from .metrics import ServerMetrics
-from .response_schemas import Usage
+from .response_schemas import FinishReasonName, Usage
 from .state import ServedGenerator
 from .stop_strings import StopStringMatcher
 
@@ -59,7 +59,7 @@ class ChoiceDelta:
     text: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
     num_tokens: int = 0
-    finish_reason: str | None = None
+    finish_reason: FinishReasonName | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
 
     def add(self, delta: ChoiceDelta) -> None:
@@ -72,7 +72,7 @@ class ChoiceDelta:
             self.prompt_logprobs = delta.prompt_logprobs
 
 
-def step_outcome(output: Any) -> tuple[str | None, str | None]:
+def step_outcome(output: Any) -> tuple[FinishReasonName | None, str | None]:
     """``(finish_reason, error)`` of an engine ``StepOutput``: ``"stop"`` / ``"length"`` or None, and the engine's
     error message or None. A failure is read from ``output.error``; an engine that reports it as a finish reason
     ``"error: ..."`` (the form before ``StepOutput.error``) is understood too."""
@@ -83,7 +83,11 @@ def step_outcome(output: Any) -> tuple[str | None, str | None]:
     text = str(getattr(reason, "value", reason))
     if text.startswith("error"):
         return None, error or text.partition(":")[2].strip() or text
-    return text, error
+    if text == "length":
+        return "length", error
+    if text == "stop":
+        return "stop", error
+    raise ValueError(f"the engine gave an unknown finish reason {text!r}")
 
 
 def _entry(token: int, log_probabilities: dict[str, Any], top_n: int) -> TokenLogprob:
@@ -96,7 +100,7 @@ def _prompt_entries(spec: ChoiceSpec, entries: Sequence[dict[str, Any] | None]) 
 
 
 async def run_choice(model: ServedGenerator, spec: ChoiceSpec, metrics: ServerMetrics,
-                     arrival: float) -> AsyncIterator[ChoiceDelta]:
+                     arrival: float) -> AsyncGenerator[ChoiceDelta, None]:
     """The choice's deltas, one per engine step that produced a token; the last carries the finish reason.
     ``arrival`` (``time.perf_counter()``) is when the request came in: the time to first token counts from it."""
     detokenizer = model.tokenizer.detokenizer()
@@ -141,7 +145,7 @@ async def run_choice(model: ServedGenerator, spec: ChoiceSpec, metrics: ServerMe
         metrics.finished.labels(model.name, outcome).inc()
 
 
-async def merge_choices(streams: Sequence[AsyncIterator[ChoiceDelta]]) -> AsyncIterator[ChoiceDelta]:
+async def merge_choices(streams: Sequence[AsyncGenerator[ChoiceDelta, None]]) -> AsyncGenerator[ChoiceDelta, None]:
     """The deltas of several choices as they come (``n`` > 1, or several prompts). Leaving early, or a failure
     of one choice, cancels the others (their requests are aborted and their KV cache freed)."""
     if len(streams) == 1:
@@ -151,7 +155,7 @@ async def merge_choices(streams: Sequence[AsyncIterator[ChoiceDelta]]) -> AsyncI
         return
     queue: asyncio.Queue[ChoiceDelta | BaseException | None] = asyncio.Queue()
 
-    async def pump(stream: AsyncIterator[ChoiceDelta]) -> None:
+    async def pump(stream: AsyncGenerator[ChoiceDelta, None]) -> None:
         try:
             async with contextlib.aclosing(stream) as deltas:
                 async for delta in deltas:
@@ -178,7 +182,7 @@ async def merge_choices(streams: Sequence[AsyncIterator[ChoiceDelta]]) -> AsyncI
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def collect_choices(streams: Sequence[AsyncIterator[ChoiceDelta]], indices: Sequence[int],
+async def collect_choices(streams: Sequence[AsyncGenerator[ChoiceDelta, None]], indices: Sequence[int],
                           prompt_tokens: int) -> tuple[list[ChoiceDelta], Usage]:
     """Every choice run to its end (all its deltas added up), in ``indices`` order, and the response's usage
     (``prompt_tokens`` and the choices' generated tokens). An engine failure is a 500."""

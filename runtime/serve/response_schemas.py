@@ -9,6 +9,9 @@ from typing import Literal
 
 from pydantic import BaseModel
 
+#: Why a choice ended, as the OpenAI API spells it.
+FinishReasonName = Literal["stop", "length"]
+
 
 class Usage(BaseModel):
     prompt_tokens: int
@@ -30,7 +33,7 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: FinishReasonName | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -67,7 +70,7 @@ class ChatChoice(BaseModel):
     index: int
     message: ChatMessageOut
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: FinishReasonName | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -88,7 +91,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: DeltaMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: FinishReasonName | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 
 from pydantic import BaseModel
 from starlette.responses import StreamingResponse
@@ -35,7 +35,7 @@ def error_event(error: APIError) -> str:
 
 
 class EventStream(StreamingResponse):
-    def __init__(self, events: AsyncIterator[str]):
+    def __init__(self, events: AsyncGenerator[str, None]):
         super().__init__(events, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self._events = events
@@ -47,9 +47,9 @@ class EventStream(StreamingResponse):
             await self._events.aclose()  # type: ignore[attr-defined]
 
 
-async def choice_events(deltas: AsyncIterator[ChoiceDelta], render: Callable[[ChoiceDelta], BaseModel | None], *,
+async def choice_events(deltas: AsyncGenerator[ChoiceDelta, None], render: Callable[[ChoiceDelta], BaseModel | None], *,
                         prompt_tokens: int, first: tuple[BaseModel, ...] = (),
-                        usage_chunk: Callable[[Usage], BaseModel] | None = None) -> AsyncIterator[str]:
+                        usage_chunk: Callable[[Usage], BaseModel] | None = None) -> AsyncGenerator[str, None]:
     """The events of a streamed completion: ``first`` chunks, then ``render(delta)`` of each delta (None: nothing
     to send), then the usage chunk when asked (``stream_options.include_usage``) and ``[DONE]``. A failure of the
     engine ends the stream with an error event."""
@@ -60,9 +60,9 @@ async def choice_events(deltas: AsyncIterator[ChoiceDelta], render: Callable[[Ch
         async with contextlib.aclosing(deltas) as stream:
             async for delta in stream:
                 completion_tokens += delta.num_tokens
-                chunk = render(delta)
-                if chunk is not None:
-                    yield event(chunk)
+                rendered = render(delta)
+                if rendered is not None:
+                    yield event(rendered)
     except GenerationFailed as error:
         yield error_event(APIError(500, f"generation failed: {error}"))
         return
