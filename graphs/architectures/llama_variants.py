@@ -14,7 +14,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from ..nn import Transformer
+from ..nn import Linear, Transformer
 from ..options import GraphOptions
 from ..weights.adapter import AdaptedWeights, WeightRule
 from .llama.config import check_checkpoint as check_llama_checkpoint
@@ -78,4 +78,7 @@ def bias_output_projections(transformer: Transformer, weights: AdaptedWeights, a
     if not attention_bias:
         return
     for i, block in enumerate(transformer.layers):
-        block.self_attn.o_proj.bias_ref = weights[f"model.layers.{i}.self_attn.o_proj.bias"]
+        o_proj = block.self_attn.o_proj
+        if not isinstance(o_proj, Linear):  # the builder's own layer, before any split
+            raise TypeError(f"{o_proj.name} is a {type(o_proj).__name__}, not a Linear to give a bias")
+        o_proj.bias_ref = weights[f"model.layers.{i}.self_attn.o_proj.bias"]

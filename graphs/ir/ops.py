@@ -26,13 +26,16 @@ def dims(value: ir.Value) -> list[Dim]:
 
 
 def dtype(value: ir.Value) -> ir.DataType:
+    """The value's element type (every value ember's builders make has one)."""
+    if value.dtype is None:
+        raise ValueError(f"value {value.name} has no element type")
     return value.dtype
 
 
 def _broadcast(a: list[Dim], b: list[Dim]) -> list[Dim]:
     rank = max(len(a), len(b))
-    a = [1] * (rank - len(a)) + a
-    b = [1] * (rank - len(b)) + b
+    a = list[Dim]([1] * (rank - len(a))) + a
+    b = list[Dim]([1] * (rank - len(b))) + b
     out: list[Dim] = []
     for x, y in zip(a, b):
         if x == 1:
@@ -115,7 +118,8 @@ def concat(values: Sequence[ir.Value], axis: int) -> ir.Value:
     axis %= len(parts[0])
     total: Dim = 0
     for p in parts:
-        total = total + p[axis] if isinstance(total, int) and isinstance(p[axis], int) else None
+        size = p[axis]
+        total = total + size if isinstance(total, int) and isinstance(size, int) else None
     out = list(parts[0])
     out[axis] = total
     return _node("Concat", list(values), values[0].dtype, out, {"axis": axis})

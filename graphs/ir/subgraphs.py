@@ -51,7 +51,7 @@ class _Block:
     inputs: list[ir.Value]  # read from outside, in order of first use
     outputs: list[ir.Value]  # read after the block or graph outputs, in order made
 
-    def local(self, name: str | None) -> Hashable:
+    def local(self, name: str | None) -> tuple[str, str | None]:
         """``name`` made independent of the layer: what must match across a group."""
         if name is not None and name.startswith(self.scope + "/"):
             return "scope", name[len(self.scope):]
@@ -90,7 +90,7 @@ def _type_key(value: ir.Value) -> Hashable:
     return str(value.type), shape
 
 
-def _attribute_key(attr: ir.Attr) -> Hashable:
+def _attribute_key(attr: ir.Attr) -> tuple[str, str, Hashable]:
     value = attr.value
     if attr.type == ir.AttributeType.TENSOR:
         value = _tensor_key(value)
@@ -215,8 +215,9 @@ def outline_layer_groups(model: ir.Model, groups: Sequence[Sequence[int]] | None
             by_signature.setdefault(blocks[layer].signature(), []).append(layer)
         groups = list(by_signature.values())
     else:
-        groups = [list(group) for group in groups]
-        _check_groups(graph, blocks, groups)
+        chosen = [list(group) for group in groups]
+        _check_groups(graph, blocks, chosen)
+        groups = chosen
     for number, group in enumerate(groups):
         # each outlining changes the interface of the blocks next to it (they now read a call's outputs)
         _outline(model, f"block{number}", [blocks[i] for i in group])

@@ -9,7 +9,7 @@ import onnx_ir as ir
 from ..ir import ops
 from ..ir.custom import attention as attention_op
 from ..ir.custom import paged_attention as paged_attention_op
-from .linear import Linear
+from .linear import Projection
 from .layer import Layer
 from .norm import RMSNorm
 from .rotary import RotaryEmbedding
@@ -33,7 +33,7 @@ class Attention(Layer):
     features of q and k, before rotary, so that the attention op's rotary still applies after it).
     """
 
-    def __init__(self, name: str, q_proj: Linear, k_proj: Linear, v_proj: Linear, o_proj: Linear, *,
+    def __init__(self, name: str, q_proj: Projection, k_proj: Projection, v_proj: Projection, o_proj: Projection, *,
                  num_heads: int, num_kv_heads: int, head_dim: int, rope: RotaryEmbedding | None,
                  sliding_window: int = 0, scale: float = 0.0, softcap: float = 0.0, q_norm: RMSNorm | None = None,
                  k_norm: RMSNorm | None = None):
@@ -65,15 +65,17 @@ class Attention(Layer):
         k = self._per_head_norm(self.k_norm, self.k_proj(x), self.num_kv_heads)
         v = self.v_proj(x)
         cos, sin = self.rope() if self.rope is not None else (None, None)
-        attrs = dict(num_heads=self.num_heads, kv_num_heads=self.num_kv_heads, scale=self.scale,
-                     softcap=self.softcap, sliding_window=self.sliding_window,
-                     rotary_interleaved=bool(self.rope is not None and self.rope.interleaved))
+        interleaved = bool(self.rope is not None and self.rope.interleaved)
         with self.scope():
             if paged is None:
                 out, present_key, present_value = attention_op(
-                    q, k, v, past_key, past_value, cache_lengths, input_lengths, cos, sin, **attrs)
+                    q, k, v, past_key, past_value, cache_lengths, input_lengths, cos, sin, num_heads=self.num_heads,
+                    kv_num_heads=self.num_kv_heads, scale=self.scale, softcap=self.softcap,
+                    sliding_window=self.sliding_window, rotary_interleaved=interleaved)
             else:
                 out, present_key, present_value = paged_attention_op(
                     q, k, v, past_key, past_value, paged.page_table, paged.slot_mapping, cache_lengths,
-                    input_lengths, cos, sin, page_size=paged.page_size, **attrs)
+                    input_lengths, cos, sin, page_size=paged.page_size, num_heads=self.num_heads,
+                    kv_num_heads=self.num_kv_heads, scale=self.scale, softcap=self.softcap,
+                    sliding_window=self.sliding_window, rotary_interleaved=interleaved)
         return self.o_proj(out), present_key, present_value

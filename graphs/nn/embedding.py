@@ -1,6 +1,8 @@
 """Token embedding: a table lookup (``Gather``, optionally scaled), whose table the output projection may share."""
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 import onnx_ir as ir
 
@@ -8,6 +10,16 @@ from ..ir import ops
 from ..ir.graph import TOKEN_EMBEDDING_META
 from ..weights.adapter import WeightRef
 from .layer import Layer
+
+
+class TokenLookup(Protocol):
+    """What a decoder asks of its token embedding: the vocabulary's size and the lookup. An :class:`Embedding`, or
+    one rank's shard of one (``graphs/nn/distributed``)."""
+
+    name: str
+    vocab_size: int
+
+    def __call__(self, ids: ir.Value) -> ir.Value: ...
 
 
 class Embedding(Layer):

@@ -1,11 +1,22 @@
 """Linear layer: ``x @ W^T (+ b)``, stored as ONNX ``MatMul`` with the weight kept ``[in, out]``."""
 from __future__ import annotations
 
+from typing import Protocol
+
 import onnx_ir as ir
 
 from ..ir import ops
 from ..weights.adapter import WeightRef
 from .layer import Layer
+
+
+class Projection(Protocol):
+    """What a block asks of its matrix products: a name and a call. A :class:`Linear`, or one rank's shard of one
+    (``graphs/nn/distributed``), whose call adds the collectives."""
+
+    name: str
+
+    def __call__(self, x: ir.Value) -> ir.Value: ...
 
 
 class Linear(Layer):

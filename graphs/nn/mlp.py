@@ -4,7 +4,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from ..ir import ops
-from .linear import Linear
+from .linear import Projection
 from .layer import Layer
 
 ACTIVATIONS = {
@@ -18,7 +18,8 @@ ACTIVATIONS = {
 class MLP(Layer):
     """Gated MLP (SwiGLU with ``silu``)."""
 
-    def __init__(self, name: str, gate_proj: Linear, up_proj: Linear, down_proj: Linear, activation: str = "silu"):
+    def __init__(self, name: str, gate_proj: Projection, up_proj: Projection, down_proj: Projection,
+                 activation: str = "silu"):
         super().__init__(name)
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation {activation!r} is not supported; supported: {', '.join(ACTIVATIONS)}")

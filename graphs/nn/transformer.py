@@ -31,10 +31,10 @@ from ..ir import ops
 from ..ir.graph import Graph, current_graph
 from ..ir.subgraphs import outline_layer_groups
 from .attention import Attention, PagedInputs
-from .embedding import Embedding
+from .embedding import TokenLookup
 from .kv_cache import KVCacheParams, KVCacheStrategy
 from .layer import Layer
-from .linear import Linear, TiedOutput
+from .linear import Projection
 from .mlp import MLP
 from .norm import RMSNorm
 from .rotary import RotaryEmbedding
@@ -85,7 +85,7 @@ class Transformer:
     """A decoder-only transformer over a KV cache (``max.nn.Transformer``'s shape)."""
 
     def __init__(self, dim: int, n_heads: int, layers: Sequence[TransformerBlock], norm: RMSNorm,
-                 output: Linear | TiedOutput, embedding: Embedding, kv_params: KVCacheParams,
+                 output: Projection, embedding: TokenLookup, kv_params: KVCacheParams,
                  rope: RotaryEmbedding | None, return_logits: ReturnLogits = ReturnLogits.LAST_TOKEN,
                  logit_softcap: float = 0.0, use_subgraphs: bool = False,
                  subgraph_layer_groups: Sequence[Sequence[int]] | None = None):

@@ -20,8 +20,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
-from .source import WeightSource
+from .source import BlockWeightSource, WeightSource
 
 Transform = Callable[[np.ndarray, "re.Match[str]"], np.ndarray]
 
@@ -89,7 +90,7 @@ class WeightRef:
 class AdaptedWeights:
     """A checkpoint seen through an architecture's rules: ember name -> :class:`WeightRef`."""
 
-    def __init__(self, source: WeightSource, rules: Sequence[WeightRule], dtype: np.dtype = np.float32):
+    def __init__(self, source: WeightSource, rules: Sequence[WeightRule], dtype: npt.DTypeLike = np.float32):
         self.source = source
         self.dtype = np.dtype(dtype)
         self._refs: dict[str, WeightRef] = {}
@@ -132,15 +133,18 @@ class AdaptedWeights:
 
     def _blocks(self, key: str, match, transform: Transform | None, rows: slice | None = None
                 ) -> QuantizedBlocks | None:
-        qtype = getattr(self.source, "block_type", lambda _key: None)(key)
-        shape = tuple(self.source.shape(key))
+        source = self.source
+        if not isinstance(source, BlockWeightSource):
+            return None
+        qtype = source.block_type(key)
+        shape = tuple(source.shape(key))
         if qtype is None or len(shape) != 2:
             return None
         if rows is not None:
             shape = (rows.stop - rows.start, shape[1])
 
         def load() -> np.ndarray:
-            raw = self.source.raw_blocks(key)
+            raw = source.raw_blocks(key)
             raw = raw if transform is None else transform(raw, match)
             return np.ascontiguousarray(raw if rows is None else raw[rows])
         return QuantizedBlocks(qtype, (int(shape[0]), int(shape[1])), load)

@@ -51,14 +51,15 @@ class GGUFWeights:
         self._tensors: dict[str, TensorInfo] = {t.name: t for t in header.tensors}
         self._nbytes: dict[str, int] = {}
         for t in header.tensors:  # every tensor's bytes must lie inside the file
-            sizes = GGML_QUANT_SIZES.get(_known_type(t.ggml_type))
-            if sizes is None:
+            known = _known_type(t.ggml_type)
+            sizes = GGML_QUANT_SIZES.get(known) if known is not None else None
+            if known is None or sizes is None:
                 continue  # a ggml type this gguf package does not know: qtype()/load() say so
             block_size, type_size = sizes
             n = t.n_elements
             if n % block_size:
                 raise ValueError(f"{self.path}: tensor {t.name!r} has {n} elements, not a multiple of the "
-                                 f"{_known_type(t.ggml_type).name} block size {block_size}")
+                                 f"{known.name} block size {block_size}")
             nbytes = self._nbytes[t.name] = n // block_size * type_size
             end = header.data_start + t.offset + nbytes
             if end > header.file_size:

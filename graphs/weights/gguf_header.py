@@ -197,17 +197,17 @@ class _Parser:
             self.need(off, nbytes, f"{what} ({count} x {ValueType(itype).name})")
             if count == 0:
                 return [], (vtype, itype), off
-            values = np.frombuffer(self.buf, dtype=dtype, count=count, offset=off)
-            values = (values != 0).tolist() if itype == ValueType.BOOL else values.tolist()
-            return values, (vtype, itype), off + nbytes
+            array = np.frombuffer(self.buf, dtype=dtype, count=count, offset=off)
+            return (array != 0).tolist() if itype == ValueType.BOOL else array.tolist(), (vtype, itype), off + nbytes
         if itype == ValueType.STRING:
-            values, off = self.strings(off, count, what)
-            return values, (vtype, itype), off
+            strings, off = self.strings(off, count, what)
+            return strings, (vtype, itype), off
         if itype != ValueType.ARRAY:
             raise _Corrupt(f"{what}: array of unknown value type {itype}", off)
         if count * _ARRAY_HEAD.size > self.size - off:
             raise _Corrupt(f"{what}: {count} nested arrays cannot fit in the {self.size - off} bytes left", off)
-        items, types = [], (vtype, itype)
+        items: list[Any] = []
+        types: tuple[int, ...] = (vtype, itype)
         for i in range(count):
             item, item_types, off = self.value(itype, off, f"{what}[{i}]", depth + 1)
             if i == 0:

@@ -30,3 +30,15 @@ class WeightSource(Protocol):
 
     def files(self) -> list[Path]:
         """The files the tensors come from (hashed into the compile-cache key)."""
+
+
+@runtime_checkable
+class BlockWeightSource(WeightSource, Protocol):
+    """A checkpoint that can keep block-quantized tensors (GGUF): their GGML block type and raw bytes, so that an
+    encoding keeping the blocks reads them unchanged."""
+
+    def block_type(self, name: str) -> str | None:
+        """The GGML block type name of a block-quantized tensor (``Q4_1``, ...); None for float tensors."""
+
+    def raw_blocks(self, name: str) -> np.ndarray:
+        """A block-quantized tensor's bytes as uint8 ``[rows, bytes_per_row]``."""

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...nn import RMSNorm, Transformer
+from ...nn import Embedding, RMSNorm, Transformer
 from ...options import GraphOptions
 from ...weights.adapter import AdaptedWeights
 from ..llama import build_transformer as build_llama_transformer
@@ -26,7 +26,10 @@ def build_transformer(config: Gemma2ArchConfig, weights: AdaptedWeights, options
         block.self_attn.scale = config.attention_scale
         block.self_attn.softcap = config.attn_logit_softcapping
     # transformers multiplies by sqrt(hidden_size) cast to the model's dtype: float32 here
-    transformer.embedding.scale = float(np.float32(config.hidden_size ** 0.5))
+    embedding = transformer.embedding
+    if not isinstance(embedding, Embedding):  # the builder's own layer, before any split
+        raise TypeError(f"{embedding.name} is a {type(embedding).__name__}, not an Embedding to scale")
+    embedding.scale = float(np.float32(config.hidden_size ** 0.5))
     transformer.logit_softcap = config.final_logit_softcapping
     bias_output_projections(transformer, weights, config.attention_bias)
     return transformer

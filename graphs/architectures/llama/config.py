@@ -81,7 +81,7 @@ class LlamaArchConfig:
                                           or not all(isinstance(a, str) for a in architectures)):
             raise ValueError(f"{where}: architectures must be a list of class names, not {architectures!r}")
         arch = (architectures or [None])[0] or {
-            v: k for k, v in ARCHITECTURES.items()}.get(getattr(hf_config, "model_type", None), "LlamaForCausalLM")
+            v: k for k, v in ARCHITECTURES.items()}.get(str(getattr(hf_config, "model_type", "")), "LlamaForCausalLM")
         hidden = count("hidden_size")
         num_heads = count("num_attention_heads", maximum=hidden)
         num_kv_heads = count("num_key_value_heads", getattr(hf_config, "num_key_value_heads", None) or num_heads)
@@ -227,7 +227,7 @@ def hf_config_from_gguf(metadata: Any, tensor_names: list[str], path: str | Path
     def count(name: str, default: Any = None, maximum: int | None = None) -> int:
         return _positive_int(key(name, default), f"{where}: GGUF metadata {gguf_arch}.{name}", maximum)
 
-    def number(name: str, default: float) -> float:
+    def number(name: str, default: float | None) -> float:  # None: the key is required
         return _positive_number(key(name, default), f"{where}: GGUF metadata {gguf_arch}.{name}")
 
     hidden = count("embedding_length")

@@ -1,7 +1,6 @@
 """The Llama-family decoder graph, assembled from ember's layers."""
 from __future__ import annotations
 
-import onnx_ir as ir
 
 from ...nn import (MLP, Attention, Embedding, KVCacheParams, KVCacheStrategy, Linear, ReturnLogits, RMSNorm,
                    RotaryEmbedding, TiedOutput, Transformer, TransformerBlock)
@@ -50,6 +49,7 @@ def build_transformer(config: LlamaArchConfig, weights: AdaptedWeights,
                     config.rms_norm_eps)))
 
     embedding = Embedding("model.embed_tokens", weights["model.embed_tokens.weight"])
+    output: Linear | TiedOutput
     if config.tie_word_embeddings or "lm_head.weight" not in weights:
         output = TiedOutput("lm_head", weights["model.embed_tokens.weight"])
     else:

@@ -23,7 +23,7 @@ from onnx.defs import OpSchema
 from onnx.helper import make_attribute
 
 from ..graph import current_graph
-from ..ops import dims
+from ..ops import dims, dtype
 from ..versions import EMBER_DOMAIN, EMBER_OPSET
 
 _OPTIONAL = OpSchema.FormalParameterOption.Optional
@@ -95,7 +95,7 @@ def attention(query: ir.Value, key: ir.Value, value: ir.Value, past_key: ir.Valu
               softcap: float = 0.0, sliding_window: int = 0,
               rotary_interleaved: bool = False) -> tuple[ir.Value, ir.Value, ir.Value]:
     """Emit ``ember.CachedAttention``; returns ``(output, present_key, present_value)``."""
-    inputs = [query, key, value, past_key, past_value, cache_lengths, input_lengths]
+    inputs: list[ir.Value | None] = [query, key, value, past_key, past_value, cache_lengths, input_lengths]
     if cos_cache is not None:
         inputs += [cos_cache, sin_cache]
     attrs = {"num_heads": num_heads, "kv_num_heads": kv_num_heads,
@@ -103,7 +103,7 @@ def attention(query: ir.Value, key: ir.Value, value: ir.Value, past_key: ir.Valu
     kv_shape = dims(past_key)
     out, pk, pv = current_graph().add_node(
         "CachedAttention", inputs, attrs, domain=EMBER_DOMAIN,
-        outputs=[(query.dtype, dims(query)), (past_key.dtype, kv_shape), (past_value.dtype, kv_shape)])
+        outputs=[(dtype(query), dims(query)), (dtype(past_key), kv_shape), (dtype(past_value), kv_shape)])
     return out, pk, pv
 
 

@@ -24,7 +24,7 @@ import onnx_ir as ir
 from onnx.defs import OpSchema
 
 from ..graph import current_graph
-from ..ops import dims
+from ..ops import dims, dtype
 from ..versions import EMBER_DOMAIN, EMBER_OPSET
 
 _TYPES = ("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "activations")
@@ -64,7 +64,7 @@ def all_reduce(x: ir.Value, *, world_size: int, name: str = "AllReduce") -> ir.V
     """Emit ``ember.AllReduce`` (a sum over ``world_size`` ranks); the output has ``x``'s shape."""
     _check_world(world_size)
     return current_graph().add_node("AllReduce", [x], {"world_size": int(world_size)}, domain=EMBER_DOMAIN,
-                                     outputs=[(x.dtype, dims(x))], name=name)[0]
+                                     outputs=[(dtype(x), dims(x))], name=name)[0]
 
 
 def all_gather(x: ir.Value, *, world_size: int, axis: int, name: str = "AllGather") -> ir.Value:
@@ -75,7 +75,7 @@ def all_gather(x: ir.Value, *, world_size: int, axis: int, name: str = "AllGathe
     size = shape[axis]
     shape[axis] = size * int(world_size) if isinstance(size, int) else f"{size}*{world_size}"
     return current_graph().add_node("AllGather", [x], {"world_size": int(world_size), "axis": axis},
-                                    domain=EMBER_DOMAIN, outputs=[(x.dtype, shape)], name=name)[0]
+                                    domain=EMBER_DOMAIN, outputs=[(dtype(x), shape)], name=name)[0]
 
 
 def _check_shards(shards: Sequence[np.ndarray]) -> list[np.ndarray]:

@@ -25,7 +25,7 @@ import onnx_ir as ir
 from onnx.defs import OpSchema
 
 from ..graph import current_graph
-from ..ops import dims
+from ..ops import dims, dtype
 from ..versions import EMBER_DOMAIN, EMBER_OPSET
 from .attention import (ACTIVATION_TYPES, HEAD_ATTRIBUTES, LENGTH_INPUTS, NEW_TOKEN_INPUTS, OPTION_ATTRIBUTES,
                         OUTPUT, ROTARY_INPUTS, attention_reference, option_attributes)
@@ -61,7 +61,8 @@ def paged_attention(query: ir.Value, key: ir.Value, value: ir.Value, key_cache: 
                     page_size: int, scale: float = 0.0, softcap: float = 0.0, sliding_window: int = 0,
                     rotary_interleaved: bool = False) -> tuple[ir.Value, ir.Value, ir.Value]:
     """Emit ``ember.PagedAttention``; returns ``(output, key_cache_out, value_cache_out)``."""
-    inputs = [query, key, value, key_cache, value_cache, page_table, slot_mapping, cache_lengths, input_lengths]
+    inputs: list[ir.Value | None] = [query, key, value, key_cache, value_cache, page_table, slot_mapping, cache_lengths,
+                                     input_lengths]
     if cos_cache is not None:
         inputs += [cos_cache, sin_cache]
     attrs = {"num_heads": num_heads, "kv_num_heads": kv_num_heads, "page_size": int(page_size),
@@ -69,7 +70,7 @@ def paged_attention(query: ir.Value, key: ir.Value, value: ir.Value, key_cache: 
     pool_shape = dims(key_cache)
     out, key_out, value_out = current_graph().add_node(
         "PagedAttention", inputs, attrs, domain=EMBER_DOMAIN,
-        outputs=[(query.dtype, dims(query)), (key_cache.dtype, pool_shape), (value_cache.dtype, pool_shape)])
+        outputs=[(dtype(query), dims(query)), (dtype(key_cache), pool_shape), (dtype(value_cache), pool_shape)])
     return out, key_out, value_out
 
 

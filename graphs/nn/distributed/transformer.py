@@ -21,7 +21,7 @@ import onnx_ir as ir
 from ..attention import Attention
 from ..embedding import Embedding
 from ..kv_cache import KVCacheParams
-from ..linear import Linear, TiedOutput
+from ..linear import Linear, Projection, TiedOutput
 from ..mlp import MLP
 from ..norm import RMSNorm
 from ..rotary import RotaryEmbedding
@@ -29,6 +29,7 @@ from ..transformer import ReturnLogits, Transformer, TransformerBlock
 from .parallel_linear import ColumnParallelLinear, RowParallelLinear
 from .sharding import DeviceRef, distribute_value
 from .vocab_parallel import VocabParallelEmbedding
+from ...weights.adapter import WeightRef
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,8 +67,11 @@ def _feature_ranges(heads: list[range], head_dim: int) -> list[range]:
     return [range(h.start * head_dim, h.stop * head_dim) for h in heads]
 
 
-def _linear_parts(linear: Linear) -> tuple[str, object, object]:
-    return linear.name, linear.weight_ref, linear.bias_ref
+def _linear_parts(layer: Projection) -> tuple[str, WeightRef, WeightRef | None]:
+    """A single-device layer's weights, to be split (a layer already split, or of another kind, cannot be)."""
+    if not isinstance(layer, Linear):
+        raise TypeError(f"{layer.name}: tensor parallelism splits a Linear layer, not a {type(layer).__name__}")
+    return layer.name, layer.weight_ref, layer.bias_ref
 
 
 def shard_attention(attention: Attention, devices: Sequence[DeviceRef]) -> list[Attention]:
@@ -186,7 +190,7 @@ def distribute_transformer(transformer: Transformer, devices: Sequence[DeviceRef
     if isinstance(output, TiedOutput):
         head = ColumnParallelLinear(output.name, output.table, gather_output=True, tied=True)
     else:
-        head = ColumnParallelLinear(output.name, output.weight_ref, output.bias_ref, gather_output=True)
+        head = ColumnParallelLinear(*_linear_parts(output), gather_output=True)
     return DistributedTransformer(
         transformer.dim, transformer.n_heads,
         [DistributedTransformerBlock.from_block(block, devices) for block in transformer.layers], transformer.norm,
