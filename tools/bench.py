@@ -82,6 +82,7 @@ class Runner(Protocol):
     """What the benchmark drives: ember's pipeline or a peer implementation on the same weights."""
 
     name: str
+    info: dict[str, Any]  # what the report says about it (source, threads, versions, weight bytes per step)
 
     def run(self, prompt_ids: list[int], new_tokens: int, batch_size: int = 1) -> RunSample: ...
 
@@ -100,6 +101,7 @@ class EmberRunner:
         self.pipeline = loaded.pipeline
         self.encoding = loaded_encoding(loaded)
         self.name = name or f"ember {self.encoding}"
+        self.info: dict[str, Any] = {"encoding": self.encoding}
 
     def run(self, prompt_ids: list[int], new_tokens: int, batch_size: int = 1) -> RunSample:
         sampling = SamplingParams(temperature=0.0, max_new_tokens=new_tokens, ignore_eos=True)
@@ -320,7 +322,7 @@ def run_benchmark(loaded: LoadedPipeline | Sequence[LoadedPipeline], *, prompt_t
     report["greedy_agreement"] = _agreement(runners, samples, prompt_ids)
     if peer_factory is not None:
         peer = runners[-1]
-        info = dict(getattr(peer, "info", {}))
+        info = dict(peer.info)
         report["peer"] = {"name": peer.name, **info, **_summary(samples[peer.name])}
         report["peer"]["bandwidth_fraction"] = bandwidth_fraction(
             info.get("weight_bytes_per_step"), report["peer"]["decode_tok_s_per_seq"]["median"], gb_s)

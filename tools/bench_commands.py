@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from .cli_options import EXIT_RUNTIME_ERROR, UsageError, eprint, kv_cache_config, speculative_config
+
+if TYPE_CHECKING:
+    from .bench import Runner
 
 
 def _bench_embeddings(args: argparse.Namespace) -> bool:
@@ -36,7 +40,7 @@ def _bench_embeddings(args: argparse.Namespace) -> bool:
     return embeddings
 
 
-def _generation_peer(args: argparse.Namespace, threads: int, cache_dir) -> Callable[[], object] | None:
+def _generation_peer(args: argparse.Namespace, threads: int, cache_dir) -> Callable[[], Runner] | None:
     """The factory of the ``--compare`` peer of a text-generation benchmark (None without one)."""
     def hf():
         from .bench_hf import HFRunner  # with bench_st / bench_ort_genai, where the CLI brings in torch

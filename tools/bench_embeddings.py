@@ -45,7 +45,8 @@ def bench_sentences(tokenizer: Any, count: int = SENTENCES, tokens: int = SENTEN
     sentences = []
     for i in range(count):
         target = max(tokens + (i % (2 * _SPREAD + 1)) - _SPREAD, specials + 1)
-        start, total, chosen = (i * stride) % len(words), specials, []
+        start, total = (i * stride) % len(words), specials
+        chosen: list[str] = []
         while len(chosen) < len(words):
             position = (start + len(chosen)) % len(words)
             step = word_tokens[position]
@@ -111,6 +112,14 @@ def _summary(samples: list[EmbeddingsSample]) -> dict[str, Any]:
             "latency_s": summarize([s.latency for s in samples])}
 
 
+def _kept_embeddings(samples: list[EmbeddingsSample]) -> np.ndarray:
+    """The embeddings the first run kept (``keep=run == 0``), to compare the implementations on."""
+    embeddings = samples[0].embeddings
+    if embeddings is None:
+        raise RuntimeError("the first run kept no embeddings")
+    return embeddings
+
+
 def run_embeddings_benchmark(loaded: LoadedPipeline, *, sentences: int = SENTENCES, batch_size: int = BATCH_SIZE,
                              sentence_tokens: int = SENTENCE_TOKENS, latency_encodes: int = LATENCY_ENCODES,
                              runs: int = 5, warmup: int = 1, peer_factory: Callable[[], Any] | None = None,
@@ -139,9 +148,10 @@ def run_embeddings_benchmark(loaded: LoadedPipeline, *, sentences: int = SENTENC
         warm=lambda runner: measure(runner, texts, batch_size, min(latency_encodes, 5)),
         measure=lambda runner, run: measure(runner, texts, batch_size, latency_encodes, keep=run == 0),
         summary=_summary, ratios={"sentences_per_s": "sentences_per_s", "latency": "latency_s"})
-    report["ember"]["dim"] = int(samples["ember"][0].embeddings.shape[1])
+    ours = _kept_embeddings(samples["ember"])
+    report["ember"]["dim"] = int(ours.shape[1])
     if peer_factory is not None:
-        ours, theirs = samples["ember"][0].embeddings, samples[report["peer"]["name"]][0].embeddings
+        theirs = _kept_embeddings(samples[report["peer"]["name"]])
         similarity = rowwise_cosine(ours, theirs)
         worst = int(np.argmin(similarity))
         report["agreement"] = {"min_cosine": float(similarity[worst]), "mean_cosine": float(similarity.mean()),

@@ -67,6 +67,9 @@ async def _stream_one(host: str, port: int, body: dict[str, Any], stamps: list[f
 
 async def _level(base_url: str, prompts: Sequence[Sequence[int]], new_tokens: int, model: str) -> dict[str, Any]:
     url = urlsplit(base_url)
+    if url.scheme != "http" or url.hostname is None:
+        raise ValueError(f"{base_url}: the benchmark client speaks plain HTTP to http://HOST[:PORT]")
+    host, port = url.hostname, url.port or 80
     submitted: dict[str, float] = {}
     stamps: dict[str, list[float]] = {}
 
@@ -75,7 +78,7 @@ async def _level(base_url: str, prompts: Sequence[Sequence[int]], new_tokens: in
                 "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
         submitted[str(i)] = time.perf_counter()
         stamps[str(i)] = []
-        return await _stream_one(url.hostname, url.port, body, stamps[str(i)])
+        return await _stream_one(host, port, body, stamps[str(i)])
 
     start = time.perf_counter()
     counts = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))

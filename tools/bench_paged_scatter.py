@@ -45,9 +45,9 @@ def layer_model(scatter_only: bool) -> bytes:
         angles = np.arange(8192)[:, None] / 10000.0 ** (np.arange(0, HEAD_DIM, 2) / HEAD_DIM)[None, :]
         cos = g.add_constant(np.cos(angles).astype(np.float32), "rotary.cos_cache")
         sin = g.add_constant(np.sin(angles).astype(np.float32), "rotary.sin_cache")
-        out, key_out, value_out = paged_attention(q, k, v, *caches, page_table, slot_mapping, cache_lengths,
-                                                  input_lengths, cos, sin, num_heads=HEADS, kv_num_heads=KV_HEADS,
-                                                  page_size=PAGE_SIZE)
+        out, key_out, value_out = paged_attention(q, k, v, caches[0], caches[1], page_table, slot_mapping,
+                                                  cache_lengths, input_lengths, cos, sin, num_heads=HEADS,
+                                                  kv_num_heads=KV_HEADS, page_size=PAGE_SIZE)
         g.add_output(out, "output")
         g.add_output(key_out, "key_cache_out.0")
         g.add_output(value_out, "value_cache_out.0")

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import onnx
 import onnx_ir as ir
@@ -45,7 +45,7 @@ T = TypeVar("T")
 BUILDS_PER_RUN = 5
 
 #: The random default model: SmolLM2-135M's shape (30 layers, 9 heads over 3 KV heads, 576 wide, 49152 words).
-SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+SMOLLM2_SHAPE: dict[str, Any] = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
                      tie_word_embeddings=True, rope_theta=100000.0)
 
@@ -77,7 +77,7 @@ class Builder:
         self.options = CompileOptions(kv_cache_strategy=strategy)
         self.hf_config = source.hf_config()
         self.checkpoint = source.open_weights()
-        self.weights_format = source.weights_format.value
+        self.weights_format = source.checkpoint_format().value
         self.rules = {WeightsFormat(f).value: rules for f, rules in self.architecture.weight_adapters.items()}
 
     def build(self) -> ir.Model:
@@ -98,7 +98,7 @@ def _weights_outside(model: ir.Model) -> Iterator[None]:
         for value, tensor in saved.items():
             if tensor is not None:
                 value.const_value = ir.ExternalTensor("model.onnx.data", 0, tensor.nbytes, tensor.dtype,
-                                                      shape=tensor.shape, name=value.name)
+                                                      shape=ir.Shape(tensor.shape.numpy()), name=value.name or "")
         yield
     finally:
         for value, tensor in saved.items():

@@ -68,7 +68,8 @@ def run(model: str, counts: list[int], encoding: str | None, batch: int, context
                 steps[r][k], _ = time_generation(pipelines[k], batch, context, new_tokens)
                 after = collective_counters(pipelines[k])
                 calls = new_tokens  # model runs: the prompt's and one per new token but the last
-                per_step[k].append(tuple((a - b) / calls for a, b in zip(after, before)))
+                collectives, sent, seconds = ((a - b) / calls for a, b in zip(after, before))
+                per_step[k].append((collectives, sent, seconds))
         return [TensorParallelTime(n, statistics.median(row[k] for row in steps),
                                    statistics.median(row[k] / row[0] for row in steps),
                                    *(statistics.median(v[i] for v in per_step[k]) for i in range(3)))
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     results = run(args.model, args.tensor_parallel, args.encoding, args.batch, args.context, args.new_tokens,
                   args.runs, args.threads)
-    print(f"| ranks | ms / step | x first | collectives / step | KiB / step | ms in collectives / step |")
+    print("| ranks | ms / step | x first | collectives / step | KiB / step | ms in collectives / step |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: |")
     for result in results:
         print(f"| {result.ranks} | {result.step_s * 1e3:.2f} | {result.ratio:.2f} | {result.collectives:.0f} | "

@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = EmberArgumentParser(prog="ember", description="ember: compile transformer models to ONNX artifacts and run them.",
                      epilog="Run `ember <command> --help` for a command's options.")
     parser.add_argument("--version", action="version", version=f"ember {version()}")
-    verbose = argparse.ArgumentParser(add_help=False)
+    verbose = EmberArgumentParser(add_help=False)
     verbose.add_argument("-v", "--verbose", action="count", default=0,
                          help="log more (-v: info, -vv: debug and tracebacks)")
     parser.add_argument("-v", "--verbose", action="count", default=0, dest="verbose_global",

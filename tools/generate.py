@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,7 +64,7 @@ PROMPT_CHUNK_TOKENS = 1024
 
 
 def stream_text(pipeline: Any, tokenizer: Any, prompt_ids: list[int], sampling: SamplingParams,
-                stats: GenerationStats | None = None) -> Iterator[str]:
+                stats: GenerationStats | None = None) -> Generator[str, None, None]:
     """Generate from ``prompt_ids``, yielding the decoded text as it grows; fills ``stats`` as it goes."""
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens = len(prompt_ids)

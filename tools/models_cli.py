@@ -173,10 +173,11 @@ def _timestamp(seconds: float) -> str:
 def format_bytes(count: int | None) -> str:
     if count is None:
         return "-"
+    size = float(count)
     for unit in ("B", "kB", "MB", "GB"):
-        if count < 1000 or unit == "GB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1000
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
     raise AssertionError("unreachable")
 
 

@@ -181,12 +181,13 @@ def format_table(agreement: Agreement, thresholds: Thresholds) -> str:
         ("NLL per token, ref -> ember", f"{a.nll_reference:.4f} -> {a.nll:.4f} ({a.nll_delta_pct:+.2f} %)",
          "" if t.max_nll_delta_pct is None else f"within {t.max_nll_delta_pct:g} %", verdict(nll_ok)),
     ]
-    if a.greedy:
+    prefix_fraction, step_fraction = a.greedy_prefix_fraction, a.greedy_step_fraction
+    if a.greedy and prefix_fraction is not None and step_fraction is not None:  # None: no tokens generated
         total = sum(g.new_tokens for g in a.greedy)
         prefixes = ", ".join(str(g.prefix) for g in a.greedy)
-        rows.append(("greedy: tokens before divergence", f"{100 * a.greedy_prefix_fraction:.1f} % ({prefixes} "
+        rows.append(("greedy: tokens before divergence", f"{100 * prefix_fraction:.1f} % ({prefixes} "
                      f"of {a.greedy[0].new_tokens})", "", ""))
-        rows.append(("greedy: steps agreeing", f"{100 * a.greedy_step_fraction:.1f} % "
+        rows.append(("greedy: steps agreeing", f"{100 * step_fraction:.1f} % "
                      f"({sum(g.agreeing for g in a.greedy)}/{total})", "", ""))
     header = ("metric", "value", "threshold", "")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]

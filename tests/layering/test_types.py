@@ -1,8 +1,8 @@
-"""The runtime and the graph builders are type-checked with mypy: an attribute its class does not have, an optional
-value used as present, a call with the wrong arguments is caught here, not in a user's server. It began with the
-code that cannot run without GPUs (the CUDA backends, NCCL collectives on device buffers, the rank machinery they
-share with the CPU path), where no test would catch it; the whole runtime and ``graphs`` followed (the compiler and
-the tools are not clean yet).
+"""The runtime, the graph builders and the tools are type-checked with mypy: an attribute its class does not have,
+an optional value used as present, a call with the wrong arguments is caught here, not in a user's server. It began
+with the code that cannot run without GPUs (the CUDA backends, NCCL collectives on device buffers, the rank
+machinery they share with the CPU path), where no test would catch it; the whole runtime, ``graphs`` and ``tools``
+followed (the compiler is not clean yet).
 
 ember's package folders are mapped onto ``ember.*`` by setup.py (no ``ember/`` folder on disk), so the check runs on
 a folder of links that has that layout."""
@@ -17,10 +17,10 @@ import pytest
 pytest.importorskip("mypy", reason="the type check needs mypy (the test extra)")
 
 ROOT = Path(__file__).resolve().parents[2]
-CHECKED = ["ember/runtime", "ember/graphs"]
+CHECKED = ["ember/runtime", "ember/graphs", "ember/tools"]
 
 
-def test_the_runtime_and_the_graph_builders_type_check(tmp_path):
+def test_the_code_type_checks(tmp_path):
     package = tmp_path / "ember"
     package.mkdir()
     for folder in ("graphs", "compiler", "runtime", "tools"):
