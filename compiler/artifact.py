@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from . import artifact_lock
 from .hashing import HashMemo
@@ -59,6 +59,13 @@ ENGINES = "engines"
 ENGINES_DIR = "engines"
 #: Names the manifest may not list: itself, and the verification memo (rewritten on every load).
 _RESERVED = frozenset({MANIFEST, _VERIFIED})
+
+
+class _FileEntry(TypedDict):
+    """An entry of the manifest's ``files`` table, as :func:`write_artifact` makes it."""
+
+    sha256: str
+    size: int
 
 
 class ArtifactError(RuntimeError):
@@ -113,7 +120,7 @@ def write_artifact(final_dir: Path, populate: Callable[[Path], dict[str, Any]]) 
         tmp = artifact_lock.new_temp_dir(final_dir)
         try:
             manifest = populate(tmp)
-            files = {}
+            files: dict[str, _FileEntry] = {}
             memo = HashMemo(tmp / _VERIFIED)
             for file in sorted(p for p in tmp.rglob("*") if p.is_file() and p.name != _VERIFIED):
                 rel = file.relative_to(tmp).as_posix()

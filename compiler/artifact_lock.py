@@ -119,7 +119,7 @@ def remove_stale_temps(parent: str | Path, held: str | None = None) -> list[Path
     """Delete the temporary folders in ``parent`` that no living process writes (the module docstring's rule) and
     return them: those of every artifact whose lock is free now (tried without waiting, so a writer at work is
     never delayed), and those of artifact ``held``, whose lock the caller holds (so no one else writes it)."""
-    removed = []
+    removed: list[Path] = []
     try:
         entries = sorted(Path(parent).iterdir())
     except OSError:

@@ -24,6 +24,7 @@ from .artifact import Artifact, write_artifact
 from .compile_progress import CompileProgress
 from .engine_files import engine_key_material, installed_tensorrt_version
 from .graph_runner import GraphRunner
+from .passes.base import name_of
 from .passes.cut_at_collectives import Stage, cut_at_collectives, has_collectives
 from .passes.lowering_record import summarize
 from .targets import get_target
@@ -249,12 +250,12 @@ def _kv_of_graph(lowered: ir.Model, manifest: dict[str, Any]) -> dict[str, Any]:
     allocates the buffers the kernel reads and writes."""
     if "kv_params" not in manifest:
         return manifest
-    cache = next((v for v in lowered.graph.inputs if v.name.startswith(_CACHE_INPUT_PREFIXES)), None)
+    cache = next((v for v in lowered.graph.inputs if name_of(v).startswith(_CACHE_INPUT_PREFIXES)), None)
     if cache is None or cache.dtype is None:
         return manifest
     kv = {**manifest["kv_params"], "dtype": _numpy_name(cache.dtype)}
     # [batch, heads, length, head_dim] (continuous), [rows, heads, head_dim] or [pages, page_size, heads, head_dim]
-    axis = 1 if cache.name.startswith("past_key_values.") or len(cache.shape or ()) == 3 else 2
+    axis = 1 if name_of(cache).startswith("past_key_values.") or len(cache.shape or ()) == 3 else 2
     heads = cache.shape[axis] if cache.shape is not None and len(cache.shape) > axis else None
     if isinstance(heads, int):
         kv["n_kv_heads"] = heads

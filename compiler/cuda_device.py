@@ -71,8 +71,8 @@ def _check(cuda: ctypes.CDLL, status: int, call: str) -> None:
     if status == _CUDA_SUCCESS:
         return
     name = ctypes.c_char_p()
-    named = cuda.cuGetErrorName(status, ctypes.byref(name)) == _CUDA_SUCCESS and name.value
-    reason = name.value.decode() if named else f"error {status}"
+    found = name.value if cuda.cuGetErrorName(status, ctypes.byref(name)) == _CUDA_SUCCESS else None
+    reason = found.decode() if found else f"error {status}"
     raise CudaUnavailable(f"the CUDA driver failed {call}: {reason}")
 
 

@@ -43,8 +43,10 @@ from .cuda_device import DeviceDescription
 
 logger = logging.getLogger(__name__)
 
+#: One input's (min, opt, max) shapes.
+ProfileShapes = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
 #: An optimization profile: input name -> (min, opt, max) shapes.
-Profile = Mapping[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
+Profile = Mapping[str, ProfileShapes]
 
 #: The distributions that install the ``tensorrt`` module, in the order looked for (the pip packages per CUDA major
 #: version; ``tensorrt`` is the meta-package on PyPI and the name of the wheel in NVIDIA's archives).
@@ -85,7 +87,7 @@ def profile_to_json(profile: Profile) -> dict[str, dict[str, list[int]]]:
             for name, (low, opt, high) in sorted(profile.items())}
 
 
-def profile_from_json(table: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], ...]]:
+def profile_from_json(table: Mapping[str, Any]) -> dict[str, ProfileShapes]:
     return {name: (tuple(shapes["min"]), tuple(shapes["opt"]), tuple(shapes["max"])) for name, shapes in table.items()}
 
 

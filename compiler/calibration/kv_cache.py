@@ -40,6 +40,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..graph_runner import GraphRunner
+from ..passes.base import name_of
 from ..passes.lower_attention_gqa import gqa_kv_caches, quantize_kv_cache
 
 logger = logging.getLogger(__name__)
@@ -109,7 +110,7 @@ def measure_kv_ranges(model: ir.Model, rows: Sequence[np.ndarray], runner: Graph
     backend); keys with rotary pairs combined (see the module doc)."""
     caches = gqa_kv_caches(model)
     known = {"input_ids", "input_lengths", "cache_lengths"} | {n for c in caches for n in (c.key, c.value)}
-    extra = [v.name for v in model.graph.inputs if v.name not in known]
+    extra = [name_of(v) for v in model.graph.inputs if v.name not in known]
     if extra:
         raise ValueError(f"KV cache calibration cannot feed the graph inputs {', '.join(extra)}")
     batches: dict[int, list[np.ndarray]] = {}

@@ -81,7 +81,7 @@ def _half_array(array: np.ndarray, half: ir.DataType) -> np.ndarray:
 def _half_tensor(tensor: ir.TensorProtocol, half: ir.DataType) -> ir.TensorProtocol:
     name = tensor.name
     return ir.LazyTensor(lambda: ir.tensor(_half_array(tensor.numpy(), half), name=name), dtype=half,
-                         shape=tensor.shape, name=name)
+                         shape=ir.Shape(tensor.shape.numpy()), name=name)
 
 
 def _retype(value: ir.Value, half: ir.DataType) -> None:

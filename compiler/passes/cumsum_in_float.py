@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from .base import nodes_of, replace_node
+from .base import input_at, nodes_of, replace_node
 
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 
@@ -17,7 +17,7 @@ FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 def cumsum_in_float(model: ir.Model) -> ir.Model:
     """Rewrite every main-graph ``CumSum`` on an integer input as a float32 one between two Casts."""
     for node in nodes_of(model, "CumSum"):
-        x, axis = node.inputs[:2]
+        x, axis = input_at(node, 0), input_at(node, 1)
         if x.dtype is None or x.dtype in FLOAT_TYPES:
             continue
         tape, prefix = ir.tape.Tape(), node.name or node.outputs[0].name

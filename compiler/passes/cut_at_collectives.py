@@ -22,6 +22,8 @@ import onnx_ir as ir
 from ember.graphs.ir.custom.collectives import COLLECTIVE_OPS
 from ember.graphs.ir.versions import EMBER_DOMAIN
 
+from .base import input_at, name_of
+
 
 @dataclass(frozen=True)
 class Collective:
@@ -79,7 +81,8 @@ def cut_at_collectives(model: ir.Model) -> list[Stage]:
     for node, boundary in boundary_of.items():
         axis = node.attributes["axis"].as_int() if "axis" in node.attributes else None
         result[boundary].collectives_after.append(Collective(
-            node.op_type, node.inputs[0].name, node.outputs[0].name, node.attributes["world_size"].as_int(), axis))
+            node.op_type, name_of(input_at(node, 0)), name_of(node.outputs[0]),
+            node.attributes["world_size"].as_int(), axis))
     for node in boundary_of:  # the stages took every other node
         graph.remove(node, safe=False)
     graph.initializers.clear()
@@ -140,14 +143,15 @@ def _stage_graph(graph: ir.Graph, model: ir.Model, stage_nodes: list[ir.Node], s
         for index, value in enumerate(node.inputs):
             if value is None or value.producer() in members:
                 continue
+            name = name_of(value)  # a stage's inputs and weights are bound by name
             if value.is_initializer() or value.const_value is not None:
-                initializers.setdefault(value.name, _own_weight(value, stage_of, stage))
-                replacement = initializers[value.name]
+                initializers.setdefault(name, _own_weight(value, stage_of, stage))
+                replacement = initializers[name]
             else:
-                if value.name not in inputs:
-                    inputs[value.name] = ir.Value(name=value.name, type=value.type or ir.TensorType(
-                        element_type(value)), shape=value.shape)
-                replacement = inputs[value.name]
+                if name not in inputs:
+                    inputs[name] = ir.Value(name=name, type=value.type or ir.TensorType(element_type(value)),
+                                            shape=value.shape)
+                replacement = inputs[name]
             if replacement is not value:
                 node.replace_input_with(index, replacement)
     outputs = []
@@ -160,11 +164,11 @@ def _stage_graph(graph: ir.Graph, model: ir.Model, stage_nodes: list[ir.Node], s
         graph.remove(node, safe=False)
     for value in initializers.values():
         if value.graph is graph:
-            graph.initializers.pop(value.name)
+            graph.initializers.pop(name_of(value))
     stage_graph = ir.Graph(list(inputs.values()), outputs, nodes=stage_nodes, initializers=list(initializers.values()),
                            opset_imports=dict(graph.opset_imports), name=f"{graph.name}_stage{stage}")
-    for key, value in graph.metadata_props.items():
-        stage_graph.metadata_props[key] = value
+    for key, text in graph.metadata_props.items():
+        stage_graph.metadata_props[key] = text
     stage_graph.metadata_props["ember.stage"] = str(stage)
     return ir.Model(stage_graph, ir_version=model.ir_version, producer_name=model.producer_name)
 

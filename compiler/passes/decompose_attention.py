@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from .base import nodes_of, replace_node
+from .base import input_at, nodes_of, replace_node, static_dim
 
 FORM = "Reshape + Transpose + MatMul + Mul + Add + Softmax + MatMul"
 
@@ -42,14 +42,14 @@ def _refuse_unsupported(node: ir.Node) -> tuple[int, int]:
     if any(v is not None for v in node.inputs[4:]) or any(o.uses() for o in node.outputs[1:]):
         problems.append("a KV cache (past inputs or present outputs)")
     heads, kv_heads = _int_attr(node, "q_num_heads"), _int_attr(node, "kv_num_heads")
-    query = node.inputs[0]
+    query = input_at(node, 0)
     if query.shape is None or len(query.shape) != 3 or not isinstance(query.shape[2], int) or not heads:
         problems.append("inputs that are not 3-D [batch, seq, heads * head_dim] with q_num_heads")
     elif kv_heads != heads:
         problems.append(f"{kv_heads} KV heads for {heads} query heads")
     if problems:
         raise ValueError(f"Attention node {name!r}: the standard-op rewrite does not cover {', '.join(problems)}")
-    return heads, query.shape[2] // heads
+    return heads, static_dim(query, 2) // heads
 
 
 def decompose_attention(model: ir.Model) -> ir.Model:
@@ -62,14 +62,14 @@ def decompose_attention(model: ir.Model) -> ir.Model:
             name = f"/model/attention/const_{len(constants)}"
             tensor = ir.tensor(array, name=name)
             value = ir.Value(name=name, const_value=tensor, type=ir.TensorType(tensor.dtype),
-                             shape=ir.Shape(tensor.shape))
+                             shape=ir.Shape(tensor.shape.numpy()))
             model.graph.register_initializer(value)
             constants[key] = value
         return constants[key]
 
     for node in nodes_of(model, "Attention"):
         heads, head_dim = _refuse_unsupported(node)
-        query, key, value = node.inputs[:3]
+        query, key, value = input_at(node, 0), input_at(node, 1), input_at(node, 2)
         mask = node.inputs[3] if len(node.inputs) > 3 else None
         dtype = query.dtype or ir.DataType.FLOAT
         scale_attr = node.attributes.get("scale")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from .base import nodes_of, replace_node
+from .base import input_at, nodes_of, replace_node
 
 FORM = "Mul + ReduceMean + Add + Sqrt + Div + Mul"
 
@@ -40,13 +40,13 @@ def decompose_rms_norm(model: ir.Model) -> ir.Model:
             name = f"/model/rms_norm/const_{len(constants)}"
             tensor = ir.tensor(array, name=name)
             value = ir.Value(name=name, const_value=tensor, type=ir.TensorType(tensor.dtype),
-                             shape=ir.Shape(tensor.shape))
+                             shape=ir.Shape(tensor.shape.numpy()))
             model.graph.register_initializer(value)
             constants[key] = value
         return constants[key]
 
     for node in nodes_of(model, "RMSNormalization"):
-        x, scale = node.inputs[:2]
+        x, scale = input_at(node, 0), input_at(node, 1)
         epsilon = node.attributes.get("epsilon")
         stash = node.attributes.get("stash_type")
         stash_type = ir.DataType(1 if stash is None else int(stash.value))

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from .base import nodes_of, replace_node
+from .base import input_at, nodes_of, replace_node
 
 FORM = "Gather + Slice + Mul/Add + Concat"
 _END = np.iinfo(np.int64).max
@@ -34,7 +34,7 @@ class _Builder:
         self.model = model
         self.tape = ir.tape.Tape()
         self._constants: dict[tuple, ir.Value] = {}
-        self._tables: dict[tuple[int, int, int], tuple[ir.Value, ir.Value]] = {}
+        self._tables: dict[tuple[int, int, int, int], tuple[ir.Value, ir.Value]] = {}
 
     def const(self, array) -> ir.Value:
         array = np.asarray(array)
@@ -45,7 +45,7 @@ class _Builder:
                 name += "_"
             tensor = ir.tensor(array, name=name)
             value = ir.Value(name=name, const_value=tensor, type=ir.TensorType(tensor.dtype),
-                             shape=ir.Shape(tensor.shape))
+                             shape=ir.Shape(tensor.shape.numpy()))
             self.model.graph.register_initializer(value)
             self._constants[key] = value
         return self._constants[key]
@@ -53,7 +53,8 @@ class _Builder:
     def op(self, *args, **kwargs) -> ir.Value:
         return self.tape.op(*args, **kwargs)
 
-    def tables(self, cos: ir.Value, sin: ir.Value, positions: ir.Value | None, head_axis: int) -> tuple:
+    def tables(self, cos: ir.Value, sin: ir.Value, positions: ir.Value | None,
+               head_axis: int) -> tuple[ir.Value, ir.Value]:
         """cos and sin per token, with a unit axis at ``head_axis`` to broadcast over the heads."""
         key = (id(cos), id(sin), id(positions), head_axis)
         if key not in self._tables:
@@ -62,7 +63,8 @@ class _Builder:
                 per_token = table if positions is None else self.op("Gather", [table, positions], {"axis": 0})
                 gathered.append(self.op("Unsqueeze", [per_token, self.const(np.array([head_axis], np.int64))],
                                         name=f"/model/rotary/{which}_{len(self._tables)}"))
-            self._tables[key] = tuple(gathered)
+            cos_t, sin_t = gathered
+            self._tables[key] = (cos_t, sin_t)
         return self._tables[key]
 
     def slice(self, x: ir.Value, start: int, end: int, step: int = 1) -> ir.Value:
@@ -76,8 +78,8 @@ def _attribute(node: ir.Node, name: str, default: int) -> int:
 
 
 def _rewrite(node: ir.Node, b: _Builder) -> ir.Value:
-    x, cos, sin, *rest = node.inputs
-    positions = rest[0] if rest else None
+    x, cos, sin = input_at(node, 0), input_at(node, 1), input_at(node, 2)
+    positions = node.inputs[3] if len(node.inputs) > 3 else None  # optional: without it the caches are per token
     interleaved = _attribute(node, "interleaved", 0)
     num_heads = _attribute(node, "num_heads", 0)
     half = cos.shape[-1] if cos.shape is not None else None

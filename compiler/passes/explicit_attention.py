@@ -22,10 +22,13 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from .base import input_at, name_of
+
 
 def _constant(model: ir.Model, name: str, array: np.ndarray) -> ir.Value:
-    tensor = ir.tensor(np.asarray(array), name=name)
-    value = ir.Value(name=name, const_value=tensor, type=ir.TensorType(tensor.dtype), shape=ir.Shape(tensor.shape))
+    array = np.asarray(array)
+    tensor = ir.tensor(array, name=name)
+    value = ir.Value(name=name, const_value=tensor, type=ir.TensorType(tensor.dtype), shape=ir.Shape(array.shape))
     model.graph.register_initializer(value)
     return value
 
@@ -101,12 +104,13 @@ class SharedValues:
 
     def rotary_positions(self, cos: ir.Value) -> ir.Value:
         """Positions clamped to the cos/sin table (padding tokens may run past it)."""
-        if cos.name not in self._rotary_positions:
+        table = name_of(cos)
+        if table not in self._rotary_positions:
             op = self.op
             last = op("Sub", [op("Shape", [cos], {"start": 0, "end": 1}), self.one])
-            self._rotary_positions[cos.name] = op("Min", [self.positions, last],
-                                                  name=f"{self.prefix}/rotary_positions")
-        return self._rotary_positions[cos.name]
+            self._rotary_positions[table] = op("Min", [self.positions, last],
+                                               name=f"{self.prefix}/rotary_positions")
+        return self._rotary_positions[table]
 
 
 def attention_attributes(node: ir.Node) -> dict:
@@ -138,7 +142,10 @@ def grouped_attention(shared: SharedValues, node: ir.Node, query: ir.Value, keys
     heads, kv_heads = int(attrs["num_heads"]), int(attrs["kv_num_heads"])
     group = heads // kv_heads
     scale = float(attrs.get("scale", 0.0)) or 1.0 / np.sqrt(head_dim)
-    dtype = node.inputs[0].dtype.numpy()  # the emitted ops' outputs carry no type yet
+    query_type = input_at(node, 0).dtype  # the emitted ops' outputs carry no type yet
+    if query_type is None:
+        raise ValueError(f"{node.name}: the query's element type is unknown")
+    dtype = query_type.numpy()
     op, const, name = shared.op, shared.const, node.name
     keys = op("Transpose", [keys], {"perm": [0, 1, 3, 2]})  # onnxruntime folds it into the MatMul (transB)
     # query heads h = kv * group + g: [batch, seq, kv, group, hd] -> [batch, kv, group * seq, hd]

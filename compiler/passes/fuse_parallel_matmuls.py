@@ -18,15 +18,15 @@ import onnx_ir as ir
 from ember.graphs.ir.graph import BLOCKS_META
 from ember.graphs.weights.adapter import QuantizedBlocks
 
-from .base import nodes_of
+from .base import input_at, nodes_of
 
 
 def _constant(value: ir.Value | None) -> ir.TensorProtocol | None:
     return None if value is None else value.const_value
 
 
-def _bias_add(matmul: ir.Node) -> tuple[ir.Node, ir.Value] | None:
-    """The ``Add(matmul_output, bias)`` that is the product's only consumer, with a 1-D constant bias."""
+def _bias_add(matmul: ir.Node) -> tuple[ir.Node, ir.TensorProtocol] | None:
+    """The ``Add(matmul_output, bias)`` that is the product's only consumer, with its 1-D constant bias."""
     users = list(matmul.outputs[0].uses())
     if len(users) != 1:
         return None
@@ -37,12 +37,12 @@ def _bias_add(matmul: ir.Node) -> tuple[ir.Node, ir.Value] | None:
     tensor = _constant(other)
     if tensor is None or len(tensor.shape) != 1:
         return None
-    return add, other
+    return add, tensor
 
 
 def _concat_lazy(name: str, tensors: list[ir.TensorProtocol], axis: int) -> ir.Value:
-    shape = list(tensors[0].shape)
-    shape[axis] = sum(int(t.shape[axis]) for t in tensors)
+    shape = list(tensors[0].shape.numpy())  # a tensor's shape is static
+    shape[axis] = sum(t.shape.numpy()[axis] for t in tensors)
     dtype = tensors[0].dtype
 
     def materialize() -> ir.TensorProtocol:
@@ -59,15 +59,15 @@ def _block_type(value: ir.Value) -> str | None:
 
 def _concat_blocks(values: list[ir.Value]) -> QuantizedBlocks | None:
     """The checkpoint blocks of ``[W1; W2; ...]`` (rows of the ``[out, in]`` weights), if every part has some."""
-    parts = [v.meta.get(BLOCKS_META) for v in values]
-    if any(p is None for p in parts) or len({(p.qtype, p.shape[1]) for p in parts}) != 1:
+    parts: list[QuantizedBlocks] = [p for p in (v.meta.get(BLOCKS_META) for v in values) if p is not None]
+    if len(parts) != len(values) or len({(p.qtype, p.shape[1]) for p in parts}) != 1:
         return None
     shape = (sum(p.shape[0] for p in parts), parts[0].shape[1])
     return QuantizedBlocks(parts[0].qtype, shape, lambda: np.concatenate([p.load() for p in parts], axis=0))
 
 
 def _fused_name(matmuls: list[ir.Node]) -> str:
-    names = [m.inputs[1].name or "" for m in matmuls]
+    names = [input_at(m, 1).name or "" for m in matmuls]
     prefix = names[0].rsplit(".", 2)[0] if names[0].count(".") >= 2 else "fused"
     parts = [n.rsplit(".", 2)[-2] if n.count(".") >= 2 else str(i) for i, n in enumerate(names)]
     return f"{prefix}.{'_'.join(p.removesuffix('_proj') for p in parts)}_proj.weight"
@@ -75,36 +75,41 @@ def _fused_name(matmuls: list[ir.Node]) -> str:
 
 def fuse_parallel_matmuls(model: ir.Model) -> ir.Model:
     graph = model.graph
-    groups: dict[int, list[ir.Node]] = defaultdict(list)
+    # id(x) -> the MatMuls of x with a constant 2-D weight, each with that weight's tensor
+    groups: dict[int, list[tuple[ir.Node, ir.TensorProtocol]]] = defaultdict(list)
     for node in nodes_of(model, "MatMul"):
-        weight = _constant(node.inputs[1])
-        if weight is not None and len(weight.shape) == 2 and node.inputs[0] is not None:
-            groups[id(node.inputs[0])].append(node)
-    for matmuls in groups.values():
-        if len(matmuls) < 2 or len({int(_constant(m.inputs[1]).shape[0]) for m in matmuls}) != 1:
+        tensor = _constant(node.inputs[1])
+        if tensor is not None and len(tensor.shape) == 2 and node.inputs[0] is not None:
+            groups[id(node.inputs[0])].append((node, tensor))
+    for group in groups.values():
+        matmuls, tensors = [m for m, _ in group], [t for _, t in group]
+        if len(matmuls) < 2 or len({t.shape.numpy()[0] for t in tensors}) != 1:
             continue
-        if len({_block_type(m.inputs[1]) for m in matmuls}) != 1:
+        weights = [input_at(m, 1) for m in matmuls]
+        if len({_block_type(w) for w in weights}) != 1:
             continue  # checkpoint blocks of different types (or some float): each stays repackable on its own
         x = matmuls[0].inputs[0]
-        widths = [int(_constant(m.inputs[1]).shape[1]) for m in matmuls]
+        widths = [t.shape.numpy()[1] for t in tensors]
         name = _fused_name(matmuls)
-        weight = _concat_lazy(name, [_constant(m.inputs[1]) for m in matmuls], axis=1)
-        blocks = _concat_blocks([m.inputs[1] for m in matmuls])
+        prefix = f"/{name.removesuffix('.weight').replace('.', '/')}"  # the new nodes' names
+        weight = _concat_lazy(name, tensors, axis=1)
+        blocks = _concat_blocks(weights)
         if blocks is not None:
             weight.meta[BLOCKS_META] = blocks
         graph.register_initializer(weight)
         adds = [_bias_add(m) for m in matmuls]
-        with_bias = all(a is not None for a in adds)
+        biases = [a[1] for a in adds if a is not None]
+        with_bias = len(biases) == len(adds)
         first = min(matmuls, key=graph.index)  # insert before the earliest, where x already exists
         fused = ir.Node("", "MatMul", [x, weight], outputs=[ir.Value(name=f"{name}/MatMul_output_0")],
-                        name=f"/{name.removesuffix('.weight').replace('.', '/')}/MatMul")
+                        name=f"{prefix}/MatMul")
         new_nodes = [fused]
         out = fused.outputs[0]
         if with_bias:
-            bias = _concat_lazy(name.replace(".weight", ".bias"), [_constant(a[1]) for a in adds], axis=0)
+            bias = _concat_lazy(name.replace(".weight", ".bias"), biases, axis=0)
             graph.register_initializer(bias)
             add = ir.Node("", "Add", [out, bias], outputs=[ir.Value(name=f"{name}/Add_output_0")],
-                          name=f"{fused.name.removesuffix('/MatMul')}/Add")
+                          name=f"{prefix}/Add")
             new_nodes.append(add)
             out = add.outputs[0]
         sizes = ir.Value(name=f"{name}/split_sizes", const_value=ir.tensor(np.array(widths, np.int64)),
@@ -112,14 +117,15 @@ def fuse_parallel_matmuls(model: ir.Model) -> ir.Model:
         graph.register_initializer(sizes)
         split = ir.Node("", "Split", [out, sizes], [ir.AttrInt64("axis", -1)],
                         outputs=[ir.Value(name=f"{name}/Split_output_{i}") for i in range(len(widths))],
-                        name=f"{fused.name.removesuffix('/MatMul')}/Split")
+                        name=f"{prefix}/Split")
         new_nodes.append(split)
         graph.insert_before(first, new_nodes)
-        for i, (matmul, add) in enumerate(zip(matmuls, adds)):
-            old = add[0].outputs[0] if with_bias else matmul.outputs[0]
+        for i, (matmul, bias_add) in enumerate(zip(matmuls, adds)):
+            replaced = [bias_add[0], matmul] if with_bias and bias_add is not None else [matmul]
+            old = replaced[0].outputs[0]  # what the split's output takes over
             split.outputs[i].shape, split.outputs[i].type = old.shape, old.type
             ir.convenience.replace_all_uses_with(old, split.outputs[i])
-            graph.remove([add[0], matmul] if with_bias else [matmul], safe=True)
+            graph.remove(replaced, safe=True)
     return model
 
 

@@ -9,7 +9,7 @@ import onnx_ir as ir
 
 from ember.graphs.ir.versions import MS_DOMAIN, MS_OPSET
 
-from .base import nodes_of
+from .base import input_at, nodes_of
 
 
 def fuse_skip_rms_norm(model: ir.Model) -> ir.Model:
@@ -23,7 +23,7 @@ def fuse_skip_rms_norm(model: ir.Model) -> ir.Model:
             continue
         if id(add.outputs[0]) in graph_outputs or id(norm.outputs[0]) in graph_outputs:
             continue
-        a, b = add.inputs
+        a, b = input_at(add, 0), input_at(add, 1)
         if a.shape is None or b.shape is None or list(a.shape) != list(b.shape):
             continue  # the kernel wants input and skip of one shape
         epsilon = norm.attributes["epsilon"].value if "epsilon" in norm.attributes else 1e-5

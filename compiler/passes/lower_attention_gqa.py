@@ -46,7 +46,7 @@ import onnx_ir as ir
 
 from ember.graphs.ir.versions import EMBER_DOMAIN, MS_DOMAIN, MS_OPSET
 
-from .base import nodes_of, replace_node
+from .base import input_at, name_of, nodes_of, replace_node, static_dim
 from .explicit_attention import SharedValues, rotate
 from .lowering_record import Lowering, record_lowering, record_rejection
 
@@ -65,10 +65,12 @@ def gqa_rejection(node: ir.Node, *, rotary_in_kernel: bool = True) -> str | None
     this function and the installed onnxruntime in agreement."""
     attrs = {name: attr.value for name, attr in node.attributes.items()}
     heads, kv_heads = int(attrs["num_heads"]), int(attrs["kv_num_heads"])
-    head_dim = node.inputs[3].shape[3] if node.inputs[3].shape is not None else None
+    past_key = input_at(node, 3)
+    head_dim = past_key.shape[3] if past_key.shape is not None else None
     heads_rejected = gqa_heads_rejection(heads, kv_heads, head_dim)
     if heads_rejected is not None:
         return heads_rejected
+    assert isinstance(head_dim, int)  # gqa_heads_rejection rejects any other
     cos = node.inputs[7] if len(node.inputs) > 7 else None
     if cos is not None and rotary_in_kernel:
         if head_dim % 16:
@@ -98,9 +100,9 @@ def lower_attention_to_gqa(model: ir.Model) -> ir.Model:
     rotary: dict[tuple[str, str], SharedValues] = {}
     lowered = False
     for node in nodes_of(model, "CachedAttention", EMBER_DOMAIN):
-        query, key, value, past_key, past_value, cache_lengths, input_lengths, *tables = node.inputs
+        query, key, value, past_key, past_value, cache_lengths, input_lengths = (input_at(node, i) for i in range(7))
         attrs = {name: attr.value for name, attr in node.attributes.items()}
-        cos, sin = (tables + [None, None])[:2]
+        cos, sin = (list(node.inputs[7:9]) + [None, None])[:2]
         rejected: tuple[str, ...] = ()
         in_kernel = gqa_rejection(node)
         if in_kernel is not None:
@@ -110,7 +112,7 @@ def lower_attention_to_gqa(model: ir.Model) -> ir.Model:
                 continue
             rejected = (f"{GQA_FORM} with rotary in the kernel: {in_kernel}",)
         tape = ir.tape.Tape()
-        lengths_key = (cache_lengths.name, input_lengths.name)
+        lengths_key = (name_of(cache_lengths), name_of(input_lengths))
         if lengths_key not in shared:
             one = ir.Value(name=f"{node.name}/one", const_value=ir.tensor(np.array(1, dtype=np.int32)),
                            type=ir.TensorType(ir.DataType.INT32), shape=ir.Shape([]))
@@ -128,7 +130,7 @@ def lower_attention_to_gqa(model: ir.Model) -> ir.Model:
                 rotary[lengths_key].start(op("Squeeze", [op("Shape", [query], {"start": 1, "end": 2}),
                                                          rotary[lengths_key].const(np.array([0]))]))
             rotary[lengths_key].tape = tape
-            query, key = rotate(rotary[lengths_key], node, query, key, cos, sin, int(past_key.shape[3]))
+            query, key = rotate(rotary[lengths_key], node, query, key, cos, sin, static_dim(past_key, 3))
             cos = sin = None
         window = int(attrs.get("sliding_window", 0))
         gqa_attrs = {
@@ -178,28 +180,33 @@ class GQAKVCache:
     rotary_interleaved: bool
 
 
+def _past_cache(node: ir.Node, index: int) -> ir.Value:
+    """Input ``index`` of a GroupQueryAttention, checked to be a past KV cache the runtime can bind."""
+    past = node.inputs[index]
+    if past is None or not past.is_graph_input() or len(past.uses()) != 1:
+        raise ValueError(f"{node.name}: the KV cache is not a graph input used by this node alone")
+    return past
+
+
 def gqa_kv_caches(model: ir.Model) -> list[GQAKVCache]:
     """The lowered graph's GroupQueryAttention caches, in graph order; each past is a graph input read by that
     node alone and each present a graph output (what the runtime binds)."""
     caches = []
     for node in nodes_of(model, "GroupQueryAttention", MS_DOMAIN):
-        past_key, past_value = node.inputs[3], node.inputs[4]
+        past_key, past_value = _past_cache(node, 3), _past_cache(node, 4)
         present_key, present_value = node.outputs[1], node.outputs[2]
-        for past in (past_key, past_value):
-            if past is None or not past.is_graph_input() or len(past.uses()) != 1:
-                raise ValueError(f"{node.name}: the KV cache is not a graph input used by this node alone")
         for present in (present_key, present_value):
             if not present.is_graph_output():
                 raise ValueError(f"{node.name}: the present KV cache is not a graph output")
         attrs = {name: attr.value for name, attr in node.attributes.items()}
-        head_dim = past_key.shape[3]
+        head_dim = static_dim(past_key, 3)
         cos = node.inputs[7] if len(node.inputs) > 7 else None
         rotary_dim = 0
         if attrs.get("do_rotary", 0):
             half = cos.shape[1] if cos is not None and cos.shape is not None else None
             rotary_dim = 2 * half if isinstance(half, int) else head_dim
-        caches.append(GQAKVCache(node, past_key.name, past_value.name, present_key.name, present_value.name,
-                                 int(attrs["kv_num_heads"]), int(head_dim), rotary_dim,
+        caches.append(GQAKVCache(node, name_of(past_key), name_of(past_value), name_of(present_key),
+                                 name_of(present_value), int(attrs["kv_num_heads"]), head_dim, rotary_dim,
                                  bool(attrs.get("rotary_interleaved", 0))))
     return caches
 
@@ -225,9 +232,10 @@ def quantize_kv_cache(model: ir.Model, bit_width: int, scales: Mapping[str, np.n
             if scale.shape != (cache.kv_num_heads, cache.head_dim) or not np.all(np.isfinite(scale) & (scale > 0)):
                 raise ValueError(f"{name}: scales must be positive and finite, shaped "
                                  f"({cache.kv_num_heads}, {cache.head_dim}); got {scale.shape}")
-            tensor = ir.tensor(scale.reshape(1, cache.kv_num_heads, 1, cache.head_dim), name=f"{name}.scale")
+            per_head = scale.reshape(1, cache.kv_num_heads, 1, cache.head_dim)
+            tensor = ir.tensor(per_head, name=f"{name}.scale")
             value = ir.Value(name=f"{name}.scale", const_value=tensor, type=ir.TensorType(ir.DataType.FLOAT),
-                             shape=ir.Shape(tensor.shape))
+                             shape=ir.Shape(per_head.shape))
             model.graph.register_initializer(value)
             scale_values.append(value)
         if len(node.inputs) < _GQA_INPUTS:
@@ -237,6 +245,6 @@ def quantize_kv_cache(model: ir.Model, bit_width: int, scales: Mapping[str, np.n
         for attr in (ir.AttrString("k_quant_type", "PER_CHANNEL"), ir.AttrString("v_quant_type", "PER_CHANNEL"),
                      ir.AttrInt64("kv_cache_bit_width", bit_width)):
             node.attributes[attr.name] = attr
-        for value in (node.inputs[3], node.inputs[4], node.outputs[1], node.outputs[2]):
+        for value in (input_at(node, 3), input_at(node, 4), node.outputs[1], node.outputs[2]):
             value.type = ir.TensorType(ir.DataType.INT8)
     return model

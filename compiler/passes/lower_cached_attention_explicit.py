@@ -25,7 +25,7 @@ import onnx_ir as ir
 
 from ember.graphs.ir.versions import EMBER_DOMAIN
 
-from .base import nodes_of, replace_node
+from .base import input_at, nodes_of, replace_node
 from .explicit_attention import SharedValues, grouped_attention, rotate
 from .lowering_record import Lowering, record_lowering
 
@@ -36,7 +36,7 @@ class _Shared(SharedValues):
     """Per graph: positions, masks, the longest total length and the ScatterND indices per kv head count."""
 
     def __init__(self, model: ir.Model, tape: ir.tape.Tape, node: ir.Node, prefix: str):
-        query, _, _, past_key, _, cache_lengths, input_lengths, *_ = node.inputs
+        query, past_key, cache_lengths, input_lengths = (input_at(node, i) for i in (0, 3, 5, 6))
         super().__init__(model, tape, prefix, cache_lengths, input_lengths)
         op, const = self.op, self.const
         seq = op("Squeeze", [op("Shape", [query], {"start": 1, "end": 2}), const(np.array([0]))])
@@ -63,13 +63,13 @@ class _Shared(SharedValues):
 
 
 def _lower_one(node: ir.Node, tape: ir.tape.Tape, shared: _Shared) -> list[ir.Value]:
-    query, key, value, past_key, past_value, _, _, *rotary = node.inputs
+    query, key, value, past_key, past_value = (input_at(node, i) for i in range(5))
     kv_heads = int(node.attributes["kv_num_heads"].value)
-    head_dim = past_key.shape[3]
+    head_dim = past_key.shape[3] if past_key.shape is not None else None
     if not isinstance(head_dim, int):
         raise ValueError(f"{node.name}: the KV cache's head_dim must be static, got {past_key.shape}")
     op, const = tape.op, shared.const
-    cos, sin = (rotary + [None, None])[:2]
+    cos, sin = (list(node.inputs[7:9]) + [None, None])[:2]
     query, key = rotate(shared, node, query, key, cos, sin, head_dim)
     per_head = const(np.array([0, 0, kv_heads, head_dim], np.int64))
     ends = op("Unsqueeze", [shared.max_len, const(np.array([0]))])
@@ -89,7 +89,7 @@ def lower_cached_attention_explicit(model: ir.Model) -> ir.Model:
     shared: dict[tuple, _Shared] = {}
     for node in nodes_of(model, "CachedAttention", EMBER_DOMAIN):
         tape = ir.tape.Tape()
-        key = tuple(v.name for v in node.inputs[5:7])  # the lengths
+        key = tuple(input_at(node, i).name for i in (5, 6))  # the lengths
         if key not in shared:
             prefix = "/model/cached_attention" + f"_{len(shared)}" * bool(shared)
             shared[key] = _Shared(model, tape, node, prefix)

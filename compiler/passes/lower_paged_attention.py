@@ -42,7 +42,7 @@ import onnx_ir as ir
 
 from ember.graphs.ir.versions import EMBER_DOMAIN
 
-from .base import nodes_of, replace_node
+from .base import input_at, nodes_of, replace_node
 from .explicit_attention import SharedValues, grouped_attention, rotate
 from .lowering_record import Lowering, record_lowering
 
@@ -53,7 +53,7 @@ class _Shared(SharedValues):
     """Values computed once per graph from the lengths, the page table and the slot mapping."""
 
     def __init__(self, model: ir.Model, tape: ir.tape.Tape, node: ir.Node, page_size: int, prefix: str):
-        _, _, _, _, _, page_table, slot_mapping, cache_lengths, input_lengths, *_ = node.inputs
+        page_table, slot_mapping, cache_lengths, input_lengths = (input_at(node, i) for i in range(5, 9))
         super().__init__(model, tape, prefix, cache_lengths, input_lengths)
         op = self.op
         self.page_size = page_size
@@ -84,13 +84,13 @@ class _Shared(SharedValues):
 
 
 def _lower_one(node: ir.Node, tape: ir.tape.Tape, shared: _Shared) -> list[ir.Value]:
-    query, key, value, key_cache, value_cache, _, _, _, _, *rotary = node.inputs
+    query, key, value, key_cache, value_cache = (input_at(node, i) for i in range(5))
     kv_heads = int(node.attributes["kv_num_heads"].value)
-    head_dim = key_cache.shape[2]
+    head_dim = key_cache.shape[2] if key_cache.shape is not None else None
     if not isinstance(head_dim, int):
         raise ValueError(f"{node.name}: the KV cache's head_dim must be static, got {key_cache.shape}")
     op, const = tape.op, shared.const
-    cos, sin = (rotary + [None, None])[:2]
+    cos, sin = (list(node.inputs[9:11]) + [None, None])[:2]
     query, key = rotate(shared, node, query, key, cos, sin, head_dim)
     per_token = const(np.array([0, 0, kv_heads, head_dim], np.int64))
     caches = []
@@ -110,7 +110,7 @@ def lower_paged_attention(model: ir.Model) -> ir.Model:
     for node in nodes_of(model, "PagedAttention", EMBER_DOMAIN):
         tape = ir.tape.Tape()
         page_size = int(node.attributes["page_size"].value)
-        key = (page_size, *(v.name for v in node.inputs[5:9]))  # page table, slot mapping, lengths
+        key = (page_size, *(input_at(node, i).name for i in range(5, 9)))  # page table, slot mapping, lengths
         if key not in shared:
             prefix = "/model/paged_attention" + f"_{len(shared)}" * bool(shared)
             shared[key] = _Shared(model, tape, node, page_size, prefix)

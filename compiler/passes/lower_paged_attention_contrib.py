@@ -36,7 +36,7 @@ import onnx_ir as ir
 
 from ember.graphs.ir.versions import EMBER_DOMAIN, MS_DOMAIN, MS_OPSET
 
-from .base import nodes_of, replace_node
+from .base import input_at, nodes_of, replace_node, static_dim
 from .explicit_attention import SharedValues, rotate
 from .lower_attention_gqa import gqa_heads_rejection
 from .lowering_record import Lowering, record_lowering, record_rejection
@@ -49,10 +49,12 @@ def paged_attention_contrib_rejection(node: ir.Node, *, rotary_in_kernel: bool =
     """Why the CUDA ``com.microsoft.PagedAttention`` cannot take ``node`` (an ``ember.PagedAttention``), or None."""
     attrs = {name: attr.value for name, attr in node.attributes.items()}
     heads, kv_heads, page_size = int(attrs["num_heads"]), int(attrs["kv_num_heads"]), int(attrs["page_size"])
-    head_dim = node.inputs[3].shape[2] if node.inputs[3].shape is not None else None
+    key_cache = input_at(node, 3)
+    head_dim = key_cache.shape[2] if key_cache.shape is not None else None
     heads_rejected = gqa_heads_rejection(heads, kv_heads, head_dim)
     if heads_rejected is not None:
         return heads_rejected
+    assert isinstance(head_dim, int)  # gqa_heads_rejection rejects any other
     if page_size < 16 or page_size & (page_size - 1):
         return f"the page size (block_size) must be a power of two >= 16, not {page_size}"
     if int(attrs.get("sliding_window", 0)) > 0:
@@ -72,7 +74,7 @@ class _Packing(SharedValues):
     """Per graph: the real tokens' flat positions, the lengths as the op wants them, and the way back."""
 
     def __init__(self, model: ir.Model, tape: ir.tape.Tape, node: ir.Node, prefix: str):
-        _, _, _, _, _, page_table, slot_mapping, cache_lengths, input_lengths, *_ = node.inputs
+        page_table, slot_mapping, cache_lengths, input_lengths = (input_at(node, i) for i in range(5, 9))
         super().__init__(model, tape, prefix, cache_lengths, input_lengths)
         op, const, i32 = self.op, self.const, ir.DataType.INT32
         # seq from the slot mapping, not the query: q|k|v stay read by the attention alone (packed QKV)
@@ -116,11 +118,11 @@ def _packed_qkv(query: ir.Value, key: ir.Value, value: ir.Value) -> ir.Value | N
 
 def _lower_one(node: ir.Node, tape: ir.tape.Tape, packing: _Packing,
                rotary_in_kernel: bool) -> list[ir.Value]:
-    query, key, value, key_cache, value_cache, *_ = node.inputs
+    query, key, value, key_cache, value_cache = (input_at(node, i) for i in range(5))
     cos, sin = (list(node.inputs[9:11]) + [None, None])[:2]
     attrs = {name: attr.value for name, attr in node.attributes.items()}
     heads, kv_heads, page_size = int(attrs["num_heads"]), int(attrs["kv_num_heads"]), int(attrs["page_size"])
-    head_dim = int(key_cache.shape[2])
+    head_dim = static_dim(key_cache, 2)
     if not rotary_in_kernel:
         query, key = rotate(packing, node, query, key, cos, sin, head_dim)
         cos = sin = None
@@ -168,13 +170,13 @@ def lower_paged_attention_contrib(model: ir.Model) -> ir.Model:
                 continue
             rejected = (f"{FORM} with rotary in the kernel: {in_kernel}",)
         tape = ir.tape.Tape()
-        key = tuple(v.name for v in node.inputs[5:9])  # page table, slot mapping, lengths
+        key = tuple(input_at(node, i).name for i in range(5, 9))  # page table, slot mapping, lengths
         if key not in shared:
             prefix = "/model/paged_attention_contrib" + f"_{len(shared)}" * bool(shared)
             shared[key] = _Packing(model, tape, node, prefix)
         shared[key].tape = tape
         outputs = _lower_one(node, tape, shared[key], rotary_in_kernel=not rejected)
-        cache_shapes = [node.inputs[3].shape, node.inputs[4].shape]
+        cache_shapes = [input_at(node, 3).shape, input_at(node, 4).shape]
         replace_node(model, node, list(tape.nodes), outputs)
         for value, shape in zip(outputs[1:], cache_shapes):  # replace_node gave them the 3-D pool's shape
             value.shape = shape

@@ -40,6 +40,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from .base import input_at, static_dim
+
 UNARY = {"Gelu", "Cast", "Erf", "Tanh", "Sigmoid", "Relu", "Identity"}
 BINARY = {"Add", "Sub", "Mul", "Div"}
 
@@ -65,7 +67,7 @@ def key_padding_mask(bias: ir.Value | None) -> ir.Value | None:
     unsqueeze = _producer(expand.inputs[0], "Unsqueeze") if expand else None
     where = _producer(unsqueeze.inputs[0], "Where") if unsqueeze else None
     equal = _producer(where.inputs[0], "Equal") if where else None
-    if equal is None or _constant_value(equal.inputs[1]) != 0.0:
+    if where is None or equal is None or _constant_value(equal.inputs[1]) != 0.0:
         return None
     masked, kept = _constant_value(where.inputs[1]), _constant_value(where.inputs[2])
     if masked is None or masked > -1e30 or kept != 0.0:
@@ -98,7 +100,7 @@ class _Packer:
         if name not in self.graph.initializers:
             tensor = ir.tensor(array, name=name)
             self.graph.register_initializer(ir.Value(name=name, const_value=tensor, type=ir.TensorType(tensor.dtype),
-                                                     shape=ir.Shape(list(tensor.shape))))
+                                                     shape=ir.Shape(tensor.shape.numpy())))
         return self.graph.initializers[name]
 
     def node(self, op: str, inputs: list, name: str, attrs: dict | None = None) -> ir.Node:
@@ -114,9 +116,9 @@ class _Packer:
     # indices ------------------------------------------------------------------------------------
     def build_indices(self, before: ir.Node) -> None:
         """``token_index`` [1, tokens]: flat positions of valid tokens; ``inverse_index`` [batch, sequence]."""
-        is_token = self.node("Not", [self.node("Equal", [self.mask, self.constant("pack.zero", np.array(0, np.int64))],
-                                               "/pack/Equal").outputs[0]], "/pack/Not")
-        nodes = [is_token.inputs[0].producer(), is_token]
+        equal = self.node("Equal", [self.mask, self.constant("pack.zero", np.array(0, np.int64))], "/pack/Equal")
+        is_token = self.node("Not", [equal.outputs[0]], "/pack/Not")
+        nodes = [equal, is_token]
         ones = self.node("Cast", [is_token.outputs[0]], "/pack/Cast", {"to": int(ir.DataType.INT64)})
         flat = self.node("Reshape", [ones.outputs[0], self.constant("pack.minus_one", np.array([-1], np.int64))],
                          "/pack/flat_mask")
@@ -134,7 +136,7 @@ class _Packer:
     # layout changes -----------------------------------------------------------------------------
     def pack_after(self, value: ir.Value, after: ir.Node, scope: str) -> ir.Value:
         """Gather the valid tokens of ``value`` [batch, sequence, C]; uses of ``value`` move to the result."""
-        width = int(value.shape[-1])
+        width = static_dim(value, -1)
         flat = self.flat(value, width, scope)
         gather = self.node("Gather", [flat.outputs[0], self.token_index], f"{scope}/Gather", {"axis": 0})
         self.graph.insert_after(after, [flat, gather])
@@ -148,20 +150,29 @@ class _Packer:
     def unpack(self, value: ir.Value, before: ir.Node | None) -> ir.Value:
         """``value`` back in ``[batch, sequence, C]`` (inserted before ``before``, or after its producer)."""
         if id(value) not in self.unpacked:
-            width = int(value.shape[-1])
+            width = static_dim(value, -1)
             scope = f"/unpack/{value.name}"
             flat = self.flat(value, width, scope)
             gather = self.node("Gather", [flat.outputs[0], self.inverse_index], f"{scope}/Gather", {"axis": 0})
             if before is None:
-                self.graph.insert_after(value.producer(), [flat, gather])
+                producer = value.producer()
+                if producer is None:  # a packed value is always a node's output (a Gather, or a token-wise op's)
+                    raise ValueError(f"packed value {value.name} has no producer to unpack after")
+                self.graph.insert_after(producer, [flat, gather])
             else:
                 self.graph.insert_before(before, [flat, gather])
             out = gather.outputs[0]
             original = self.original_shapes.get(id(value))
             out.type = value.type
-            out.shape = original if original is not None else ir.Shape([*self.mask.shape, width])
+            out.shape = original if original is not None else ir.Shape([*self._mask_shape(), width])
             self.unpacked[id(value)] = out
         return self.unpacked[id(value)]
+
+    def _mask_shape(self) -> ir.Shape:
+        """The mask's ``[batch, sequence]`` (:func:`pack_encoder_tokens` packs only for a mask of known shape)."""
+        if self.mask.shape is None:
+            raise ValueError(f"attention mask {self.mask.name} has no shape: cannot unpack to [batch, sequence]")
+        return self.mask.shape
 
     def mark_packed(self, node: ir.Node) -> None:
         for out in node.outputs:
@@ -183,7 +194,7 @@ class _Packer:
         if op in BINARY:
             return all(p or _is_small_constant(v) for p, v in zip(packed, inputs))
         if op == "MatMul":
-            weight = node.inputs[1]
+            weight = input_at(node, 1)
             return packed[0] and weight.const_value is not None and len(weight.const_value.shape) == 2
         if op == "LayerNormalization":
             return packed[0] and all(_is_small_constant(v) for v in inputs[1:]) and _last_axis(node, "axis", 3, -1)
@@ -197,8 +208,9 @@ class _Packer:
                 continue
             if node.op_type == "Attention" and node.domain == "":
                 for i in range(3):
-                    if id(node.inputs[i]) in self.packed:
-                        node.replace_input_with(i, self.unpack(node.inputs[i], node))
+                    query_key_value = node.inputs[i]
+                    if query_key_value is not None and id(query_key_value) in self.packed:
+                        node.replace_input_with(i, self.unpack(query_key_value, node))
                 self.pack_after(node.outputs[0], node, f"{node.name}/pack")
             elif self.token_wise(node):
                 self.mark_packed(node)
@@ -224,17 +236,19 @@ def pack_encoder_tokens(model: ir.Model) -> ir.Model:
     if mask is None or mask.shape is None or len(mask.shape) != 2:
         return model
     # The hidden state entering the first block: the MatMul input behind its query (through Add / Split).
-    source = attentions[0].inputs[0]
-    producer = source.producer()
+    producer = input_at(attentions[0], 0).producer()
     while producer is not None and producer.op_type in ("Split", "Add") and producer.domain == "":
-        producer = producer.inputs[0].producer()
-    if producer is None or producer.op_type != "MatMul" or producer.inputs[0].producer() is None:
+        producer = input_at(producer, 0).producer()
+    if producer is None or producer.op_type != "MatMul":
         return model
-    hidden = producer.inputs[0]
+    hidden = input_at(producer, 0)
+    embeddings = hidden.producer()
+    if embeddings is None:
+        return model
     if hidden.shape is None or len(hidden.shape) != 3 or not isinstance(hidden.shape[-1], int):
         return model
     packer = _Packer(model, mask)
-    packer.build_indices(hidden.producer())
-    packer.pack_after(hidden, hidden.producer(), "/pack/hidden")
+    packer.build_indices(embeddings)
+    packer.pack_after(hidden, embeddings, "/pack/hidden")
     packer.walk()
     return model

@@ -60,7 +60,7 @@ import onnx_ir as ir
 from ember.graphs.ir.versions import MS_DOMAIN, MS_OPSET
 
 from ..quantization.packing import unpack_zero_points
-from .base import Pass, replace_node
+from .base import Pass, input_at, replace_node
 from .quantize_matmuls import ACCURACY_LEVEL, matmul_nbits_rejection
 from .quantize_matmuls_qdq import (Deferred, Packer, PackSpec, Plan, defer, float_matrix, keep_float, lazy_initializer,
                                    tied_head)
@@ -113,10 +113,15 @@ class _Table:
             self.gather_zero_points = self._lazy(
                 "gather_zero_points", ir.DataType.UINT8, (n, kb, 1),
                 lambda: unpack_zero_points(packed().zero_points, bits, n, kb).astype(np.uint8).reshape(n, kb, 1))
+
+        def minima() -> np.ndarray:
+            mins = table.get()[1]
+            assert mins is not None  # spec.mins: defer checked that the packing has them
+            return mins.astype(np.float32).reshape(n, kb, 1)
+
         self.mins = None
         if spec.mins:
-            self.mins = self._lazy("gather_mins", ir.DataType.FLOAT, (n, kb, 1),
-                                   lambda: table.get()[1].astype(np.float32).reshape(n, kb, 1))
+            self.mins = self._lazy("gather_mins", ir.DataType.FLOAT, (n, kb, 1), minima)
 
     def _lazy(self, what: str, dtype: ir.DataType, shape: tuple[int, ...], make) -> ir.Value:
         name = f"{self.table.name}.{what}{self.suffix}"
@@ -137,7 +142,9 @@ class _Table:
 
 def _lookup(model: ir.Model, node: ir.Node, t: _Table) -> None:
     """``GatherBlockQuantized`` (+ the Q4_1 minima) + Reshape (+ Slice) where the float ``Gather`` was."""
-    graph, ids, spec = model.graph, node.inputs[1], t.table.spec
+    graph, ids, spec = model.graph, input_at(node, 1), t.table.spec
+    if ids.shape is None:  # gather_block_quantized_rejection keeps such a lookup float
+        raise ValueError(f"{node.name or node.op_type}: the indices' rank is unknown (the lookup's Reshape needs it)")
     rank, kb, bs, k = len(ids.shape), t.table.k_blocks, spec.block_size, t.table.k
     prefix = node.name or f"{t.table.name}/Gather"
     inputs = [t.b, ids, t.gather_scales] + ([t.gather_zero_points] if t.gather_zero_points is not None else [])
@@ -199,12 +206,13 @@ def quantize_embedding(pack: Packer, *, plan: Plan | None = None, tied_head_too:
                    and (n.attributes.get("axis") is None or n.attributes["axis"].value == 0)
                    and float_matrix(n.inputs[0])]
         for node in gathers:
-            table, ids = node.inputs
+            table = input_at(node, 0)
             if id(table) not in tables:
                 tables[id(table)] = (table, defer(pack, plan, table, True), None)
             _, deferred, t = tables[id(table)]
             if deferred is None:
                 continue
+            ids = input_at(node, 1)
             reason = gather_block_quantized_rejection(deferred.spec, ids)
             if reason is not None:
                 keep_float(model, node, FORM, reason)

@@ -44,8 +44,8 @@ from ember.graphs.ir.graph import BLOCKS_META
 from ember.graphs.ir.versions import MS_DOMAIN, MS_OPSET
 
 from ..quantization.matmul_nbits import PackedWeight, from_gguf_blocks, q4_1_split, q4_k_split, quantize_rtn
-from .base import Pass, nodes_of
-from .quantize_matmuls_qdq import PackSpec, keep_float, tied_head
+from .base import Pass, name_of, nodes_of
+from .quantize_matmuls_qdq import PackSpec, float_matrix, keep_float, tied_head, weight_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class WeightPacker:
             if blocks.qtype in SPLIT_TYPES:
                 return QuantizedWeight(*SPLIT_TYPES[blocks.qtype](raw, blocks.shape, exact_rows=self.exact_rows))
             return QuantizedWeight(from_gguf_blocks(raw, GGMLQuantizationType[blocks.qtype], blocks.shape))
-        array = value.const_value.numpy()
+        array = weight_tensor(value).numpy()
         return QuantizedWeight(quantize_rtn(np.ascontiguousarray(array if transposed else array.T), self.bits,
                                             BLOCK_SIZE, symmetric=self.symmetric))
 
@@ -160,8 +160,7 @@ def quantize_matmuls(bits: int, keep_blocks: tuple[str, ...] = (), symmetric: bo
         kept: dict[str, int] = {}
         for node, transposed in candidates:
             weight_value = node.inputs[1]
-            weight = weight_value.const_value if weight_value is not None else None
-            if weight is None or len(weight.shape) != 2 or weight.dtype != ir.DataType.FLOAT:
+            if not float_matrix(weight_value):
                 continue
             spec = pack.spec(weight_value, transposed)
             if spec is None:
@@ -188,39 +187,44 @@ def _replace(graph: ir.Graph, node: ir.Node, weight_value: ir.Value, transposed:
              form: tuple[int, bool, bool], accuracy_level: int) -> None:
     """Put ``MatMulNBits`` (plus the Q4_1 minima term) where the float ``node`` was."""
     bits, has_zero_points, has_mins = form
-    shape = weight_value.const_value.shape
-    n, k = (int(shape[0]), int(shape[1])) if transposed else (int(shape[1]), int(shape[0]))
+    shape = weight_tensor(weight_value).shape.numpy()
+    n, k = (shape[0], shape[1]) if transposed else (shape[1], shape[0])
     k_blocks = -(-k // BLOCK_SIZE)
-    name = weight_value.name
+    name = name_of(weight_value)  # the new initializers are named after it
     packed = functools.cache(lambda: pack(weight_value, transposed))
 
     def checked() -> QuantizedWeight:
         result = packed()
+        if result is None:
+            raise ValueError(f"{name}: the packer returned None after planning {form}")
         if (result.packed.bits, result.packed.zero_points is not None, result.mins is not None) != form:
             raise AssertionError(f"{name}: packed as {result.packed.bits}-bit, not as planned {form}")
         return result
 
-    inputs = [node.inputs[0],
-              _lazy(f"{name}.q{bits}", ir.DataType.UINT8, (n, k_blocks, BLOCK_SIZE * bits // 8),
-                    lambda: checked().packed.b),
-              _lazy(f"{name}.scales", ir.DataType.FLOAT, (n * k_blocks,),
-                    lambda: checked().packed.scales.astype(np.float32))]
+    def minima_t() -> np.ndarray:
+        mins = checked().mins
+        assert mins is not None  # checked(): planned with minima (has_mins), packed with them
+        return np.ascontiguousarray(mins.T.astype(np.float32))
+
+    initializers = [_lazy(f"{name}.q{bits}", ir.DataType.UINT8, (n, k_blocks, BLOCK_SIZE * bits // 8),
+                          lambda: checked().packed.b),
+                    _lazy(f"{name}.scales", ir.DataType.FLOAT, (n * k_blocks,),
+                          lambda: checked().packed.scales.astype(np.float32))]
     if has_zero_points:
         zp_size = n * (-(-k_blocks // 2) if bits == 4 else k_blocks)
-        inputs.append(_lazy(f"{name}.zero_points", ir.DataType.UINT8, (zp_size,),
-                            lambda: checked().packed.zero_points))
-    for value in inputs[1:]:
+        initializers.append(_lazy(f"{name}.zero_points", ir.DataType.UINT8, (zp_size,),
+                                  lambda: checked().packed.zero_points))
+    for value in initializers:
         graph.register_initializer(value)
     out = ir.Value(name=f"{node.name}/MatMulNBits_output_0")
-    new_nodes = [ir.Node(MS_DOMAIN, "MatMulNBits", inputs,
+    new_nodes = [ir.Node(MS_DOMAIN, "MatMulNBits", [node.inputs[0], *initializers],
                          [ir.AttrInt64("K", k), ir.AttrInt64("N", n), ir.AttrInt64("bits", bits),
                           ir.AttrInt64("block_size", BLOCK_SIZE), ir.AttrInt64("accuracy_level", accuracy_level)],
                          outputs=[out], name=f"{node.name}/MatMulNBits")]
     old = node.outputs[0]
     out.shape, out.type = old.shape, old.type
     if has_mins:
-        out = _add_minima_term(graph, node, new_nodes, out, name, n, k,
-                               lambda: np.ascontiguousarray(checked().mins.T.astype(np.float32)))
+        out = _add_minima_term(graph, node, new_nodes, out, name, n, k, minima_t)
         out.shape, out.type = old.shape, old.type
     graph.insert_before(node, new_nodes)
     is_output = any(v is old for v in graph.outputs)

@@ -58,7 +58,7 @@ import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import onnx_ir as ir
@@ -66,12 +66,12 @@ import onnx_ir as ir
 from ..quantization.matmul_nbits import PackedWeight, quantize_rtn
 from ..quantization.packing import (DEFAULT_ZERO_POINT, pack_codes, pack_onnx_4bit, unpack_codes,
                                     unpack_zero_points)
-from .base import Pass, replace_node
+from .base import Pass, name_of, replace_node, static_dim
 from .lowering_record import Lowering, record_lowering
 
 __all__ = ["BLOCK_SIZE", "Deferred", "PackSpec", "Packer", "Plan", "RTNPacker", "defer",
            "dequantize_linear_rejection", "float_matrix", "keep_float", "lazy_initializer", "qdq_arrays",
-           "quantize_matmuls_qdq", "quantize_rtn_positive", "rtn_packer", "tied_head"]
+           "quantize_matmuls_qdq", "quantize_rtn_positive", "rtn_packer", "tied_head", "weight_tensor"]
 
 logger = logging.getLogger(__name__)
 
@@ -101,10 +101,18 @@ class PackSpec:
 Plan = Callable[[ir.Value, bool], "PackSpec | None"]
 
 
-def float_matrix(value: ir.Value | None) -> bool:
+def float_matrix(value: ir.Value | None) -> TypeGuard[ir.Value]:
     """A constant 2-D float32 weight (the only kind the quantization passes touch)."""
     tensor = value.const_value if value is not None else None
     return tensor is not None and len(tensor.shape) == 2 and tensor.dtype == ir.DataType.FLOAT
+
+
+def weight_tensor(value: ir.Value) -> ir.TensorProtocol:
+    """``value``'s constant; a ValueError naming it where it has none (what a packer quantizes, it needs)."""
+    tensor = value.const_value
+    if tensor is None:
+        raise ValueError(f"{value.name}: a weight to quantize must be a constant")
+    return tensor
 
 
 @dataclass(frozen=True, eq=False)
@@ -130,8 +138,8 @@ def _unwrap(result: Any) -> tuple[PackedWeight, np.ndarray | None]:
 
 def defer(pack: Packer, plan: Plan | None, value: ir.Value, transposed: bool) -> Deferred | None:
     """The packing of ``value`` (a constant 2-D float weight), or None where the packer leaves it float."""
-    shape = value.const_value.shape
-    n, k = (int(shape[0]), int(shape[1])) if transposed else (int(shape[1]), int(shape[0]))
+    shape = weight_tensor(value).shape.numpy()
+    n, k = (shape[0], shape[1]) if transposed else (shape[1], shape[0])
     name = value.name
 
     def check(packed: PackedWeight, mins, spec: PackSpec | None) -> PackSpec:
@@ -147,7 +155,7 @@ def defer(pack: Packer, plan: Plan | None, value: ir.Value, transposed: bool) ->
         if result is None:
             return None
         packed, mins = _unwrap(result)
-        return Deferred(name, n, k, check(packed, mins, None), lambda: (packed, mins))
+        return Deferred(name_of(value), n, k, check(packed, mins, None), lambda: (packed, mins))
     spec = plan(value, transposed)
     if spec is None:
         return None
@@ -161,7 +169,7 @@ def defer(pack: Packer, plan: Plan | None, value: ir.Value, transposed: bool) ->
         check(packed, mins, spec)
         return packed, mins
 
-    return Deferred(name, n, k, spec, get)
+    return Deferred(name_of(value), n, k, spec, get)  # the new initializers are named after the weight
 
 
 # --- packers --------------------------------------------------------------------------------
@@ -207,7 +215,7 @@ class RTNPacker:
         return PackSpec(self.bits, self.block_size, None if self.symmetric else "uint8")
 
     def __call__(self, value: ir.Value, transposed: bool) -> PackedWeight:
-        array = value.const_value.numpy()
+        array = weight_tensor(value).numpy()
         w = np.ascontiguousarray(array if transposed else array.T)
         if self.positive_scales:
             return quantize_rtn_positive(w, self.bits, self.block_size)
@@ -299,10 +307,16 @@ def _dq_initializers(graph: ir.Graph, weight: Deferred, suffix: str) -> list[ir.
              (8, True): ir.DataType.INT8, (8, False): ir.DataType.UINT8}[spec.bits, signed]
     arrays = functools.cache(lambda: qdq_arrays(weight.get()[0], name))
     kb, k, n = weight.k_blocks, weight.k, weight.n
+
+    def zero_points() -> np.ndarray:
+        zp = arrays()[2]
+        assert zp is not None  # unsigned codes: defer checked that the packing has uint8 zero points
+        return zp
+
     inputs = [lazy_initializer(graph, f"{name}.dq{spec.bits}{suffix}", dtype, (k, n), lambda: arrays()[0]),
               lazy_initializer(graph, f"{name}.dq_scales{suffix}", ir.DataType.FLOAT, (kb, n), lambda: arrays()[1])]
     if not signed:
-        inputs.append(lazy_initializer(graph, f"{name}.dq_zero_points{suffix}", dtype, (kb, n), lambda: arrays()[2]))
+        inputs.append(lazy_initializer(graph, f"{name}.dq_zero_points{suffix}", dtype, (kb, n), zero_points))
     return inputs
 
 
@@ -358,7 +372,7 @@ def quantize_matmuls_qdq(pack: Packer, *, plan: Plan | None = None, name_suffix:
                 continue
             inputs, block_size = dq_inputs
             prefix = node.name or value.name
-            k, n = inputs[0].shape
+            k, n = static_dim(inputs[0], 0), static_dim(inputs[0], 1)
             weight = ir.Value(name=f"{prefix}/DequantizeLinear_output_0", type=ir.TensorType(ir.DataType.FLOAT),
                               shape=ir.Shape([k, n]))
             dq = ir.Node("", "DequantizeLinear", inputs,

@@ -20,13 +20,13 @@ import onnx_ir as ir
 
 from .base import Pass
 from .quantize_matmuls_qdq import (BLOCK_SIZE, FORM, PackSpec, float_matrix, keep_float, quantize_matmuls_qdq,
-                                   rtn_packer, tied_head)
+                                   rtn_packer, tied_head, weight_tensor)
 
 
 def tensorrt_int4_rejection(value: ir.Value, transposed: bool, block_size: int = BLOCK_SIZE) -> str | None:
     """Why TensorRT 10.1's parser would not read ``value`` (a MatMul's ``[K, N]`` weight, ``[N, K]`` when
     ``transposed``) as blocked INT4 with ``block_size``, or None."""
-    rows, columns = value.const_value.shape
+    rows, columns = weight_tensor(value).shape.numpy()
     n, k = (rows, columns) if transposed else (columns, rows)
     if k % block_size:
         return (f"K = {k} is not a multiple of {block_size}: TensorRT infers the block from the shapes "

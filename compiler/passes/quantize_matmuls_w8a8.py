@@ -31,31 +31,39 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 
+import numpy as np
 import onnx_ir as ir
 
 from ember.graphs.ir.versions import MS_DOMAIN, MS_OPSET
 
 from ..quantization.int8_channels import quantize_per_channel
 from .base import nodes_of
-from .quantize_matmuls_qdq import lazy_initializer
+from .quantize_matmuls_qdq import float_matrix, lazy_initializer, weight_tensor
 
 logger = logging.getLogger(__name__)
 
 
-def _bias_add(matmul: ir.Node, n: int) -> tuple[ir.Node, ir.Value] | None:
-    """``(add, bias)`` when the MatMul's only use is ``Add(product, bias)`` with a constant float ``bias [N]``."""
+def _bias_add(graph: ir.Graph, matmul: ir.Node, n: int) -> tuple[ir.Node, ir.Value] | None:
+    """``(add, bias)`` when the MatMul's only use is ``Add(product, bias)`` with a constant float ``bias [N]``
+    (and its product is not one of ``graph``'s outputs)."""
     uses = list(matmul.outputs[0].uses())
-    if len(uses) != 1 or any(v is matmul.outputs[0] for v in matmul.graph.outputs):
+    if len(uses) != 1 or any(v is matmul.outputs[0] for v in graph.outputs):
         return None
     add = uses[0].node
     if add.op_type != "Add" or add.domain != "" or len(add.inputs) != 2:
         return None
     bias = add.inputs[1] if add.inputs[0] is matmul.outputs[0] else add.inputs[0]
     tensor = bias.const_value if bias is not None else None
-    if tensor is None or tuple(tensor.shape) != (n,) or tensor.dtype != ir.DataType.FLOAT:
+    if bias is None or tensor is None or tuple(tensor.shape) != (n,) or tensor.dtype != ir.DataType.FLOAT:
         return None
     return add, bias
+
+
+def _part(quantized: Callable[[], tuple[np.ndarray, np.ndarray]], i: int) -> Callable[[], np.ndarray]:
+    """``quantized()[i]`` when called (the codes or the scales, computed when the artifact is written)."""
+    return lambda: quantized()[i]
 
 
 def quantize_matmuls_w8a8(model: ir.Model) -> ir.Model:
@@ -63,16 +71,15 @@ def quantize_matmuls_w8a8(model: ir.Model) -> ir.Model:
     count = 0
     for node in nodes_of(model, "MatMul"):
         matmul, weight_value = node, node.inputs[1]
-        weight = weight_value.const_value if weight_value is not None else None
-        if weight is None or len(weight.shape) != 2 or weight.dtype != ir.DataType.FLOAT:
+        if not float_matrix(weight_value):
             continue
-        k, n = int(weight.shape[0]), int(weight.shape[1])
+        weight = weight_tensor(weight_value)
+        k, n = weight.shape.numpy()
         quantized = functools.cache(lambda w=weight: quantize_per_channel(w.numpy()))
-        codes = lazy_initializer(graph, f"{weight_value.name}.w8", ir.DataType.INT8, (k, n), lambda q=quantized: q()[0])
-        scales = lazy_initializer(graph, f"{weight_value.name}.w8_scales", ir.DataType.FLOAT, (n,),
-                                  lambda q=quantized: q()[1])
+        codes = lazy_initializer(graph, f"{weight_value.name}.w8", ir.DataType.INT8, (k, n), _part(quantized, 0))
+        scales = lazy_initializer(graph, f"{weight_value.name}.w8_scales", ir.DataType.FLOAT, (n,), _part(quantized, 1))
         inputs = [node.inputs[0], codes, scales]
-        bias_add = _bias_add(node, n)
+        bias_add = _bias_add(graph, node, n)
         if bias_add is not None:  # the kernel adds the bias: one node less on the whole batch
             node, bias = bias_add
             inputs += [None, bias]

@@ -35,8 +35,11 @@ def _nbits_node(packed: PackedWeight, accuracy_level: int, output: str,
     if packed.zero_points is not None:
         inits.append(numpy_helper.from_array(packed.zero_points, prefix + "zero_points"))
         inputs.append(prefix + "zero_points")
-    node = helper.make_node("MatMulNBits", inputs, [output], domain="com.microsoft",
-                            **packed.attributes(accuracy_level))
+    node = helper.make_node("MatMulNBits", inputs, [output], domain="com.microsoft")
+    # The attributes as make_node(**attributes) adds them (sorted by name), added explicitly: an unpacked dict of
+    # ints does not type-check against make_node's own keywords (name, doc_string: str | None).
+    node.attribute.extend(helper.make_attribute(key, value)
+                          for key, value in sorted(packed.attributes(accuracy_level).items()))
     return node, inits
 
 

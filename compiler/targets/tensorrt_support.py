@@ -39,6 +39,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from ..passes.base import input_at
+
 TENSORRT_VERSION = "10.1.0"
 #: Where :data:`OPERATORS` is from (``git show 96e7811:docs/operators.md`` in github.com/onnx/onnx-tensorrt).
 PARSER_SOURCE = "onnx/onnx-tensorrt@96e781103cfc4adf4a6bb557e94bac8e693f6f4c (release/10.1-GA):docs/operators.md"
@@ -264,8 +266,9 @@ def is_constant(value: ir.Value | None) -> bool:
 
 def _constant_input(index: int, what: str) -> Check:
     def check(node: ir.Node) -> str | None:
-        if index < len(node.inputs) and not is_constant(node.inputs[index]):
-            return f"`{what}` (input {index}) must be an initializer, and {node.inputs[index].name!r} is computed"
+        value = node.inputs[index] if index < len(node.inputs) else None
+        if value is not None and not is_constant(value):  # an absent optional input is left to its default
+            return f"`{what}` (input {index}) must be an initializer, and {value.name!r} is computed"
         return None
     return check
 
@@ -289,7 +292,7 @@ def _sorted_top_k(node: ir.Node) -> str | None:
 
 def _dequantize(node: ir.Node) -> str | None:
     """The 10.1 importer's checks (``QuantDequantLinearHelper``) that a graph shows without running."""
-    x, scale, *rest = node.inputs
+    _, scale, *rest = node.inputs
     zero_point = rest[0] if rest else None
     if zero_point is not None:
         tensor = zero_point.const_value
@@ -299,12 +302,14 @@ def _dequantize(node: ir.Node) -> str | None:
             return "`x_zero_point` must be zero: TensorRT quantizes symmetrically"
     if scale is None or scale.shape is None or not all(isinstance(d, int) for d in scale.shape):
         return "the scale must have a static shape"
+    x = input_at(node, 0)
     if x.shape is None or not all(isinstance(d, int) for d in x.shape):
         return None
-    if len(scale.shape) == len(x.shape) and len(x.shape) > 1 and int(np.prod(scale.shape)) != 1:
-        blocked = [(i, d, s) for i, (d, s) in enumerate(zip(x.shape, scale.shape)) if d != s]
+    x_dims, scale_dims = x.shape.numpy(), scale.shape.numpy()  # both static (checked above)
+    if len(scale_dims) == len(x_dims) and len(x_dims) > 1 and int(np.prod(scale_dims)) != 1:
+        blocked = [(i, d, s) for i, (d, s) in enumerate(zip(x_dims, scale_dims)) if d != s]
         if len(blocked) != 1 or any(d % s for _, d, s in blocked):
-            return (f"blocked scales {list(scale.shape)} for {list(x.shape)}: TensorRT infers the block from the shapes "
+            return (f"blocked scales {list(scale_dims)} for {list(x_dims)}: TensorRT infers the block from the shapes "
                     "(it ignores block_size), so exactly one axis may be blocked and it must be a multiple of its "
                     "scale's length")
         axis, size, blocks = blocked[0]
@@ -313,8 +318,8 @@ def _dequantize(node: ir.Node) -> str | None:
             return (f"TensorRT infers the block from the shapes (ignoring block_size): axis {axis} of length {size} "
                     f"with {blocks} scales reads as blocks of {size // blocks}, not {block_size.value} (ONNX's short "
                     "last block)")
-    if x.dtype == ir.DataType.INT4 and x.shape and x.shape[-1] % 2:
-        return f"INT4 needs an even last dimension, and {x.name!r} is {list(x.shape)}"
+    if x.dtype == ir.DataType.INT4 and x_dims and x_dims[-1] % 2:
+        return f"INT4 needs an even last dimension, and {x.name!r} is {list(x_dims)}"
     return None
 
 
@@ -335,12 +340,14 @@ def typed_values(node: ir.Node) -> list[ir.Value]:
     """The operands whose type the table's "Supported Types" column constrains: the data input (``Where``'s
     ``X``), both sides of a ``Cast``, the output of the ops that make a tensor from attributes."""
     if node.op_type == "Where":
-        return [node.inputs[1]]
-    if node.op_type in ("Cast", "CastLike"):
-        return [node.inputs[0], node.outputs[0]]
-    if node.op_type in ("Constant", "ConstantOfShape", "RandomNormal", "RandomUniform") or not node.inputs:
-        return [node.outputs[0]]
-    return [node.inputs[0]] if node.inputs[0] is not None else []
+        values = [node.inputs[1]]
+    elif node.op_type in ("Cast", "CastLike"):
+        values = [node.inputs[0], node.outputs[0]]
+    elif node.op_type in ("Constant", "ConstantOfShape", "RandomNormal", "RandomUniform") or not node.inputs:
+        values = [node.outputs[0]]
+    else:
+        values = [node.inputs[0]]
+    return [v for v in values if v is not None]  # an absent input has no type to check
 
 
 # --- types of untyped values --------------------------------------------------------------------------------------
@@ -485,7 +492,9 @@ class _Checker:
         for is_input, values in ((True, node.inputs), (False, node.outputs)):
             for index, value in enumerate(values):
                 dtype = self.types.of(value)
-                if dtype is not None and (why := _type_problem(value, dtype, node, is_input, index)):
+                if value is None or dtype is None:  # an absent optional input, a value of unknown type
+                    continue
+                if why := _type_problem(value, dtype, node, is_input, index):
                     return why
         for value in typed_values(node):
             dtype = self.types.of(value)
