@@ -98,7 +98,8 @@ def profile_covers(built: Profile, wanted: Profile) -> bool:
         return False
     for name, (low, _, high) in wanted.items():
         built_low, _, built_high = built[name]
-        if not (len(low) == len(built_low) and all(b <= w for b, w in zip(built_low, low))
+        same_rank = len(low) == len(built_low) == len(high) == len(built_high)
+        if not (same_rank and all(b <= w for b, w in zip(built_low, low))
                 and all(w <= b for b, w in zip(built_high, high))):
             return False
     return True

@@ -25,8 +25,9 @@ def _constant(value: ir.Value | None) -> ir.TensorProtocol | None:
     return None if value is None else value.const_value
 
 
-def _bias_add(matmul: ir.Node) -> tuple[ir.Node, ir.TensorProtocol] | None:
-    """The ``Add(matmul_output, bias)`` that is the product's only consumer, with its 1-D constant bias."""
+def _bias_add(matmul: ir.Node, weight: ir.TensorProtocol) -> tuple[ir.Node, ir.TensorProtocol] | None:
+    """The ``Add(matmul_output, bias)`` that is the product's only consumer, with its constant bias of one value per
+    output feature (a bias that broadcasts, ``[1]``, would not concatenate into the fused product's)."""
     users = list(matmul.outputs[0].uses())
     if len(users) != 1:
         return None
@@ -35,7 +36,7 @@ def _bias_add(matmul: ir.Node) -> tuple[ir.Node, ir.TensorProtocol] | None:
         return None
     other = add.inputs[1] if add.inputs[0] is matmul.outputs[0] else add.inputs[0]
     tensor = _constant(other)
-    if tensor is None or len(tensor.shape) != 1:
+    if tensor is None or tensor.shape.numpy() != (weight.shape.numpy()[1],) or tensor.dtype != weight.dtype:
         return None
     return add, tensor
 
@@ -88,6 +89,12 @@ def fuse_parallel_matmuls(model: ir.Model) -> ir.Model:
         weights = [input_at(m, 1) for m in matmuls]
         if len({_block_type(w) for w in weights}) != 1:
             continue  # checkpoint blocks of different types (or some float): each stays repackable on its own
+        adds = [_bias_add(m, t) for m, t in group]
+        biases = [a[1] for a in adds if a is not None]
+        with_bias = len(biases) == len(adds)
+        ends = [a[0] if with_bias and a is not None else m for m, a in zip(matmuls, adds)]
+        if any(end.outputs[0].is_graph_output() for end in ends):
+            continue  # a graph output keeps its producer (and its name)
         x = matmuls[0].inputs[0]
         widths = [t.shape.numpy()[1] for t in tensors]
         name = _fused_name(matmuls)
@@ -97,9 +104,6 @@ def fuse_parallel_matmuls(model: ir.Model) -> ir.Model:
         if blocks is not None:
             weight.meta[BLOCKS_META] = blocks
         graph.register_initializer(weight)
-        adds = [_bias_add(m) for m in matmuls]
-        biases = [a[1] for a in adds if a is not None]
-        with_bias = len(biases) == len(adds)
         first = min(matmuls, key=graph.index)  # insert before the earliest, where x already exists
         fused = ir.Node("", "MatMul", [x, weight], outputs=[ir.Value(name=f"{name}/MatMul_output_0")],
                         name=f"{prefix}/MatMul")

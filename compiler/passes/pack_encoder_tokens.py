@@ -232,7 +232,7 @@ def pack_encoder_tokens(model: ir.Model) -> ir.Model:
     masks = {id(key_padding_mask(n.inputs[3] if len(n.inputs) > 3 else None)) for n in attentions}
     if not attentions or len(masks) != 1:
         return model
-    mask = key_padding_mask(attentions[0].inputs[3])
+    mask = key_padding_mask(attentions[0].inputs[3] if len(attentions[0].inputs) > 3 else None)
     if mask is None or mask.shape is None or len(mask.shape) != 2:
         return model
     # The hidden state entering the first block: the MatMul input behind its query (through Add / Split).

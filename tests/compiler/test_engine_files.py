@@ -186,6 +186,7 @@ def test_an_engine_whose_profile_does_not_cover_the_limits_is_not_selected(artif
     assert "fp16=False is asked" in find_engine(verified, H100, TRT_A, fp16=False).reason
     assert profile_covers(PROFILE, narrower) and not profile_covers(PROFILE, wider)
     assert not profile_covers(PROFILE, {**narrower, "other": ((1,), (1,), (1,))})
+    assert not profile_covers(PROFILE, {"input_ids": ((1, 1), (2, 1), (2, 32, 1))})  # a max shape of another rank
 
 
 def test_record_engine_leaves_no_temporary_folder_beside_the_artifact(artifact):

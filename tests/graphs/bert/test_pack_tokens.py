@@ -67,3 +67,15 @@ def test_decoder_graphs_are_unchanged(tmp_path):
             model = compiler_pass(model)
     before = ir.to_proto(model).SerializeToString()
     assert ir.to_proto(pack_encoder_tokens(model)).SerializeToString() == before
+
+
+def test_attention_without_a_mask_is_left_unpacked():
+    """No mask input: which tokens are valid is not known, so nothing is packed (the pass raised IndexError)."""
+    from onnx import TensorProto, helper
+
+    shape = [1, 4, 8]
+    node = helper.make_node("Attention", ["q", "k", "v"], ["y"], q_num_heads=2, kv_num_heads=2)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in "qkv"],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)]))
+    assert [n.op_type for n in pack_encoder_tokens(model).graph] == ["Attention"]
