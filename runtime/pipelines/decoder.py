@@ -295,6 +295,8 @@ class DecoderPipelineModel(PipelineModel[DecoderInputs], KVCacheMixin):
     def prepare_rows(self, context_batch: Sequence[TextContext], counts: Sequence[int],
                      return_n_logits: int = 1) -> DecoderInputs:
         """Inputs computing ``counts[i]`` tokens of each context from its ``start_idx`` (KV cache claimed)."""
+        if not context_batch:
+            raise ValueError("a model call needs at least one row")
         by_id = {ctx.request_id: (ctx, n) for ctx, n in zip(context_batch, counts)}
         order, kv_inputs = self.kv.order([ctx.request_id for ctx in context_batch])
         contexts = [by_id[r][0] for r in order]
@@ -326,6 +328,8 @@ class DecoderPipelineModel(PipelineModel[DecoderInputs], KVCacheMixin):
         how many of each row to keep: speculative verification keeps only the accepted drafts)."""
         inputs = model_inputs
         batch = inputs.tokens.shape[0]
+        if batch == 0:  # never to the kernels: GroupQueryAttention dies (SIGFPE) on a batch of no rows
+            raise ValueError("a model call needs at least one row")
         if int((inputs.cache_lengths + inputs.input_lengths).max()) > self.max_seq_len:
             raise ValueError(f"a sequence would pass the maximum length {self.max_seq_len}")
         if self.decode_slots is not None:

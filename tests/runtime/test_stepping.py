@@ -15,6 +15,7 @@ import torch
 
 from ember.runtime.engine import AsyncLLMEngine, LLMEngine
 from ember.runtime.pipelines import (PIPELINE_REGISTRY, ModelInputs, PipelineConfig, ReturnLogits, SamplingParams)
+from ember.runtime.pipelines.decoder_inputs import DecoderInputs
 from ember.runtime.pipelines.kv_binding import ContinuousKVInputs, PagedKVInputs
 from ember.runtime.scheduler import SchedulerOutput, StepOutput
 
@@ -194,6 +195,17 @@ def test_bad_requests_are_refused_before_they_reach_the_model(tiny, cache):
     with pytest.raises(ValueError, match="num_steps must be at least 1"):
         pipe.next_token({ctx.request_id: ctx}, num_steps=0)
     assert pipe.pipeline_model.kv_manager.num_active == 0
+
+
+@pytest.mark.parametrize("strategy", ["continuous", "paged"])
+def test_a_call_of_no_rows_is_refused_before_the_kernels(tiny, cache, strategy):
+    """GroupQueryAttention dies with SIGFPE on a batch of 0 rows: no such call may reach onnxruntime."""
+    model = load(tiny, cache, kv_cache_strategy=strategy).pipeline_model
+    empty = DecoderInputs(tokens=np.zeros((0, 1), np.int64), input_lengths=np.zeros(0, np.int32),
+                          cache_lengths=np.zeros(0, np.int32))
+    for call in (lambda: model.prepare_initial_token_inputs([]), lambda: model.execute(empty)):
+        with pytest.raises(ValueError, match="at least one row"):
+            call()
 
 
 @pytest.mark.parametrize("strategy", ["continuous", "paged"])
