@@ -27,8 +27,8 @@ from ember.compiler.passes.decompose_rms_norm import decompose_rms_norm
 from ember.compiler.passes.decompose_rotary import decompose_rotary
 from ember.compiler.passes.lowering_record import summarize
 from ember.compiler.targets import TARGETS, get_target
-from ember.compiler.targets.tensorrt_support import (OPERATORS, PARSER_SOURCE, TENSORRT_VERSION, UNSUPPORTED,
-                                                     check_tensorrt_graph, require_tensorrt_graph)
+from ember.compiler.targets.tensorrt_parser_table import OPERATORS, PARSER_SOURCE, TENSORRT_VERSION, UNSUPPORTED
+from ember.compiler.targets.tensorrt_support import check_tensorrt_graph, require_tensorrt_graph
 from ember.graphs.architectures.llama import SPEC
 from ember.graphs.nn import KVCacheStrategy
 from ember.graphs.options import GraphOptions
