@@ -128,13 +128,15 @@ class TorchDistributedCommunicator(Communicator):
         self._closed = False
         self.device_group: Any = None  # open_device_group's (NCCL)
         self.device: Any = None
-        self.dist.init_process_group(backend=backend, init_method=init_method, rank=rank, world_size=world_size,
-                                     timeout=timedelta(seconds=max(timeout_s, rendezvous_timeout_s)))
+        joining = timedelta(seconds=max(timeout_s, rendezvous_timeout_s))
+        # The rendezvous made here (what init_process_group does with an init_method), so that the heartbeats get
+        # the group's store through public API: their keys under "ember/", the group's under its own prefix.
+        store, _, _ = next(self.dist.rendezvous(init_method, rank, world_size, timeout=joining))
+        store.set_timeout(joining)
+        self.dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=joining)
         self.group = self.dist.new_group(backend=backend, timeout=timedelta(seconds=timeout_s))
-        from torch.distributed.distributed_c10d import _get_default_store
-
-        self._store = _get_default_store()
-        self._store.set(f"ember/heartbeat/{rank}", repr(time.time()))
+        self._store = self.dist.PrefixStore("ember", store)
+        self._store.set(f"heartbeat/{rank}", repr(time.time()))
         threading.Thread(target=self._heartbeat, name="ember-heartbeat", daemon=True).start()
 
     @classmethod
@@ -149,7 +151,7 @@ class TorchDistributedCommunicator(Communicator):
         """Every second, this rank's clock into the group's store: when a collective fails, the ranks whose beat
         stopped (dead, or stopped as a whole: SIGSTOP, a debugger) are the ones to name."""
         store = self._store
-        key = f"ember/heartbeat/{self.rank}"
+        key = f"heartbeat/{self.rank}"
         while not self._closed:
             try:
                 store.set(key, repr(time.time()))
@@ -164,7 +166,7 @@ class TorchDistributedCommunicator(Communicator):
         now, silent = time.time(), []
         try:
             for rank in range(self.world_size):
-                if rank != self.rank and now - float(self._store.get(f"ember/heartbeat/{rank}")) > 3 * HEARTBEAT_S:
+                if rank != self.rank and now - float(self._store.get(f"heartbeat/{rank}")) > 3 * HEARTBEAT_S:
                     silent.append(rank)
         except Exception:  # noqa: BLE001 - the store lives in rank 0's process
             return None
