@@ -84,7 +84,7 @@ class CompileOptions:
         if self.kv_cache_bit_width:
             from .passes.lower_attention_gqa import kv_cache_bit_widths
 
-            widths = kv_cache_bit_widths(target)
+            widths = kv_cache_bit_widths(target.passes)
             if self.kv_cache_bit_width not in widths:
                 raise ValueError(f"target {target.name} does not support a {self.kv_cache_bit_width}-bit KV cache; "
                                  f"supported kv_cache_bit_width: {', '.join(map(str, (0, *widths)))} (0: float)")

@@ -37,16 +37,15 @@ an offset of 8, ``head_dim / 2`` wide); ember does not offer it: with static per
 int8: 3 %) and keeps the top token at 67 % of the positions (int8: 97 %)."""
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
 from ember.graphs.ir.versions import EMBER_DOMAIN, MS_DOMAIN, MS_OPSET
 
-from .base import input_at, name_of, nodes_of, replace_node, static_dim
+from .base import Pass, input_at, name_of, nodes_of, replace_node, static_dim
 from .explicit_attention import SharedValues, rotate
 from .lowering_record import Lowering, record_lowering, record_rejection
 
@@ -160,9 +159,9 @@ KV_CACHE_BIT_WIDTHS = (8,)
 _GQA_INPUTS = 14  # ... position_ids, attention_bias, head_sink, k_scale (12), v_scale (13)
 
 
-def kv_cache_bit_widths(target: Any) -> tuple[int, ...]:
-    """The integer KV cache widths ``target`` supports: those of GroupQueryAttention where it lowers to it."""
-    return KV_CACHE_BIT_WIDTHS if lower_attention_to_gqa in getattr(target, "passes", ()) else ()
+def kv_cache_bit_widths(passes: Sequence[Pass]) -> tuple[int, ...]:
+    """The integer KV cache widths a target with ``passes`` supports: GroupQueryAttention's where it lowers to it."""
+    return KV_CACHE_BIT_WIDTHS if lower_attention_to_gqa in passes else ()
 
 
 @dataclass(frozen=True)

@@ -62,8 +62,8 @@ from ember.graphs.ir.versions import MS_DOMAIN, MS_OPSET
 from ..quantization.packing import unpack_zero_points
 from .base import Pass, input_at, replace_node
 from .quantize_matmuls import ACCURACY_LEVEL, matmul_nbits_rejection
-from .quantize_matmuls_qdq import (Deferred, Packer, PackSpec, Plan, defer, float_matrix, keep_float, lazy_initializer,
-                                   tied_head)
+from .quantize_matmuls_qdq import (Deferred, Packer, PackSpec, Plan, default_plan, defer, float_matrix, keep_float,
+                                   lazy_initializer, tied_head)
 
 __all__ = ["gather_block_quantized_rejection", "quantize_embedding"]
 
@@ -196,7 +196,7 @@ def quantize_embedding(pack: Packer, *, plan: Plan | None = None, tied_head_too:
     ``.1``, ``.2`` where the name is taken); none is a name ``quantize_matmuls`` gives its initializers,
     which would collide there.
     """
-    plan = plan if plan is not None else getattr(pack, "spec", None)
+    plan = plan if plan is not None else default_plan(pack)
 
     def run(model: ir.Model) -> ir.Model:
         graph = model.graph

@@ -58,7 +58,7 @@ import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeGuard
+from typing import Protocol, TypeGuard, runtime_checkable
 
 import numpy as np
 import onnx_ir as ir
@@ -69,8 +69,8 @@ from ..quantization.packing import (DEFAULT_ZERO_POINT, pack_codes, pack_onnx_4b
 from .base import Pass, name_of, replace_node, static_dim
 from .lowering_record import Lowering, record_lowering
 
-__all__ = ["BLOCK_SIZE", "Deferred", "PackSpec", "Packer", "Plan", "RTNPacker", "defer",
-           "dequantize_linear_rejection", "float_matrix", "keep_float", "lazy_initializer", "qdq_arrays",
+__all__ = ["BLOCK_SIZE", "Deferred", "PackSpec", "PackedWithMins", "Packer", "Plan", "PlanningPacker", "RTNPacker",
+           "default_plan", "defer", "dequantize_linear_rejection", "float_matrix", "keep_float", "lazy_initializer", "qdq_arrays",
            "quantize_matmuls_qdq", "quantize_rtn_positive", "rtn_packer", "tied_head", "weight_tensor"]
 
 logger = logging.getLogger(__name__)
@@ -79,7 +79,26 @@ BLOCK_SIZE = 32
 #: The first ai.onnx opset whose DequantizeLinear takes ``block_size`` and 4-bit types.
 MIN_OPSET = 21
 
-Packer = Callable[[ir.Value, bool], Any]  # PackedWeight | QuantizedWeight-like | None
+class PackedWithMins(Protocol):
+    """A packer's result with the Q4_1 split's block minima besides the codes (``quantize_matmuls.QuantizedWeight``)."""
+
+    @property
+    def packed(self) -> PackedWeight: ...
+
+    @property
+    def mins(self) -> np.ndarray | None: ...
+
+
+Packer = Callable[[ir.Value, bool], "PackedWeight | PackedWithMins | None"]
+
+
+@runtime_checkable
+class PlanningPacker(Protocol):
+    """A packer that also says what it will produce before it packs (its ``spec``: the default plan)."""
+
+    def __call__(self, value: ir.Value, transposed: bool) -> PackedWeight | PackedWithMins | None: ...
+
+    def spec(self, value: ir.Value, transposed: bool) -> PackSpec | None: ...
 
 
 @dataclass(frozen=True)
@@ -130,10 +149,15 @@ class Deferred:
         return -(-self.k // self.spec.block_size)
 
 
-def _unwrap(result: Any) -> tuple[PackedWeight, np.ndarray | None]:
+def _unwrap(result: PackedWeight | PackedWithMins) -> tuple[PackedWeight, np.ndarray | None]:
     if isinstance(result, PackedWeight):
         return result, None
-    return result.packed, getattr(result, "mins", None)
+    return result.packed, result.mins
+
+
+def default_plan(pack: Packer) -> Plan | None:
+    """The packer's own ``spec`` where it has one (a :class:`PlanningPacker`): then it packs only when written."""
+    return pack.spec if isinstance(pack, PlanningPacker) else None
 
 
 def defer(pack: Packer, plan: Plan | None, value: ir.Value, transposed: bool) -> Deferred | None:
@@ -344,7 +368,7 @@ def quantize_matmuls_qdq(pack: Packer, *, plan: Plan | None = None, name_suffix:
     ``name_suffix`` is appended to the new initializers' names (``{weight}.dq4``, ``{weight}.dq_scales``,
     ``{weight}.dq_zero_points``).
     """
-    plan = plan if plan is not None else getattr(pack, "spec", None)
+    plan = plan if plan is not None else default_plan(pack)
 
     def run(model: ir.Model) -> ir.Model:
         graph = model.graph

@@ -213,7 +213,7 @@ def test_quantize_pass_gives_an_int8_cache_graph(lowered_tiny):
 
 
 def test_options_name_what_is_supported():
-    assert kv_cache_bit_widths(get_target("ort-cpu")) == (8,)
+    assert kv_cache_bit_widths(get_target("ort-cpu").passes) == (8,)
     with pytest.raises(ValueError, match=r"does not support a 4-bit KV cache; supported kv_cache_bit_width: 0, 8"):
         CompileOptions(kv_cache_bit_width=4).validate()
     with pytest.raises(ValueError, match="needs the continuous KV cache strategy"):
@@ -226,4 +226,4 @@ def test_a_target_without_groupqueryattention_has_no_integer_cache():
     import dataclasses
 
     other = dataclasses.replace(get_target("ort-cpu"), name="other", passes=())
-    assert kv_cache_bit_widths(other) == ()
+    assert kv_cache_bit_widths(other.passes) == ()
