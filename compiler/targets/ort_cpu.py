@@ -29,7 +29,7 @@ from ..passes.lower_attention_gqa import lower_attention_to_gqa
 from ..passes.lower_cached_attention_explicit import lower_cached_attention_explicit
 from ..passes.lower_paged_attention import lower_paged_attention
 from ..passes.quantize_embedding import quantize_embedding
-from ..passes.quantize_matmuls import quantize_matmuls, weight_packer
+from ..passes.quantize_matmuls import BLOCK_BITS, quantize_matmuls, weight_packer
 from ..passes.quantize_matmuls_w8a8 import quantize_matmuls_w8a8
 from ..passes.pack_encoder_tokens import pack_encoder_tokens
 from .base import Progress, Target
@@ -67,16 +67,23 @@ def _kept_token_embedding(keep_blocks: tuple[str, ...]):
     return test
 
 
+#: A GGUF token table in any of these block types is looked up in its blocks, whatever the encoding.
+LOOKUP_BLOCKS = tuple(BLOCK_BITS)
+
+
 def _quantized(bits: int, keep_blocks: tuple[str, ...], symmetric: bool = True) -> tuple:
     """The passes of one weight encoding: every weight MatMul (and the tied head) -> MatMulNBits at ``bits``.
 
     A GGUF's own blocks of the ``keep_blocks`` types are kept as they are (``q8_0`` / ``q4_0`` keep only
     their own type; ``q4_1`` is the GGUF's own quantization: its Q4_0, Q4_1 and Q8_0 blocks, other weights
-    asymmetric 4-bit RTN). A token-embedding table kept that way is looked up with GatherBlockQuantized
-    (exact, and a quarter of float32's bytes); an RTN table stays float, since quantizing the lookup adds
-    error (8-bit: tiny Llama's q8_0 logits 1.8e-2 -> 2.4e-2 relative) where it saves no decode time."""
+    asymmetric 4-bit RTN). A GGUF's token-embedding table is looked up in its own blocks with
+    GatherBlockQuantized in every encoding (:data:`LOOKUP_BLOCKS`): the rows are the dequantized table's bit for
+    bit, so the lookup is what a float table would give, at a quarter of float32's bytes or less (SmolLM2's Q8_0
+    table in a q4_0 artifact: 108 MiB of float32 less). The tied head still follows the encoding. An RTN table
+    stays float, since quantizing the lookup adds error (8-bit: tiny Llama's q8_0 logits 1.8e-2 -> 2.4e-2
+    relative) where it saves no decode time."""
     return (quantize_matmuls(bits, keep_blocks, symmetric),
-            quantize_embedding(weight_packer(8, keep_blocks, only=_kept_token_embedding(keep_blocks),
+            quantize_embedding(weight_packer(8, LOOKUP_BLOCKS, only=_kept_token_embedding(LOOKUP_BLOCKS),
                                              exact_rows=True)),
             remove_unused)
 

@@ -287,6 +287,30 @@ def test_kept_gguf_table(tmp_path, encoding, qtype, hidden, vocab):
     assert_close(logits, x.astype(np.float64) @ want.T.astype(np.float64), 1e-5)
 
 
+@pytest.mark.parametrize("encoding,qtype", [("q4_0", "Q8_0"), ("q8_0", "Q4_0"), ("q4_0", "Q4_1")])
+def test_a_gguf_table_is_looked_up_in_its_blocks_in_any_encoding(tmp_path, encoding, qtype):
+    """The lookup keeps the GGUF table's own blocks even where the encoding quantizes the head otherwise (SmolLM2's
+    Q8_0 table in a q4_0 artifact): its rows are the dequantized table's bit for bit, as a float table's were; the
+    tied head is the encoding's MatMulNBits."""
+    gguf = pytest.importorskip("gguf")
+    vocab, hidden = 161, 64
+    model = tied_model(hidden, vocab=vocab)
+    table = model.graph.initializers["model.embed_tokens.weight"]
+    raw = gguf.quants.quantize(table.const_value.numpy(), gguf.GGMLQuantizationType[qtype])
+    want = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype]).reshape(vocab, hidden).astype(np.float32)
+    table.const_value = ir.tensor(want, name=table.name)
+    table.meta[BLOCKS_META] = QuantizedBlocks(qtype, (vocab, hidden), lambda: raw)
+    table.meta[TOKEN_EMBEDDING_META] = True
+    model = encoded(model, "ort-cpu", encoding)
+    ops = op_types(model)
+    assert ops.count("GatherBlockQuantized") == 1 and ops.count("MatMulNBits") == 1 and "Gemm" not in ops
+    ids = random_ids(vocab)
+    x = rng(6).standard_normal((2, hidden)).astype(np.float32)
+    (rows, logits), _ = run(model, tmp_path, {"input_ids": ids, "x": x})
+    assert np.array_equal(rows, want[ids])
+    assert_close(logits, x.astype(np.float64) @ want.T.astype(np.float64), 0.2)  # the head: the encoding's error
+
+
 @pytest.mark.parametrize("encoding,qtype,hidden,intermediate", [("q4_1", "Q4_1", 64, 100), ("q4_k", "Q4_K", 256, 300)])
 def test_gguf_with_rows_no_block_type_takes(tmp_path, encoding, qtype, hidden, intermediate):
     """A GGUF whose feed-forward width is no multiple of 32: llama.cpp keeps ``ffn_down`` (rows of that width) in
