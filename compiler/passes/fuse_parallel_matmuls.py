@@ -92,8 +92,9 @@ def fuse_parallel_matmuls(model: ir.Model) -> ir.Model:
         adds = [_bias_add(m, t) for m, t in group]
         biases = [a[1] for a in adds if a is not None]
         with_bias = len(biases) == len(adds)
-        ends = [a[0] if with_bias and a is not None else m for m, a in zip(matmuls, adds)]
-        if any(end.outputs[0].is_graph_output() for end in ends):
+        # per product, the nodes the split replaces, the one whose output it takes over first
+        replaced = [[a[0], m] if with_bias and a is not None else [m] for m, a in zip(matmuls, adds)]
+        if any(nodes[0].outputs[0].is_graph_output() for nodes in replaced):
             continue  # a graph output keeps its producer (and its name)
         x = matmuls[0].inputs[0]
         widths = [t.shape.numpy()[1] for t in tensors]
@@ -124,12 +125,11 @@ def fuse_parallel_matmuls(model: ir.Model) -> ir.Model:
                         name=f"{prefix}/Split")
         new_nodes.append(split)
         graph.insert_before(first, new_nodes)
-        for i, (matmul, bias_add) in enumerate(zip(matmuls, adds)):
-            replaced = [bias_add[0], matmul] if with_bias and bias_add is not None else [matmul]
-            old = replaced[0].outputs[0]  # what the split's output takes over
+        for i, nodes in enumerate(replaced):
+            old = nodes[0].outputs[0]
             split.outputs[i].shape, split.outputs[i].type = old.shape, old.type
             ir.convenience.replace_all_uses_with(old, split.outputs[i])
-            graph.remove(replaced, safe=True)
+            graph.remove(nodes, safe=True)
     return model
 
 

@@ -60,15 +60,14 @@ def write_onnx(model: ir.Model, rank_dir: Path, progress: Progress | None = None
     return files
 
 
-def _kept_token_embedding(keep_blocks: tuple[str, ...]):
-    def test(value) -> bool:
-        blocks = value.meta.get(BLOCKS_META)
-        return bool(value.meta.get(TOKEN_EMBEDDING_META)) and blocks is not None and blocks.qtype in keep_blocks
-    return test
-
-
 #: A GGUF token table in any of these block types is looked up in its blocks, whatever the encoding.
 LOOKUP_BLOCKS = tuple(BLOCK_BITS)
+
+
+def _gguf_token_table(value: ir.Value) -> bool:
+    """A token-embedding table the checkpoint stores in blocks the lookup reads (:data:`LOOKUP_BLOCKS`)."""
+    blocks = value.meta.get(BLOCKS_META)
+    return bool(value.meta.get(TOKEN_EMBEDDING_META)) and blocks is not None and blocks.qtype in LOOKUP_BLOCKS
 
 
 def _quantized(bits: int, keep_blocks: tuple[str, ...], symmetric: bool = True) -> tuple:
@@ -83,7 +82,7 @@ def _quantized(bits: int, keep_blocks: tuple[str, ...], symmetric: bool = True) 
     stays float, since quantizing the lookup adds error (8-bit: tiny Llama's q8_0 logits 1.8e-2 -> 2.4e-2
     relative) where it saves no decode time."""
     return (quantize_matmuls(bits, keep_blocks, symmetric),
-            quantize_embedding(weight_packer(8, LOOKUP_BLOCKS, only=_kept_token_embedding(LOOKUP_BLOCKS),
+            quantize_embedding(weight_packer(8, LOOKUP_BLOCKS, only=_gguf_token_table,
                                              exact_rows=True)),
             remove_unused)
 
