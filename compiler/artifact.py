@@ -92,6 +92,13 @@ class Artifact:
         return [(_inside(self.path, stage["model"], "stage model"), list(stage.get("collectives_after", [])))
                 for stage in stages]
 
+    def slot_graph_view(self) -> "Artifact | None":
+        """The decode slots' continuous graph of a paged artifact compiled with one (``compiler/slot_graph.py``),
+        as an artifact whose manifest describes that graph (the same files: load it through a fork of the paged
+        model's binding); None when it has none."""
+        block = self.manifest.get("slot_graph")
+        return None if block is None else Artifact(self.path, {**self.manifest, **block["manifest"]})
+
     @property
     def world_size(self) -> int:
         """The ranks the model is split over (1: not split)."""

@@ -27,6 +27,7 @@ from .graph_runner import GraphRunner
 from .passes.base import name_of
 from .passes.cut_at_collectives import Stage, cut_at_collectives, has_collectives
 from .passes.lowering_record import summarize
+from .slot_graph import attach_slot_graph, slot_graph_manifest
 from .targets import get_target
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,9 @@ class CompileOptions:
     # Decoders: split over this many ranks (one graph per rank, cut into stages at its collectives for a target
     # with none in its graphs: DESIGN.md, distribution).
     tensor_parallel: int = 1
+    # PAGED decoders on onnxruntime's CPU provider: also hold the continuous graph, run instead of the paged one
+    # when an input says so (the decode slots' graph: ``compiler/slot_graph.py``), its weights shared.
+    slot_graph: bool = False
 
     def graph_options(self, rank: int = 0) -> GraphOptions:
         """What the architecture's graph builder is asked for (the rest is the compiler's own business): the graph
@@ -59,6 +63,11 @@ class CompileOptions:
         return GraphOptions(return_logits=self.return_logits, kv_cache_strategy=KVCacheStrategy(self.kv_cache_strategy),
                             kv_cache_page_size=self.kv_cache_page_size, pooling=self.pooling, normalize=self.normalize,
                             tensor_parallel=self.tensor_parallel, rank=rank)
+
+    def slot_graph_options(self) -> GraphOptions:
+        """What the architecture's graph builder is asked for the decode slots' graph (:attr:`slot_graph`)."""
+        return GraphOptions(return_logits=ReturnLogits.LAST_TOKEN, kv_cache_strategy=KVCacheStrategy.CONTINUOUS,
+                            pooling=self.pooling, normalize=self.normalize)
 
     def to_json(self) -> dict[str, str]:
         return {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(self).items()}
@@ -91,6 +100,20 @@ class CompileOptions:
             if self.kv_cache_strategy is not KVCacheStrategy.CONTINUOUS:
                 raise ValueError(f"a {self.kv_cache_bit_width}-bit KV cache needs the continuous KV cache strategy, "
                                  f"not {self.kv_cache_strategy.value}")
+        if self.slot_graph:
+            self._validate_slot_graph(target)
+
+    def _validate_slot_graph(self, target: Any) -> None:
+        """The decode slots' graph joins a paged graph on one onnxruntime CPU session (:attr:`slot_graph`)."""
+        for clash, why in ((self.kv_cache_strategy is not KVCacheStrategy.PAGED, "a paged KV cache"),
+                           (KVCacheStrategy.CONTINUOUS not in target.kv_strategies,
+                            f"a target with the continuous KV cache too ({target.name} has not)"),
+                           (target.runtime != "onnxruntime-cpu",
+                            f"onnxruntime's CPU provider (target {target.name} runs on {target.runtime})"),
+                           (self.tensor_parallel != 1, "one rank (tensor_parallel 1)"),
+                           (self.kv_cache_bit_width != 0, "a float KV cache")):
+            if clash:
+                raise ValueError(f"the decode slots' graph (slot_graph) needs {why}")
 
 
 #: Runtime backends whose ranks run a stage-cut graph (they load each stage file; the communicator runs the
@@ -145,7 +168,7 @@ def compile_stage_count(options: CompileOptions, before: int = 0) -> int:
     """The stages :func:`compile_graph` counts for ``options`` (lowering passes, calibration, writing), plus
     ``before`` of the caller's own."""
     target = get_target(options.target)
-    passes = len(target.passes_for(options.encoding)) * options.tensor_parallel
+    passes = len(target.passes_for(options.encoding)) * (options.tensor_parallel + options.slot_graph)
     return before + passes + bool(options.kv_cache_bit_width) + 1
 
 
@@ -157,7 +180,8 @@ def describe_values(values) -> list[dict[str, Any]]:
 def compile_graph(graph: ir.Model | Sequence[ir.Model], output_dir: str | Path, options: CompileOptions,
                   manifest: dict[str, Any], write_extra_files: Callable[[Path], None] | None = None,
                   calibration_tokens: tuple[list[np.ndarray], str] | None = None,
-                  runner: GraphRunner | None = None, progress: CompileProgress | None = None) -> Artifact:
+                  runner: GraphRunner | None = None, progress: CompileProgress | None = None,
+                  slot_graph: ir.Model | None = None) -> Artifact:
     """Lower ``graph`` for ``options.target`` and write the artifact to ``output_dir`` (atomically).
 
     ``graph`` is one graph, or one per rank (``options.tensor_parallel`` of them, each with its collectives: they
@@ -165,8 +189,12 @@ def compile_graph(graph: ir.Model | Sequence[ir.Model], output_dir: str | Path, 
     calibrate an integer KV cache; without them it is calibrated on random ids of the manifest's vocabulary.
     ``runner`` runs the float model for that calibration (a runtime backend, passed down by the caller: the compiler
     does not import the runtime). ``progress`` counts the stages (:func:`compile_stage_count`); a caller that did
-    work before (reading the checkpoint) passes its own, else one is made here."""
+    work before (reading the checkpoint) passes its own, else one is made here. ``slot_graph``: the decode slots'
+    continuous graph (:attr:`CompileOptions.slot_graph`, built with ``options.slot_graph_options()``)."""
     options.validate()
+    if options.slot_graph != (slot_graph is not None):
+        raise ValueError("options.slot_graph and the slot_graph argument go together: pass the continuous graph "
+                         "built with options.slot_graph_options() exactly when options.slot_graph is set")
     if options.kv_cache_bit_width and runner is None:  # before the lowering, not after it
         raise ValueError(f"a {options.kv_cache_bit_width}-bit KV cache is calibrated by running the float model: "
                          f"pass a runtime backend to run it (runner=)")
@@ -178,16 +206,19 @@ def compile_graph(graph: ir.Model | Sequence[ir.Model], output_dir: str | Path, 
     if progress is None:
         with CompileProgress(compile_stage_count(options)) as own:
             return compile_graph(graphs, output_dir, options, manifest, write_extra_files, calibration_tokens,
-                                 runner, own)
+                                 runner, own, slot_graph)
     lowered = [target.lower(rank_graph, options.encoding, progress) for rank_graph in graphs]
     if options.kv_cache_bit_width:
         with progress.stage("calibrating the KV cache"):
             lowered[0], manifest = _quantize_kv_cache(lowered[0], options, manifest, calibration_tokens, runner)
     manifest = _kv_of_graph(lowered[0], manifest)
-    total_bytes = sum(v.const_value.nbytes for model in lowered for v in model.graph.initializers.values()
-                      if v.const_value is not None)
     described = {"inputs": describe_values(lowered[0].graph.inputs), "outputs": describe_values(lowered[0].graph.outputs)}
     lowerings = [lowering.to_json() for lowering in summarize(lowered[0])]
+    if slot_graph is not None:
+        lowered[0], manifest = _attach_slot_graph(lowered[0], target.lower(slot_graph, options.encoding, progress),
+                                                  manifest, described["inputs"])
+    total_bytes = sum(v.const_value.nbytes for model in lowered for v in model.graph.initializers.values()
+                      if v.const_value is not None)
     staged = options.tensor_parallel > 1 and any(has_collectives(model) for model in lowered)
     ranks: list[Any] = [cut_at_collectives(model) if staged else model for model in lowered]
 
@@ -239,6 +270,16 @@ def _write_rank(target: Any, rank: int, rank_model: ir.Model | list[Stage], tmp:
         stages.append({"model": f"{folder}/model.onnx",
                        "collectives_after": [c.to_json() for c in stage.collectives_after]})
     return {**entry, "model": stages[0]["model"], "stages": stages}
+
+
+def _attach_slot_graph(paged: ir.Model, continuous: ir.Model, manifest: dict[str, Any],
+                       paged_inputs: list[dict[str, Any]]) -> tuple[ir.Model, dict[str, Any]]:
+    """The lowered paged graph joined with the lowered decode slots' graph, and the manifest's ``"slot_graph"``."""
+    num_layers = int(manifest["kv_params"]["num_layers"])
+    described = {"inputs": describe_values(continuous.graph.inputs),
+                 "outputs": describe_values(continuous.graph.outputs)}
+    joined = attach_slot_graph(paged, continuous, num_layers)
+    return joined, {**manifest, "slot_graph": slot_graph_manifest(paged_inputs, described, num_layers)}
 
 
 _CACHE_INPUT_PREFIXES = ("past_key_values.", "key_cache.")

@@ -112,12 +112,19 @@ def compile_options(pipeline_config: PipelineConfig, architecture: "SupportedArc
                          f"models (supported: 0, the float cache)")
     extra = architecture.pipeline_model.graph_options(pipeline_config, source)
     paged = KVCacheStrategy(strategy) is KVCacheStrategy.PAGED
+    slot_graph = paged and bool(pipeline_config.decode_slots)
+    if slot_graph and strategies and KVCacheStrategy.CONTINUOUS not in strategies:
+        if not pipeline_config.decode_slots_auto:
+            raise ValueError(f"decode slots run the continuous graph; {architecture.name} with {encoding} supports "
+                             f"the {', '.join(s.value for s in strategies)} KV cache only")
+        slot_graph = False
     page_size = pipeline_config.kv_cache_page_size if paged else CompileOptions.kv_cache_page_size
     options = CompileOptions(target=pipeline_config.target, encoding=encoding, kv_cache_strategy=strategy,
                              return_logits=pipeline_config.return_logits,
                              kv_cache_bit_width=pipeline_config.kv_cache_bit_width, kv_cache_page_size=page_size,
-                             tensor_parallel=pipeline_config.tensor_parallel, **extra)
-    if options.kv_cache_bit_width or options.tensor_parallel > 1:
+                             tensor_parallel=pipeline_config.tensor_parallel,
+                             slot_graph=slot_graph, **extra)
+    if options.kv_cache_bit_width or options.tensor_parallel > 1 or options.slot_graph:
         options.validate()  # an unsupported width or split fails before the graph is built
     return options
 
@@ -211,13 +218,15 @@ def compile_source(source: ModelSource, architecture: "SupportedArchitecture", o
         with progress.stage("reading the weights into the graph"):
             graph = [spec.build_graph(arch_config, weights, options.graph_options(rank))
                      for rank in range(options.tensor_parallel)]
+            slot_graph = (spec.build_graph(arch_config, weights, options.slot_graph_options())
+                          if options.slot_graph else None)
         return _lower_and_write(graph, source, architecture, options, directory, sha, hf_config, arch_config,
-                                progress)
+                                progress, slot_graph)
 
 
 def _lower_and_write(graph: Any, source: ModelSource, architecture: "SupportedArchitecture", options: CompileOptions,
                      directory: Path, sha: str, hf_config: Any, arch_config: Any,
-                     progress: CompileProgress) -> Artifact:
+                     progress: CompileProgress, slot_graph: Any = None) -> Artifact:
     """The rest of :func:`compile_source` once the graph is built: the manifest, then lower and write."""
     import json
 
@@ -247,7 +256,8 @@ def _lower_and_write(graph: Any, source: ModelSource, architecture: "SupportedAr
     # KV cache calibration runs the float model on the backend that will run the artifact.
     runner = (backend_from_runtime(get_target(options.target).runtime_block(), default_num_threads())
               if options.kv_cache_bit_width else None)
-    return compile_graph(graph, directory, options, manifest, write_extra_files, calibration, runner, progress)
+    return compile_graph(graph, directory, options, manifest, write_extra_files, calibration, runner, progress,
+                         slot_graph)
 
 
 def kv_calibration_tokens(source: ModelSource, hf_config: Any, max_positions: int) -> tuple[Any, str]:

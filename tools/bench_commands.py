@@ -137,7 +137,9 @@ def _cmd_bench_serving(args: argparse.Namespace) -> int:
     eprint(f"ember: {loaded.describe()}")
     report = {"model": args.model or "SmolLM2-135M-Instruct (embedded default)",
               "encoding": loaded.pipeline.pipeline_model.artifact.manifest["encoding"],
-              "kv_cache_strategy": kv["kv_cache_strategy"], "decode_slots": kv["decode_slots"],
+              "kv_cache_strategy": kv["kv_cache_strategy"],
+              "decode_slots": loaded.pipeline.pipeline_config.decode_slots
+              if loaded.pipeline.pipeline_model.decode_slots is not None else 0,
               "threads": loaded.num_threads}
     if levels and args.http:
         from .bench_http import run_http_benchmark
@@ -167,6 +169,7 @@ def _cmd_bench_speculative(args: argparse.Namespace) -> int:
     if kv["kv_cache_strategy"] not in (None, "paged"):
         raise UsageError("--speculative needs the paged KV cache")
     kv["kv_cache_strategy"] = "paged"
+    kv["decode_slots"] = 0  # plain decoding on the graph the verification runs: greedy output comparable bit for bit
     spec = speculative_config(args)
     # batch 1 is measured; 3 rows let the step-cost measurement hold its contexts side by side
     common = dict(encoding=args.encoding[0] if args.encoding else None, num_threads=args.threads, max_batch_size=3,

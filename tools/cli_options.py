@@ -110,10 +110,12 @@ def add_kv_cache_options(parser: argparse.ArgumentParser, default_strategy: str 
                         help="paged: tokens per page (default: 16)")
     parser.add_argument("--no-prefix-caching", action="store_true",
                         help="paged: do not share the pages of common prompt prefixes between requests")
-    parser.add_argument("--decode-slots", type=non_negative, default=0, metavar="N",
+    parser.add_argument("--decode-slots", type=non_negative, default=None, metavar="N",
                         help="paged, CPU: decode up to N sequences on the continuous graph over slots mirrored from "
-                             "their pages while only they are decoding (faster at low concurrency; loads the weights "
-                             "a second time and holds a max-length slot per sequence; default 0: off)")
+                             "their pages while only they are decoding (faster at low concurrency; the model is "
+                             "compiled with both graphs, the weights held once; a max-length slot per sequence). "
+                             "Default: 1 where they can serve (paged float KV cache on the CPU, plain decoding, one "
+                             "process), else 0; 0 turns them off")
 
 
 def kv_cache_config(args: argparse.Namespace) -> dict:

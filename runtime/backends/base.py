@@ -9,7 +9,7 @@ backend file that implements :class:`RuntimeBackend` and :class:`LoadedModel`.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -94,6 +94,13 @@ class LoadedModel(abc.ABC):
         :meth:`bind_buffer` binds (a device view); a host array on the host backends (bind it with
         :meth:`bind_input`)."""
         return self.output(name)
+
+    def fork(self, renames: Mapping[str, str]) -> "LoadedModel":
+        """Another binding of the same loaded graph (its weights loaded once), which binds name ``n`` as
+        ``renames.get(n, n)``: one binding per branch of a graph switched by an input (``compiler/graph_switch.py``;
+        compiled for onnxruntime's CPU provider only, whose model overrides this)."""
+        raise ValueError(f"{self.backend.name} keeps one binding per loaded model; a switched graph (decode slots) "
+                         "is compiled for onnxruntime's CPU provider")
 
     def run_host(self, output_names: Sequence[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """One call with host inputs and host outputs (no buffers kept): models without a KV cache (encoders). This

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,17 +37,27 @@ def ortvalue(array: np.ndarray) -> ort.OrtValue:
 class OrtCpuModel(LoadedModel):
     """One rank's graph in an ``onnxruntime.InferenceSession`` with an IOBinding kept across calls."""
 
-    def __init__(self, backend: "OrtCpuBackend", session: ort.InferenceSession, load_seconds: float):
+    backend: "OrtCpuBackend"
+
+    def __init__(self, backend: "OrtCpuBackend", session: ort.InferenceSession, load_seconds: float,
+                 renames: Mapping[str, str] | None = None):
         self.backend = backend
         self.session = session
         self.load_seconds = load_seconds
-        self.input_names = [i.name for i in session.get_inputs()]
-        self.output_names = [o.name for o in session.get_outputs()]
+        self._renames = dict(renames or {})  # a fork's names -> the graph's (see fork)
+        graph_names = {graph: name for name, graph in self._renames.items()}
+        self.input_names = [graph_names.get(i.name, i.name) for i in session.get_inputs()]
+        self.output_names = [graph_names.get(o.name, o.name) for o in session.get_outputs()]
         self.binding = session.io_binding()
         self._bound_buffers: dict[str, int] = {}
         self._output_order: list[str] = []  # onnxruntime returns outputs in first-bound order
 
+    def fork(self, renames: Mapping[str, str]) -> "OrtCpuModel":
+        """A second IOBinding of the same session (see :meth:`LoadedModel.fork`)."""
+        return OrtCpuModel(self.backend, self.session, 0.0, renames)
+
     def input_dtype(self, name: str) -> np.dtype:
+        name = self._renames.get(name, name)
         for value in self.session.get_inputs():
             if value.name == name:
                 element = value.type.removeprefix("tensor(").removesuffix(")")
@@ -55,12 +65,14 @@ class OrtCpuModel(LoadedModel):
         raise KeyError(f"the graph has no input {name!r}")
 
     def bind_input(self, name: str, array: np.ndarray) -> None:
-        self.binding.bind_cpu_input(name, array)  # onnxruntime reads the host array in place
+        # onnxruntime reads the host array in place
+        self.binding.bind_cpu_input(self._renames.get(name, name), array)
 
     def bind_buffer(self, name: str, view: ort.OrtValue, *, output: bool = False) -> None:
         key = ("out:" if output else "in:") + name
         if self._bound_buffers.get(key) == id(view):
             return
+        name = self._renames.get(name, name)
         if output:
             self._note_output(name)
             self.binding.bind_ortvalue_output(name, view)
@@ -69,9 +81,10 @@ class OrtCpuModel(LoadedModel):
         self._bound_buffers[key] = id(view)
 
     def bind_output_to_host(self, name: str) -> None:
+        self._bound_buffers.pop("out:" + name, None)
+        name = self._renames.get(name, name)
         self._note_output(name)
         self.binding.bind_output(name, "cpu")
-        self._bound_buffers.pop("out:" + name, None)
 
     def _note_output(self, name: str) -> None:
         if name not in self._output_order:
@@ -83,10 +96,12 @@ class OrtCpuModel(LoadedModel):
         self.session.run_with_iobinding(self.binding)
 
     def output(self, name: str) -> np.ndarray:
+        name = self._renames.get(name, name)
         return self.binding.get_outputs()[self._output_order.index(name)].numpy()
 
     def run_host(self, output_names: Sequence[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self.session.run(list(output_names), feeds)
+        rename = self._renames.get
+        return self.session.run([rename(n, n) for n in output_names], {rename(k, k): v for k, v in feeds.items()})
 
 
 class OrtCpuBackend(RuntimeBackend):

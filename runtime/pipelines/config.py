@@ -90,9 +90,12 @@ class PipelineConfig:
     # machine (or started by torchrun across hosts), joined by torch.distributed.
     tensor_parallel: int = 1
     # PAGED on a CPU: decode up to this many sequences on the continuous graph over slots mirrored from their pages
-    # (runtime/kv_cache/slot_mirror.py) while only they are decoding; costs a second session (weights loaded twice)
-    # and a slot of max_length per sequence. 0: off.
-    decode_slots: int = 0
+    # (runtime/kv_cache/slot_mirror.py) while only they are decoding. The artifact then holds both graphs behind a
+    # switch (one session, the weights once: compiler/slot_graph.py); a slot costs max_length tokens of KV cache
+    # per sequence. 0: off. None: 1 where they can serve (decode_slots_possible), else 0, with decode_slots_auto
+    # set (an artifact compiled without the slots' graph is then served without them, not refused).
+    decode_slots: int | None = 0
+    decode_slots_auto: bool = False
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -125,6 +128,9 @@ class PipelineConfig:
 
     def _check_decode_slots(self) -> None:
         """Decode slots mirror a paged cache's float pages, for plain decoding on one process."""
+        if self.decode_slots is None:
+            self.decode_slots, self.decode_slots_auto = int(self.decode_slots_possible()), True
+            return
         if not isinstance(self.decode_slots, int) or self.decode_slots < 0:
             raise ValueError(f"decode_slots must be a number of slots >= 0, got {self.decode_slots!r}")
         if not self.decode_slots:
@@ -137,6 +143,17 @@ class PipelineConfig:
             if clash:
                 raise ValueError(f"decode_slots mirror pages for {why}")
         self.kv_cache_strategy = KVCacheStrategy.PAGED
+
+    def decode_slots_possible(self) -> bool:
+        """Whether decode slots can serve this configuration: a paged cache of floats on onnxruntime's CPU provider,
+        plain decoding, one process (what ``decode_slots=None`` turns them on for)."""
+        from ember.compiler.targets import TARGETS
+
+        target = TARGETS.get(self.target)
+        return (self.kv_cache_strategy is KVCacheStrategy.PAGED and self.speculative is None
+                and self.kv_cache_bit_width == 0 and self.tensor_parallel == 1
+                and (self.device is None or self.device.startswith("cpu")) and target is not None
+                and target.runtime == "onnxruntime-cpu" and KVCacheStrategy.CONTINUOUS in target.kv_strategies)
 
     def _check_speculative(self) -> None:
         """Resolve the speculative options once: a draft model implies ``draft``; the paged cache and every

@@ -1,7 +1,9 @@
 """Decode slots of a paged decoder: steps that fit run on the same model compiled with the continuous cache.
 
 The paged decoder (:class:`~.decoder.DecoderPipelineModel` with a PAGED cache) gets :class:`DecodeSlots` from
-``PipelineConfig(decode_slots=N)`` (the registry compiles and loads the continuous model, as it does a draft model).
+``PipelineConfig(decode_slots=N)``: its artifact then holds the continuous graph too, behind a switch input
+(``compiler/slot_graph.py``), and the slots' decoder is a second binding of the same loaded model
+(:func:`slot_branch`): one session, the weights loaded once.
 A step whose rows all hold or can get one of the N slots, and that GroupQueryAttention runs in one call (decode rows,
 fresh prompts, or one row extending its cache), runs there; any other step runs the paged graph after the slots'
 tokens are written back to the pages. The bookkeeping of who holds which tokens where is
@@ -20,12 +22,36 @@ import numpy as np
 
 from ember.graphs.nn.transformer import ReturnLogits
 
+from ..backends.base import LoadedModel
 from ..kv_cache.continuous import ContinuousKVCacheManager
 from ..kv_cache.paged import PagedKVCacheManager
 from ..kv_cache.slot_mirror import SlotMirror
 from .decoder_inputs import DecoderInputs
 from .interfaces import ModelOutputs
 from .kv_binding import ContinuousBinding, PagedBinding, batch_mode
+
+
+_SWITCH = {False: np.array(False), True: np.array(True)}
+_PLACEHOLDERS: dict[tuple[str, int], np.ndarray] = {}  # bound once per binding: kept alive here
+
+
+def bind_paged_branch(model: LoadedModel, manifest: dict) -> None:
+    """Make a loaded paged model whose artifact holds the slots' graph run its paged graph."""
+    model.bind_input(manifest["slot_graph"]["switch"], _SWITCH[False])
+
+
+def slot_branch(model: LoadedModel, manifest: dict) -> LoadedModel:
+    """A second binding of the loaded paged ``model`` that runs the slots' continuous graph: the continuous
+    graph's names bound as the switched model's, and a placeholder for each input only the paged graph reads."""
+    block = manifest["slot_graph"]
+    fork = model.fork(block["renames"])
+    fork.bind_input(block["switch"], _SWITCH[True])
+    for idle in block["idle_inputs"]:
+        key = (idle["dtype"], int(idle["rank"]))
+        if key not in _PLACEHOLDERS:
+            _PLACEHOLDERS[key] = np.zeros((1,) * key[1], np.dtype(key[0]))
+        fork.bind_input(idle["name"], _PLACEHOLDERS[key])
+    return fork
 
 
 class SlotDecoder(Protocol):

@@ -24,7 +24,7 @@ from ..session import Device, InferenceSession, LoadedModel
 from .config import PipelineConfig
 from .context import TextContext
 from .interfaces import KVCacheMixin, ModelOutputs, PipelineModel
-from .decode_slots import DecodeSlots
+from .decode_slots import DecodeSlots, bind_paged_branch
 from .decoder_inputs import DecoderInputs
 from .kv_binding import ContinuousBinding, PagedBinding
 
@@ -43,7 +43,7 @@ class DecoderPipelineModel(PipelineModel[DecoderInputs], KVCacheMixin):
     def __init__(self, pipeline_config: PipelineConfig, session: InferenceSession, devices: Sequence[Device] = (),
                  kv_cache_config: Any = None, weights: Any = None, adapter: Any = None,
                  return_logits: ReturnLogits | None = None, *, resolved: ResolvedModel,
-                 available_cache_memory: int | None = None):
+                 available_cache_memory: int | None = None, loaded: LoadedModel | None = None):
         super().__init__(pipeline_config, session, devices or session.devices, kv_cache_config, weights, adapter,
                          return_logits or pipeline_config.return_logits)
         self.resolved = resolved  # source, architecture and verified artifact, resolved once by the registry
@@ -54,7 +54,8 @@ class DecoderPipelineModel(PipelineModel[DecoderInputs], KVCacheMixin):
         self.return_logits = ReturnLogits(self.artifact.manifest["return_logits"])
         self.max_seq_len = upper_bounded_max_len(pipeline_config, self.artifact.manifest)
         self.vocab_size = int(self.artifact.manifest["limits"]["vocab_size"])
-        self.model: LoadedModel = self.load_model(session)
+        # ``loaded``: the model already loaded (the decode slots' binding of a paged model: :func:`slot_branch`)
+        self.model: LoadedModel = loaded if loaded is not None else self.load_model(session)
         self._fit_engine_lengths(self.model.shape_limits)
         self.kv_manager = self.load_kv_manager(session, available_cache_memory)
         self.kv = (PagedBinding(self.kv_manager, self._paged_batch, page_major=self._page_major_pools())
@@ -83,7 +84,10 @@ class DecoderPipelineModel(PipelineModel[DecoderInputs], KVCacheMixin):
 
     # loading ------------------------------------------------------------------------------------
     def load_model(self, session: InferenceSession) -> LoadedModel:
-        return session.load(self.artifact, verify=False)
+        model = session.load(self.artifact, verify=False)
+        if "slot_graph" in self.artifact.manifest:  # the paged graph of the two (see attach_decode_slots)
+            bind_paged_branch(model, self.artifact.manifest)
+        return model
 
     def load_kv_manager(self, session: InferenceSession, available_cache_memory: int | None):
         kv = self.artifact.manifest["kv_params"]
@@ -204,8 +208,9 @@ class DecoderPipelineModel(PipelineModel[DecoderInputs], KVCacheMixin):
             self.release(request_id)
 
     def attach_decode_slots(self, slot_model: DecoderPipelineModel) -> None:
-        """Run in ``slot_model`` (the same model compiled CONTINUOUS, a slot per sequence it may hold) the steps that
-        fit its slots; the pages stay the truth (:mod:`.decode_slots`)."""
+        """Run in ``slot_model`` (the continuous graph of this model's artifact, a slot per sequence it may hold:
+        the registry makes it with :func:`~.decode_slots.slot_branch`) the steps that fit its slots; the pages stay
+        the truth (:mod:`.decode_slots`)."""
         if not isinstance(self.kv_manager, PagedKVCacheManager):
             raise ValueError("decode slots mirror a paged KV cache; this model's is continuous")
         self.decode_slots = DecodeSlots(self.kv_manager, slot_model, self.vocab_size, self.return_logits)

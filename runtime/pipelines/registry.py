@@ -26,6 +26,7 @@ from ember.graphs.nn.transformer import ReturnLogits
 from ..backends import BACKENDS, RuntimeBackend, runtime_of
 from ..session import InferenceSession, parse_device
 from .config import PipelineConfig
+from .decode_slots import slot_branch
 from .embeddings import EmbeddingsPipeline
 from .model_source import ModelSource
 from .supported_architecture import (PipelineTask, ResolvedArtifact, ResolvedModel, RopeType,  # noqa: F401 (API)
@@ -196,11 +197,16 @@ class PipelineRegistry:
         class (with the draft model of speculative decoding)."""
         architecture, config = model.architecture, model.pipeline_config
         pipeline_model = self._pipeline_model(model)
-        if config.decode_slots:
+        if config.decode_slots and config.decode_slots_auto and (
+                architecture.task is not PipelineTask.TEXT_GENERATION or model.artifact.slot_graph_view() is None):
+            logger.info("decode slots off: %s", "not a text-generation model"
+                        if architecture.task is not PipelineTask.TEXT_GENERATION
+                        else f"{model.artifact.path} holds no slots' graph")
+        elif config.decode_slots:
             if architecture.task is not PipelineTask.TEXT_GENERATION:
                 raise ValueError(f"decode slots are for text generation; {architecture.name} serves "
                                  f"{architecture.task.value}")
-            pipeline_model.attach_decode_slots(self._decode_slot_model(model, pipeline_model.max_seq_len))
+            pipeline_model.attach_decode_slots(self._decode_slot_model(model, pipeline_model))
         tokenizer = architecture.tokenizer(model.artifact.tokenizer_dir)
         extra = ({"context_validators": architecture.context_validators}
                  if architecture.task is PipelineTask.TEXT_GENERATION else {})
@@ -224,17 +230,22 @@ class PipelineRegistry:
         architecture = self._architecture_of(source, None, PipelineTask.TEXT_GENERATION)
         return self._pipeline_model(self._resolve(draft_config, source, architecture))
 
-    def _decode_slot_model(self, model: ResolvedModel, max_length: int) -> Any:
-        """The decoder that runs decode slots: the same source compiled like the target but CONTINUOUS, a slot of
+    def _decode_slot_model(self, model: ResolvedModel, paged: Any) -> Any:
+        """The decoder that runs decode slots: the continuous graph compiled into the paged artifact
+        (``compiler/slot_graph.py``), on a second binding of the paged decoder's loaded model, a slot of its
         ``max_length`` per decode slot (runtime/kv_cache/slot_mirror.py)."""
         config = model.pipeline_config
-        if model.source.kind == "artifact":
-            raise ValueError(f"decode slots compile the model with a continuous KV cache too; {model.source.path} "
-                             "is an artifact compiled for one cache: pass the source model (HF folder or GGUF)")
+        slot_artifact = model.artifact.slot_graph_view()
+        if slot_artifact is None:
+            raise ValueError(f"decode slots run the continuous graph compiled into the paged artifact; "
+                             f"{model.artifact.path} has none: pass the source model (HF folder or GGUF) with "
+                             f"decode slots, or an artifact compiled with them")
         slot_config = dataclasses.replace(
             config, kv_cache_strategy=KVCacheStrategy.CONTINUOUS, decode_slots=0, max_batch_size=config.decode_slots,
-            max_length=max_length, return_logits=ReturnLogits.LAST_TOKEN, kv_cache_pages=None)
-        return self._pipeline_model(self._resolve(slot_config, model.source, model.architecture))
+            max_length=paged.max_seq_len, return_logits=ReturnLogits.LAST_TOKEN, kv_cache_pages=None)
+        model_class: Any = model.architecture.pipeline_model
+        return model_class(slot_config, paged.session, resolved=dataclasses.replace(model, artifact=slot_artifact),
+                           loaded=slot_branch(paged.model, model.artifact.manifest))
 
     def _pipeline_model(self, model: ResolvedModel) -> Any:
         """The resolved model's pipeline model, in a session on the configured device (else device 0 of the kind

@@ -10,7 +10,8 @@
   step; releasing a request (finished, aborted, preempted under a pool too small for all) frees its slot and its
   pages, and preempted requests resume with the tokens of a pipeline without slots;
 - what decode slots cannot serve is refused when the configuration is made (speculative decoding, an int8 or a
-  continuous cache, tensor parallelism), or when the model is a compiled artifact.
+  continuous cache, tensor parallelism), or when the model is a compiled artifact without the slots' graph; one
+  with it serves with or without slots, on one onnxruntime session.
 """
 from __future__ import annotations
 
@@ -123,10 +124,46 @@ def test_what_slots_cannot_serve_is_refused_in_the_configuration(options, messag
         PipelineConfig(model_path="unused", **{"decode_slots": 1, **options})
 
 
-def test_a_compiled_artifact_cannot_get_slots(tiny, plain):
+def test_a_compiled_artifact_gets_slots_only_if_it_holds_their_graph(tiny, plain, slotted):
     artifact = plain.pipeline_model.artifact.path
     with pytest.raises(ValueError, match="pass the source model"):
         PIPELINE_REGISTRY.retrieve(PipelineConfig(model_path=artifact, decode_slots=1, max_length=64))
+    artifact = slotted.pipeline_model.artifact.path
+    for slots in (1, 0):  # its paged graph alone, too
+        loaded = PIPELINE_REGISTRY.retrieve(PipelineConfig(model_path=artifact, decode_slots=slots, max_length=64,
+                                                           max_batch_size=4))[1]
+        assert run(loaded, PROMPTS[:1], NEW_TOKENS[:1]) == run(plain, PROMPTS[:1], NEW_TOKENS[:1])
+        assert (loaded.pipeline_model.decode_slots is not None) == bool(slots)
+
+
+@pytest.mark.parametrize("options, slots", [
+    (dict(kv_cache_strategy="paged"), 1),
+    (dict(kv_cache_strategy="paged", device="cpu:0"), 1),
+    (dict(), 0),  # the strategy left to the encoding: not known to be paged here
+    (dict(kv_cache_strategy="continuous"), 0),
+    (dict(speculative="ngram"), 0),
+    (dict(kv_cache_strategy="paged", kv_cache_bit_width=8), 0),
+    (dict(kv_cache_strategy="paged", tensor_parallel=2), 0),
+    (dict(kv_cache_strategy="paged", device="cuda"), 0),
+    (dict(kv_cache_strategy="paged", target="ort-cuda"), 0),
+])
+def test_decode_slots_none_turns_them_on_where_they_can_serve(options, slots):
+    config = PipelineConfig(model_path="unused", decode_slots=None, **options)
+    assert (config.decode_slots, config.decode_slots_auto) == (slots, True)
+
+
+def test_automatic_slots_serve_an_artifact_without_their_graph_without_them(tiny, plain):
+    artifact = plain.pipeline_model.artifact.path
+    loaded = PIPELINE_REGISTRY.retrieve(PipelineConfig(model_path=artifact, decode_slots=None, max_length=64,
+                                                       kv_cache_strategy="paged", max_batch_size=4))[1]
+    assert loaded.pipeline_model.decode_slots is None
+    assert run(loaded, PROMPTS[:1], NEW_TOKENS[:1]) == run(plain, PROMPTS[:1], NEW_TOKENS[:1])
+
+
+def test_the_slots_share_the_paged_models_session(slotted):
+    """One onnxruntime session: the slots' decoder is a second binding of the paged decoder's loaded model."""
+    model = slotted.pipeline_model
+    assert model.decode_slots.model.model.session is model.model.session
 
 
 def test_a_request_stopped_mid_decode_frees_its_slot_and_pages(slotted):

@@ -1,0 +1,147 @@
+"""The decode slots' graph in a paged artifact (``compiler/slot_graph.py``, ``compiler/graph_switch.py``), on a real
+tiny Llama through onnxruntime:
+
+- each branch of the switched model computes what its graph alone computes, bit for bit: logits, and the K/V it
+  writes into buffers bound in place (so the ``If`` writes the bound buffers, not copies);
+- the weights are held once: the switched model's data is the paged model's plus what the continuous graph alone
+  holds (its rotary tables), not twice the weights; with 4-bit weights too;
+- the manifest says how to bind the continuous branch (switch, renames, the paged-only inputs);
+- graphs that do not correspond, and options the slots' graph cannot serve, are refused with a clear error.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+from ember.compiler.compile import CompileOptions
+from ember.compiler.graph_switch import switch_graphs
+from ember.compiler.slot_graph import SWITCH, cache_renames
+from ember.graphs.nn.kv_cache import KVCacheStrategy
+from ember.runtime.pipelines import PIPELINE_REGISTRY, PipelineConfig
+
+from ..reference.tiny_models import make_model
+
+PAGE = 4
+CACHED = 6  # tokens already in the cache when the step runs
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    model = tmp_path_factory.mktemp("tiny-switch")
+    make_model("llama-gqa-llama3", model)
+    return model, tmp_path_factory.mktemp("cache")
+
+
+def artifact(tiny, encoding: str, **kwargs):
+    model, cache = tiny
+    config = PipelineConfig(model_path=model, cache_dir=cache, encoding=encoding, max_length=32,
+                            kv_cache_page_size=PAGE, max_batch_size=2, **kwargs)
+    return PIPELINE_REGISTRY.retrieve(config)[1].pipeline_model.artifact
+
+
+def session(path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), options)
+
+
+def step(model: ort.InferenceSession, kv: dict, buffers: dict[str, np.ndarray], extra: dict[str, np.ndarray]):
+    """One decode step of one row after ``CACHED`` tokens, the cache buffers bound in place; logits and buffers."""
+    binding = model.io_binding()
+    feeds = {"input_ids": np.array([[3]], np.int64), "input_lengths": np.array([1], np.int32),
+             "cache_lengths": np.array([CACHED], np.int32), **extra}
+    for name, array in feeds.items():
+        binding.bind_cpu_input(name, array)
+    buffers = {name: array.copy() for name, array in buffers.items()}
+    for layer in range(kv["num_layers"]):
+        for (inp, out) in zip(*kv["names"](layer)):
+            value = ort.OrtValue.ortvalue_from_numpy(buffers[inp])
+            binding.bind_ortvalue_input(inp, value)
+            binding.bind_ortvalue_output(out, value)
+    binding.bind_output("logits", "cpu")
+    model.run_with_iobinding(binding)
+    return binding.copy_outputs_to_cpu()[0], buffers
+
+
+def kv_of(manifest, strategy: KVCacheStrategy) -> dict:
+    from ember.graphs.nn.kv_cache import KVCacheParams
+
+    kv = manifest["kv_params"]
+    params = KVCacheParams(dtype=kv["dtype"], n_kv_heads=kv["n_kv_heads"], head_dim=kv["head_dim"],
+                           num_layers=kv["num_layers"], cache_strategy=strategy, page_size=kv["page_size"])
+    return {"num_layers": params.num_layers, "heads": params.n_kv_heads, "head_dim": params.head_dim,
+            "names": lambda layer: (params.input_names(layer), params.output_names(layer))}
+
+
+def random_buffers(kv: dict, shape, rng) -> dict[str, np.ndarray]:
+    return {name: (rng.standard_normal(shape) * 0.5).astype(np.float32)
+            for layer in range(kv["num_layers"]) for name in kv["names"](layer)[0]}
+
+
+def renamed(buffers: dict[str, np.ndarray], renames: dict[str, str]) -> dict[str, np.ndarray]:
+    return {renames.get(name, name): array for name, array in buffers.items()}
+
+
+@pytest.mark.parametrize("encoding", ["float32", "q4_0"])
+def test_each_branch_computes_what_its_graph_alone_does_bit_for_bit(tiny, encoding):
+    switched = artifact(tiny, encoding, decode_slots=1)
+    paged = artifact(tiny, encoding, kv_cache_strategy="paged")
+    continuous = artifact(tiny, encoding, kv_cache_strategy="continuous")
+    manifest = switched.manifest
+    assert manifest["kv_cache_strategy"] == "paged" and manifest["slot_graph"]["switch"] == SWITCH
+    assert {i["name"] for i in manifest["slot_graph"]["idle_inputs"]} == {"page_table", "slot_mapping"}
+    model = session(switched.rank_model())
+    rng = np.random.default_rng(0)
+    renames = manifest["slot_graph"]["renames"]
+
+    kv = kv_of(manifest, KVCacheStrategy.CONTINUOUS)
+    slots = random_buffers(kv, (1, kv["heads"], 32, kv["head_dim"]), rng)
+    alone_logits, alone_kv = step(session(continuous.rank_model()), kv, slots, {})
+    kv_switched = {**kv, "names": lambda layer: tuple(tuple(renames[n] for n in names)
+                                                      for names in kv["names"](layer))}
+    idle = {"page_table": np.zeros((1, 1), np.int32), "slot_mapping": np.zeros((1, 1), np.int64)}
+    logits, written = step(model, kv_switched, renamed(slots, renames), {SWITCH: np.array(True), **idle})
+    assert np.array_equal(logits, alone_logits)
+    assert all(np.array_equal(written[renames[name]], alone_kv[name]) for name in slots)
+    assert not np.array_equal(alone_kv["past_key_values.0.key"], slots["past_key_values.0.key"])  # written
+
+    kv = kv_of(manifest, KVCacheStrategy.PAGED)
+    pools = random_buffers(kv, (4 * PAGE, kv["heads"], kv["head_dim"]), rng)
+    pages = {"page_table": np.array([[1, 2, 3]], np.int32), "slot_mapping": np.array([[PAGE + CACHED]], np.int64)}
+    alone_logits, alone_kv = step(session(paged.rank_model()), kv, pools, pages)
+    logits, written = step(model, kv, pools, {SWITCH: np.array(False), **pages})
+    assert np.array_equal(logits, alone_logits)
+    assert all(np.array_equal(written[name], alone_kv[name]) for name in pools)
+    assert not np.array_equal(alone_kv["key_cache.0"], pools["key_cache.0"])
+
+
+@pytest.mark.parametrize("encoding", ["float32", "q4_0"])
+def test_the_weights_are_held_once(tiny, encoding):
+    def data_bytes(a) -> int:
+        return (a.rank_model().parent / "model.onnx.data").stat().st_size
+
+    switched = data_bytes(artifact(tiny, encoding, decode_slots=1))
+    paged = data_bytes(artifact(tiny, encoding, kv_cache_strategy="paged"))
+    continuous = data_bytes(artifact(tiny, encoding, kv_cache_strategy="continuous"))
+    assert paged <= switched < paged + 0.25 * continuous
+
+
+def test_graphs_whose_outputs_do_not_correspond_are_refused(tiny):
+    paged = ir.load(artifact(tiny, "float32", kv_cache_strategy="paged").rank_model())
+    continuous = ir.load(artifact(tiny, "float32", kv_cache_strategy="continuous").rank_model())
+    with pytest.raises(ValueError, match="outputs do not correspond"):
+        switch_graphs(paged, continuous, SWITCH)  # without the cache renames
+    assert cache_renames(1) == {"past_key_values.0.key": "key_cache.0", "past_key_values.0.value": "value_cache.0",
+                                "present.0.key": "key_cache_out.0", "present.0.value": "value_cache_out.0"}
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(kv_cache_strategy=KVCacheStrategy.CONTINUOUS), "a paged KV cache"),
+    (dict(kv_cache_strategy=KVCacheStrategy.PAGED, target="ort-cuda"), "CPU provider"),
+    (dict(kv_cache_strategy=KVCacheStrategy.PAGED, tensor_parallel=2), "one rank"),
+])
+def test_what_the_slots_graph_cannot_serve_is_refused_at_compile_time(options, message):
+    with pytest.raises(ValueError, match=message):
+        CompileOptions(slot_graph=True, **options).validate()
