@@ -16,7 +16,7 @@ import os
 import sys
 
 from .cli_options import (EXIT_RUNTIME_ERROR, EXIT_USAGE, EmberArgumentParser, UsageError,
-                          add_kv_cache_bit_width, add_kv_cache_options, add_device_option, add_model_options, add_run_options,
+                          add_decode_slots_option, add_kv_cache_bit_width, add_kv_cache_options, add_device_option, add_model_options, add_run_options,
                           add_tensor_parallel,
                           add_sampling_options, add_speculative_options, add_threads, encoding_list, eprint, kv_cache_config, lazy_choice,
                           non_negative, placement, positive, positive_list, sampling_params, speculative_config, version)
@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(p)
     p.add_argument("--kv-cache-strategy", type=lazy_choice("kv cache strategy"), default=None,
                    help="continuous or paged (default: the first the encoding supports)")
+    add_decode_slots_option(p)
     add_kv_cache_bit_width(p)
     add_tensor_parallel(p)
     p.add_argument("--force", action="store_true", help="recompile even if cached; replace an artifact in DIR")
@@ -202,7 +203,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     result = compile_model(args.model, args.output, target=args.target, device=args.device, encoding=args.encoding,
                            kv_cache_strategy=args.kv_cache_strategy, max_length=args.max_length, force=args.force,
                            kv_cache_bit_width=args.kv_cache_bit_width or 0, verify=not args.no_verify,
-                           tensor_parallel=args.tensor_parallel)
+                           tensor_parallel=args.tensor_parallel, decode_slots=args.decode_slots)
     if result.compiled:
         eprint(f"compiled {result.architecture} for {args.target} in {result.seconds:.2f} s")
     else:

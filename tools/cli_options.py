@@ -110,6 +110,10 @@ def add_kv_cache_options(parser: argparse.ArgumentParser, default_strategy: str 
                         help="paged: tokens per page (default: 16)")
     parser.add_argument("--no-prefix-caching", action="store_true",
                         help="paged: do not share the pages of common prompt prefixes between requests")
+    add_decode_slots_option(parser)
+
+
+def add_decode_slots_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-slots", type=non_negative, default=None, metavar="N",
                         help="paged, CPU: decode up to N sequences on the continuous graph over slots mirrored from "
                              "their pages while only they are decoding (faster at low concurrency; the model is "

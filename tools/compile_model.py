@@ -68,14 +68,17 @@ def _check_output_dir(directory: Path, force: bool) -> None:
 def compile_model(model: str | Path, output_dir: str | Path | None = None, *, target: str = "ort-cpu",
                   device: str | None = None, encoding: str | None = None, kv_cache_strategy: str | None = None, max_length: int | None = None,
                   force: bool = False, cache_dir: str | Path | None = None,
-                  kv_cache_bit_width: int = 0, verify: bool = False, tensor_parallel: int = 1) -> CompileResult:
+                  kv_cache_bit_width: int = 0, verify: bool = False, tensor_parallel: int = 1,
+                  decode_slots: int | None = None) -> CompileResult:
     """Compile ``model`` (an HF directory or a .gguf file) into ``output_dir``, or into the compile cache; with
     ``verify`` (``ember compile`` unless ``--no-verify``), measure a quantized artifact's accuracy if its
-    manifest has no figures yet."""
+    manifest has no figures yet. ``decode_slots``: a paged artifact holds the decode slots' graph when it is above
+    0, or None where they can serve (``PipelineConfig.decode_slots``)."""
     config = PipelineConfig(model_path=model, target=target, device=device, encoding=encoding,
                             kv_cache_strategy=kv_cache_strategy,
                             max_length=max_length, cache_dir=cache_dir, force_compile=force,
-                            kv_cache_bit_width=kv_cache_bit_width, tensor_parallel=tensor_parallel)
+                            kv_cache_bit_width=kv_cache_bit_width, tensor_parallel=tensor_parallel,
+                            decode_slots=decode_slots)
     source = ModelSource.resolve(model)
     architecture = architecture_for(source)
     options = compile_options(config, architecture, source)  # with the encoders' pooling options

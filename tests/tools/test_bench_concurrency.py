@@ -4,6 +4,7 @@ benchmark itself), each level's ratio to it; ``--compare`` with ``--prefix-cache
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from .test_cli import assert_clean_error, ember, env, tiny_llama  # noqa: F401 (fixtures)
 
@@ -57,3 +58,23 @@ def test_decode_slots_with_speculative_decoding_is_refused(tiny_llama, env):  # 
     result = ember("bench", str(tiny_llama), "--speculative", "ngram", "--decode-slots", "1", env=env)
     assert_clean_error(result, 2)
     assert "--decode-slots is for plain decoding" in result.stderr
+
+
+def test_the_engine_takes_a_decode_slot_by_default_and_reports_it(tiny_llama, env, tmp_path):  # noqa: F811
+    out = tmp_path / "default.json"
+    result = ember("bench", str(tiny_llama), "--concurrency", "1", "--runs", "1", "--prompt-tokens", "8",
+                   "--new-tokens", "4", "--json", str(out), env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(out.read_text())["decode_slots"] == 1
+    assert "paged KV cache with 1 decode slot" in result.stdout
+
+
+def test_compile_holds_the_slots_graph_in_a_paged_artifact_unless_told_not_to(tiny_llama, env):  # noqa: F811
+    manifests = {}
+    for flags in (["--kv-cache-strategy", "paged"], ["--kv-cache-strategy", "paged", "--decode-slots", "0"],
+                  ["--kv-cache-strategy", "continuous"]):
+        result = ember("compile", str(tiny_llama), *flags, env=env, timeout=300)
+        assert result.returncode == 0, result.stderr
+        path = result.stdout.strip().splitlines()[-1]
+        manifests[" ".join(flags)] = json.loads((Path(path) / "manifest.json").read_text())
+    assert [("slot_graph" in m) for m in manifests.values()] == [True, False, False]
