@@ -47,8 +47,8 @@ the lookup plus ``Gather(mins, ids)`` added per block, exact; its head is then l
 Any shape: the vocabulary (N) is free, and so is K (B's last block padded, the output sliced; K below the
 block size is one partial block), as run on vocabularies of 161 and 1001 and K = 8, 20, 72, 100 by
 ``tests/compiler/quantization/test_any_shape.py``. What the kernel rejects (float zero points, GGUF Q4_1
-repacked, among them) is :func:`gather_block_quantized_rejection`'s: that lookup stays a float ``Gather``,
-recorded in the lowering record.
+repacked, among them) is :func:`gather_block_quantized_rejection`'s (checked against the kernel by
+``test_kernel_limits.py``): that lookup stays a float ``Gather``, recorded in the lowering record.
 """
 from __future__ import annotations
 

@@ -26,8 +26,8 @@ Any shape: MatMulNBits cuts K into ``ceil(K / 32)`` blocks and puts no other lim
 1.32's ``matmul_nbits_helper.h``; run on K = 1..40 and 63..257 with odd N, both widths, both accuracy levels,
 and ``tests/compiler/quantization/test_any_shape.py`` keeps issue 10's cases). The packers fill the last block's
 padding with the zero-point code, so it dequantizes to 0 and contributes nothing: nothing else is padded, and
-no weight stays float for its shape. What the kernel does reject is :func:`matmul_nbits_rejection`'s: such a
-weight stays float32, recorded in the lowering record.
+no weight stays float for its shape. What the kernel does reject is :func:`matmul_nbits_rejection`'s
+(``test_kernel_limits.py`` holds it to the kernel): such a weight stays float32, recorded in the lowering record.
 """
 from __future__ import annotations
 
