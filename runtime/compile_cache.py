@@ -112,7 +112,7 @@ def compile_options(pipeline_config: PipelineConfig, architecture: "SupportedArc
                          f"models (supported: 0, the float cache)")
     extra = architecture.pipeline_model.graph_options(pipeline_config, source)
     paged = KVCacheStrategy(strategy) is KVCacheStrategy.PAGED
-    slot_graph = paged and bool(pipeline_config.decode_slots)
+    slot_graph = paged and bool(pipeline_config.decode_slots) and bool(strategies)  # decoders only
     if slot_graph and strategies and KVCacheStrategy.CONTINUOUS not in strategies:
         if not pipeline_config.decode_slots_auto:
             raise ValueError(f"decode slots run the continuous graph; {architecture.name} with {encoding} supports "

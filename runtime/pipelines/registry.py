@@ -197,11 +197,9 @@ class PipelineRegistry:
         class (with the draft model of speculative decoding)."""
         architecture, config = model.architecture, model.pipeline_config
         pipeline_model = self._pipeline_model(model)
-        if config.decode_slots and config.decode_slots_auto and (
-                architecture.task is not PipelineTask.TEXT_GENERATION or model.artifact.slot_graph_view() is None):
-            logger.info("decode slots off: %s", "not a text-generation model"
-                        if architecture.task is not PipelineTask.TEXT_GENERATION
-                        else f"{model.artifact.path} holds no slots' graph")
+        why_not = self._why_no_automatic_slots(model) if config.decode_slots_auto else None
+        if why_not is not None:
+            logger.info("decode slots off: %s", why_not)
         elif config.decode_slots:
             if architecture.task is not PipelineTask.TEXT_GENERATION:
                 raise ValueError(f"decode slots are for text generation; {architecture.name} serves "
@@ -229,6 +227,20 @@ class PipelineRegistry:
         source = ModelSource.resolve(draft_config.model_path)
         architecture = self._architecture_of(source, None, PipelineTask.TEXT_GENERATION)
         return self._pipeline_model(self._resolve(draft_config, source, architecture))
+
+    @staticmethod
+    def _why_no_automatic_slots(model: ResolvedModel) -> str | None:
+        """Why slots turned on by ``decode_slots=None`` are left off for this model (None: they are not): not a
+        text-generation model, or an artifact without the slots' graph. (A slot always fits the KV cache budget:
+        the paged model's ``max_length`` is already capped to what the budget holds of one sequence.)"""
+        config = model.pipeline_config
+        if not config.decode_slots:
+            return None
+        if model.architecture.task is not PipelineTask.TEXT_GENERATION:
+            return "not a text-generation model"
+        if model.artifact.slot_graph_view() is None:
+            return f"{model.artifact.path} holds no slots' graph"
+        return None
 
     def _decode_slot_model(self, model: ResolvedModel, paged: Any) -> Any:
         """The decoder that runs decode slots: the continuous graph compiled into the paged artifact
