@@ -100,11 +100,16 @@ class CompileOptions:
             if self.kv_cache_strategy is not KVCacheStrategy.CONTINUOUS:
                 raise ValueError(f"a {self.kv_cache_bit_width}-bit KV cache needs the continuous KV cache strategy, "
                                  f"not {self.kv_cache_strategy.value}")
-        if self.slot_graph:
-            self._validate_slot_graph(target)
+        refusal = self.slot_graph_refusal()
+        if refusal is not None:
+            raise ValueError(refusal)
 
-    def _validate_slot_graph(self, target: Any) -> None:
-        """The decode slots' graph joins a paged graph on one onnxruntime CPU session (:attr:`slot_graph`)."""
+    def slot_graph_refusal(self) -> str | None:
+        """Why the decode slots' graph cannot join this compile (None: it can, or none is asked for): it joins a
+        paged graph on one onnxruntime CPU session (:attr:`slot_graph`)."""
+        if not self.slot_graph:
+            return None
+        target = get_target(self.target)
         for clash, why in ((self.kv_cache_strategy is not KVCacheStrategy.PAGED, "a paged KV cache"),
                            (KVCacheStrategy.CONTINUOUS not in target.kv_strategies,
                             f"a target with the continuous KV cache too ({target.name} has not)"),
@@ -113,7 +118,8 @@ class CompileOptions:
                            (self.tensor_parallel != 1, "one rank (tensor_parallel 1)"),
                            (self.kv_cache_bit_width != 0, "a float KV cache")):
             if clash:
-                raise ValueError(f"the decode slots' graph (slot_graph) needs {why}")
+                return f"the decode slots' graph (slot_graph) needs {why}"
+        return None
 
 
 #: Runtime backends whose ranks run a stage-cut graph (they load each stage file; the communicator runs the

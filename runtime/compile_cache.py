@@ -10,6 +10,7 @@ no longer match its manifest is reported and recompiled in place, under the arti
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -124,6 +125,8 @@ def compile_options(pipeline_config: PipelineConfig, architecture: "SupportedArc
                              kv_cache_bit_width=pipeline_config.kv_cache_bit_width, kv_cache_page_size=page_size,
                              tensor_parallel=pipeline_config.tensor_parallel,
                              slot_graph=slot_graph, **extra)
+    if pipeline_config.decode_slots_auto and options.slot_graph_refusal() is not None:
+        options = dataclasses.replace(options, slot_graph=False)  # slots where the target runs them
     if options.kv_cache_bit_width or options.tensor_parallel > 1 or options.slot_graph:
         options.validate()  # an unsupported width or split fails before the graph is built
     return options

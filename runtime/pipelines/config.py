@@ -92,9 +92,10 @@ class PipelineConfig:
     # PAGED on a CPU: decode up to this many sequences on the continuous graph over slots mirrored from their pages
     # (runtime/kv_cache/slot_mirror.py) while only they are decoding. The artifact then holds both graphs behind a
     # switch (one session, the weights once: compiler/slot_graph.py); a slot costs max_length tokens of KV cache
-    # per sequence. 0: off. None: 1 where they can serve (decode_slots_possible), else 0, with decode_slots_auto
-    # set (an artifact compiled without the slots' graph is then served without them, not refused).
-    decode_slots: int | None = 0
+    # per sequence. 0: off. None (the default): 1 where they can serve (decode_slots_possible, then the target),
+    # else 0, with decode_slots_auto set (an artifact compiled without the slots' graph is then served without
+    # them, not refused).
+    decode_slots: int | None = None
     decode_slots_auto: bool = False
     extra: dict = field(default_factory=dict)
 
@@ -145,15 +146,12 @@ class PipelineConfig:
         self.kv_cache_strategy = KVCacheStrategy.PAGED
 
     def decode_slots_possible(self) -> bool:
-        """Whether decode slots can serve this configuration: a paged cache of floats on onnxruntime's CPU provider,
-        plain decoding, one process (what ``decode_slots=None`` turns them on for)."""
-        from ember.compiler.targets import TARGETS
-
-        target = TARGETS.get(self.target)
+        """Whether decode slots can serve this configuration as far as it says: a paged float KV cache on the CPU,
+        plain decoding, one process (what ``decode_slots=None`` turns them on for; the compile then keeps them only
+        where the target runs them, ``CompileOptions.slot_graph_refusal``)."""
         return (self.kv_cache_strategy is KVCacheStrategy.PAGED and self.speculative is None
                 and self.kv_cache_bit_width == 0 and self.tensor_parallel == 1
-                and (self.device is None or self.device.startswith("cpu")) and target is not None
-                and target.runtime == "onnxruntime-cpu" and KVCacheStrategy.CONTINUOUS in target.kv_strategies)
+                and (self.device is None or self.device.startswith("cpu")))
 
     def _check_speculative(self) -> None:
         """Resolve the speculative options once: a draft model implies ``draft``; the paged cache and every

@@ -18,7 +18,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ember.runtime.compile_cache import compile_options
 from ember.runtime.pipelines import PIPELINE_REGISTRY, PipelineConfig, SamplingParams
+from ember.runtime.pipelines.model_source import ModelSource
 from ember.runtime.pipelines.context import TextContext
 
 from ..reference.tiny_models import make_model
@@ -43,7 +45,7 @@ def load(tiny, **kwargs):
 
 @pytest.fixture(scope="module")
 def plain(tiny):
-    return load(tiny)
+    return load(tiny, decode_slots=0)
 
 
 @pytest.fixture(scope="module")
@@ -145,11 +147,23 @@ def test_a_compiled_artifact_gets_slots_only_if_it_holds_their_graph(tiny, plain
     (dict(kv_cache_strategy="paged", kv_cache_bit_width=8), 0),
     (dict(kv_cache_strategy="paged", tensor_parallel=2), 0),
     (dict(kv_cache_strategy="paged", device="cuda"), 0),
-    (dict(kv_cache_strategy="paged", target="ort-cuda"), 0),
 ])
 def test_decode_slots_none_turns_them_on_where_they_can_serve(options, slots):
     config = PipelineConfig(model_path="unused", decode_slots=None, **options)
     assert (config.decode_slots, config.decode_slots_auto) == (slots, True)
+
+
+def test_the_default_is_automatic_and_the_compile_keeps_slots_where_the_target_runs_them(tiny):
+    assert PipelineConfig().decode_slots_auto
+    model, _ = tiny
+    source = ModelSource.resolve(model)
+    architecture = PIPELINE_REGISTRY.architecture_for(source)
+    for target, slot_graph in (("ort-cpu", True), ("ort-cuda", False), ("tensorrt", False)):
+        config = PipelineConfig(model_path=model, kv_cache_strategy="paged", target=target)
+        assert compile_options(config, architecture, source).slot_graph is slot_graph
+    with pytest.raises(ValueError, match="CPU provider"):  # asked for: refused, not dropped
+        compile_options(PipelineConfig(model_path=model, kv_cache_strategy="paged", target="ort-cuda",
+                                       decode_slots=1), architecture, source)
 
 
 def test_automatic_slots_serve_an_artifact_without_their_graph_without_them(tiny, plain):
