@@ -26,8 +26,8 @@ def _bench_embeddings(args: argparse.Namespace) -> bool:
         if args.embeddings and task not in (None, PipelineTask.EMBEDDINGS_GENERATION):
             raise UsageError(f"--embeddings: {args.model} serves {task.value}, not embeddings")
         embeddings = embeddings or task == PipelineTask.EMBEDDINGS_GENERATION
-    kind, other = ("an embeddings", ("--prompt-tokens", "--new-tokens", "--kv-cache-bit-width")) if embeddings else \
-        ("a text-generation", ("--sentences",))
+    generation_only = ("--prompt-tokens", "--new-tokens", "--kv-cache-bit-width", "--request-rate")
+    kind, other = ("an embeddings", generation_only) if embeddings else ("a text-generation", ("--sentences",))
     for option in other:
         if getattr(args, option[2:].replace("-", "_")) is not None:
             raise UsageError(f"{option} does not apply to {kind} model")
@@ -80,6 +80,8 @@ def run_bench(args: argparse.Namespace) -> int:
         build_errors = (OrtGenaiBuildError,)
     args.prompt_tokens = 64 if args.prompt_tokens is None else args.prompt_tokens
     args.new_tokens = 128 if args.new_tokens is None else args.new_tokens
+    if args.request_rate is not None and (args.http or not args.concurrency):
+        raise UsageError("--request-rate applies to --concurrency through the engine (not --http)")
     if args.compare == "continuous" and not args.concurrency:
         raise UsageError("--compare continuous measures the engine's --concurrency levels against ember's own static "
                          "batch (--batch-size) on the continuous KV cache")
@@ -150,7 +152,7 @@ def _cmd_bench_serving(args: argparse.Namespace) -> int:
         report["concurrency"] = run_concurrency_benchmark(
             loaded.pipeline, loaded.tokenizer, levels, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
             runs=args.runs, peer=peer_factory() if peer_factory is not None else None,
-            peer_batch=args.batch_size or 8)
+            peer_batch=args.batch_size or 8, request_rate=args.request_rate)
     if args.prefix_cache:
         report["prefix_cache"] = run_prefix_cache_benchmark(loaded.pipeline, loaded.tokenizer, runs=args.runs)
     print(format_serving_report(report), flush=True)

@@ -207,8 +207,10 @@ def format_serving_report(report: dict[str, Any]) -> str:
              + (f" with {slots} decode slot{'s' * (slots > 1)}" if slots else "") + f", {report['threads']} threads"]
     concurrency = report.get("concurrency")
     if concurrency:
+        rate = concurrency.get("request_rate")
+        arrivals = "all at once" if rate is None else f"arriving at {rate:g} requests/s (Poisson, seeded)"
         lines.append(f"{concurrency['prompt_tokens']}-token prompts, {concurrency['new_tokens']} new tokens each, "
-                     f"medians of {concurrency['runs']} runs")
+                     f"{arrivals}, medians of {concurrency['runs']} runs")
         lines.append(f"{'concurrency':>11}  {'output tok/s':>12}  {'x lowest':>8}  {'TTFT med ms':>11}  "
                      f"{'TTFT p90 ms':>11}  {'ITL med ms':>10}  {'ITL p90 ms':>10}  {'preempt':>7}")
         for level, row in concurrency["levels"].items():

@@ -2,7 +2,7 @@
 
 ``concurrency`` requests (``prompt_tokens``-token prompts cut at different offsets of ``bench_text.txt``, so
 no two share a prefix, ``new_tokens`` greedy tokens each, EOS ignored) are all submitted at once to an
-:class:`~ember.runtime.engine.LLMEngine`. Reported: total output tokens/s over the wall time, time to
+:class:`~ember.runtime.engine.LLMEngine`, or arrive at a request rate (Poisson, seeded), as a server sees them. Reported: total output tokens/s over the wall time, time to
 first token per request (median, p90) and inter-token latency (the gaps between a request's consecutive
 tokens, median and p90 over all requests).
 
@@ -41,13 +41,36 @@ def _percentile(values: Sequence[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if len(values) else None
 
 
-def run_concurrent(engine: LLMEngine, prompts: Sequence[Sequence[int]], new_tokens: int) -> dict[str, Any]:
-    """Submit every prompt at once, step to completion; throughput, TTFT and inter-token latency."""
+def arrival_offsets(count: int, request_rate: float | None, seed: int = 0) -> list[float]:
+    """Seconds after the start at which each of ``count`` requests arrives: all at 0 without a rate, else a
+    Poisson process of ``request_rate`` requests per second (exponential gaps, seeded: every run and every
+    configuration sees the same arrivals; vLLM's ``benchmark_serving --request-rate``), the first at 0."""
+    if request_rate is None:
+        return [0.0] * count
+    gaps = np.random.default_rng(seed).exponential(1.0 / request_rate, count)
+    gaps[0] = 0.0
+    return [float(t) for t in np.cumsum(gaps)]
+
+
+def run_concurrent(engine: LLMEngine, prompts: Sequence[Sequence[int]], new_tokens: int,
+                   arrivals: Sequence[float] | None = None) -> dict[str, Any]:
+    """Submit each prompt at its arrival offset (all at once by default), step to completion; throughput, TTFT
+    (from each request's own arrival) and inter-token latency. Waits idle only while nothing runs."""
     sampling = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    offsets = list(arrivals) if arrivals is not None else [0.0] * len(prompts)
     start = time.perf_counter()
-    submitted = {engine.add_request(p, sampling): start for p in prompts}
-    stamps: dict[str, list[float]] = {r: [] for r in submitted}
-    while engine.has_unfinished_requests():
+    waiting = sorted(zip(offsets, range(len(prompts))))
+    submitted: dict[str, float] = {}
+    stamps: dict[str, list[float]] = {}
+    while waiting or engine.has_unfinished_requests():
+        now = time.perf_counter()
+        while waiting and now - start >= waiting[0][0]:
+            offset, index = waiting.pop(0)
+            request_id = engine.add_request(prompts[index], sampling)
+            submitted[request_id], stamps[request_id] = start + offset, []
+        if not engine.has_unfinished_requests():
+            time.sleep(max(0.0, start + waiting[0][0] - time.perf_counter()))
+            continue
         outputs = engine.step()
         now = time.perf_counter()
         for out in outputs:
@@ -83,10 +106,12 @@ def median_of_runs(samples: Sequence[dict[str, Any]]) -> dict[str, float]:
 
 def run_concurrency_benchmark(pipeline: Any, tokenizer: Any, levels: Sequence[int], *, prompt_tokens: int = 64,
                               new_tokens: int = 128, runs: int = 3, scheduler: SchedulerConfig | None = None,
-                              peer: Any = None, peer_batch: int = 8) -> dict[str, Any]:
+                              peer: Any = None, peer_batch: int = 8,
+                              request_rate: float | None = None) -> dict[str, Any]:
     """Each concurrency level ``runs`` times (levels interleaved per round); medians per level. ``peer``
     (``--compare``): in each round after the levels, the peer generates a static batch of ``peer_batch`` copies of
-    the first prompt, as many new tokens each; its output tok/s (median) and each level's ratio to it."""
+    the first prompt, as many new tokens each; its output tok/s (median) and each level's ratio to it.
+    ``request_rate``: a level's requests arrive at this rate (:func:`arrival_offsets`), not all at once."""
     max_level = max(levels)
     if max_level > pipeline.pipeline_model.max_batch_size:
         raise ValueError(f"concurrency {max_level} exceeds the pipeline's batch limit "
@@ -99,12 +124,13 @@ def run_concurrency_benchmark(pipeline: Any, tokenizer: Any, levels: Sequence[in
     for _ in range(runs):
         for n in levels:
             engine = LLMEngine(pipeline, scheduler)
-            samples[n].append(run_concurrent(engine, prompts[:n], new_tokens))
+            samples[n].append(run_concurrent(engine, prompts[:n], new_tokens, arrival_offsets(n, request_rate)))
             stats[n] = describe(engine.scheduler.stats)
         if peer is not None:
             sample = peer.run(list(prompts[0]), new_tokens, batch_size=peer_batch)
             peer_rates.append(peer_batch * sample.stats.generated_tokens / sample.stats.total_seconds)
-    report: dict[str, Any] = {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "runs": runs, "levels": {}}
+    report: dict[str, Any] = {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "runs": runs,
+                              "request_rate": request_rate, "levels": {}}
     for n in levels:
         report["levels"][n] = {**median_of_runs(samples[n]), "scheduler": stats[n], "samples": samples[n]}
     base = report["levels"][min(levels)]["output_tok_s"]

@@ -19,7 +19,7 @@ from .cli_options import (EXIT_RUNTIME_ERROR, EXIT_USAGE, EmberArgumentParser, U
                           add_decode_slots_option, add_kv_cache_bit_width, add_kv_cache_options, add_device_option, add_model_options, add_run_options,
                           add_tensor_parallel,
                           add_sampling_options, add_speculative_options, add_threads, encoding_list, eprint, kv_cache_config, lazy_choice,
-                          non_negative, placement, positive, positive_list, sampling_params, speculative_config, version)
+                          non_negative, placement, positive, positive_list, positive_rate, sampling_params, speculative_config, version)
 from .models_cli import add_commands as add_model_commands
 from .serve import add_command as add_serve_command
 
@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text generation: serve N concurrent requests through the engine (continuous batching; "
                         "--prompt-tokens / --new-tokens each) and report total output tokens/s, time to first "
                         "token and inter-token latency per level, e.g. 1,4,16 (default strategy: paged)")
+    p.add_argument("--request-rate", type=positive_rate, default=None, metavar="R",
+                   help="with --concurrency: each level's N requests arrive at R per second (Poisson, seeded: the "
+                        "same arrivals every run), as a server sees them, instead of all at once")
     p.add_argument("--http", action="store_true",
                    help="with --concurrency: also send the requests through `ember serve`'s HTTP server (on "
                         "127.0.0.1 in this process) and compare with the engine driven directly in the same run")

@@ -54,6 +54,17 @@ def integer_at_least(minimum: int, what: str):
 positive, non_negative = integer_at_least(1, "positive"), integer_at_least(0, "non-negative")
 
 
+def positive_rate(value: str) -> float:
+    """``--request-rate``: a finite number above 0 (requests per second)."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = 0.0
+    if not 0 < number < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of requests per second, got {value!r}")
+    return number
+
+
 def positive_list(value: str) -> list[int]:
     """``--concurrency 1,4,16``: positive integers, in the order given, duplicates dropped."""
     check = positive

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from .test_cli import assert_clean_error, ember, env, tiny_llama  # noqa: F401 (fixtures)
 
 
@@ -78,3 +80,31 @@ def test_compile_holds_the_slots_graph_in_a_paged_artifact_unless_told_not_to(ti
         path = result.stdout.strip().splitlines()[-1]
         manifests[" ".join(flags)] = json.loads((Path(path) / "manifest.json").read_text())
     assert [("slot_graph" in m) for m in manifests.values()] == [True, False, False]
+
+
+def test_arrivals_are_a_seeded_poisson_process():
+    from ember.tools.bench_serving import arrival_offsets
+
+    assert arrival_offsets(4, None) == [0.0] * 4
+    offsets = arrival_offsets(4000, 20.0)
+    assert offsets[0] == 0.0 and offsets == sorted(offsets) and offsets == arrival_offsets(4000, 20.0)
+    gaps = np.diff(offsets)
+    assert abs(gaps.mean() - 1 / 20) < 0.005  # exponential gaps of mean 1/rate (std of the mean: 0.0008)
+    assert abs(gaps.std() - 1 / 20) < 0.005  # an exponential's deviation equals its mean: not a fixed interval
+
+
+def test_requests_arrive_at_the_rate_asked(tiny_llama, env, tmp_path):  # noqa: F811
+    out = tmp_path / "rate.json"
+    result = ember("bench", str(tiny_llama), "--concurrency", "4", "--request-rate", "10", "--runs", "1",
+                   "--prompt-tokens", "8", "--new-tokens", "4", "--json", str(out), env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())["concurrency"]
+    assert report["request_rate"] == 10
+    from ember.tools.bench_serving import arrival_offsets
+
+    sample = report["levels"]["4"]["samples"][0]
+    assert sample["requests"] == 4 and sample["wall_s"] >= arrival_offsets(4, 10.0)[-1]
+    assert "arriving at 10 requests/s (Poisson, seeded)" in result.stdout
+    result = ember("bench", str(tiny_llama), "--request-rate", "10", env=env)
+    assert_clean_error(result, 2)
+    assert "--request-rate applies to --concurrency" in result.stderr
