@@ -118,7 +118,8 @@ def profile_ember(model: str | None, encoding: str, batch: int, prompt_tokens: i
     backends = {**BACKENDS, OrtCpuBackend.name: profiled_cpu_backend(out / "ember")}
     registry = PipelineRegistry(BUILTIN_ARCHITECTURES, artifacts=ensure_artifact, backends=backends)
     config = pipeline_config(model, encoding=encoding, num_threads=threads, max_batch_size=batch,
-                             max_length=prompt_tokens + new_tokens, kv_cache_strategy=kv_cache_strategy)
+                             max_length=prompt_tokens + new_tokens, kv_cache_strategy=kv_cache_strategy,
+                             decode_slots=0)  # the named strategy's graph only
     resolved = registry.resolve(config)
     pipeline = registry.build_pipeline(resolved)
     loaded = LoadedPipeline(tokenizer=pipeline.tokenizer, pipeline=pipeline, seconds=0.0, compiled=resolved.compiled,

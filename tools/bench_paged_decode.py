@@ -49,7 +49,8 @@ def load(artifact: Path, threads: int, batch: int, max_length: int) -> Any:
     from ember.runtime.pipelines import PIPELINE_REGISTRY, PipelineConfig
 
     _, pipeline = PIPELINE_REGISTRY.retrieve(PipelineConfig(model_path=artifact, num_threads=threads,
-                                                            max_length=max_length, max_batch_size=batch))
+                                                            max_length=max_length, max_batch_size=batch,
+                                                            decode_slots=0))  # the artifact's own graph
     return pipeline
 
 

@@ -182,7 +182,7 @@ def _config(model: str | Path, options: VerifyOptions, max_length: int | None = 
                           target=options.target or "ort-cpu", device=options.device, max_length=max_length,
                           max_batch_size=1,
                           return_logits=ReturnLogits.ALL, num_threads=options.num_threads,
-                          cache_dir=options.cache_dir)
+                          cache_dir=options.cache_dir, decode_slots=0)  # the named strategy's graph is verified
 
 
 class _TransformersModel:
