@@ -115,6 +115,8 @@ class CompileOptions:
                             f"a target with the continuous KV cache too ({target.name} has not)"),
                            (target.runtime != "onnxruntime-cpu",
                             f"onnxruntime's CPU provider (target {target.name} runs on {target.runtime})"),
+                           (not target.loads_in_branches,
+                            f"a target whose graphs load as If branches ({target.name}'s do not)"),
                            (self.tensor_parallel != 1, "one rank (tensor_parallel 1)"),
                            (self.kv_cache_bit_width != 0, "a float KV cache")):
             if clash:

@@ -40,6 +40,10 @@ class Target:
     runtime: str = "onnxruntime-cpu"
     # The engine's execution providers, in order of preference (onnxruntime's names).
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    # Whether its lowered graphs still load as the branches of an ``If`` (the decode slots' graph,
+    # ``compiler/slot_graph.py``): not where the engine's load-time fusions look a weight up in the node's own
+    # graph, which in a branch holds none (onnxruntime's DequantizeLinear -> MatMulNBits fusion).
+    loads_in_branches: bool = True
 
     def runtime_block(self) -> dict[str, Any]:
         """The manifest's ``"runtime"`` block: the backend, its device kind, and its load settings (providers and

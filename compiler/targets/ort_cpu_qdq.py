@@ -24,4 +24,7 @@ ORT_CPU_QDQ = dataclasses.replace(
     encodings=("float32", "q8_0", "q4_0"),
     encoding_passes={"q8_0": (quantize_matmuls_qdq(weight_packer(8, ("Q8_0",))), remove_unused),
                      "q4_0": (quantize_matmuls_qdq(weight_packer(4, ("Q4_0",))), remove_unused)},
+    # onnxruntime 1.32 fails to load DequantizeLinear + MatMul in an If branch whose weights are the outer graph's
+    # ("TransposeDQWeightsForMatMulNBits Missing required weight"): no decode slots' graph here
+    loads_in_branches=False,
 )

@@ -158,7 +158,7 @@ def test_the_default_is_automatic_and_the_compile_keeps_slots_where_the_target_r
     model, _ = tiny
     source = ModelSource.resolve(model)
     architecture = PIPELINE_REGISTRY.architecture_for(source)
-    for target, slot_graph in (("ort-cpu", True), ("ort-cuda", False), ("tensorrt", False)):
+    for target, slot_graph in (("ort-cpu", True), ("ort-cpu-qdq", False), ("ort-cuda", False), ("tensorrt", False)):
         config = PipelineConfig(model_path=model, kv_cache_strategy="paged", target=target)
         assert compile_options(config, architecture, source).slot_graph is slot_graph
     with pytest.raises(ValueError, match="CPU provider"):  # asked for: refused, not dropped
