@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import enum
 import os
+import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +47,14 @@ def upper_bounded_default(upper_bound: int, default: int | None) -> int:
     if default > upper_bound:
         raise ValueError(f"value {default} is larger than the upper bound {upper_bound} (the model's maximum)")
     return default
+
+
+def slots_verified_on_this_cpu() -> bool:
+    """Whether this machine's CPU is one the slots' switched model is verified on (x86-64: every CPU ember's tests
+    and benchmarks ran on). On Arm, onnxruntime 1.28 crashed creating a session whose If branches hold
+    MatMulNBits at accuracy level 4 over the outer graph's weights (onnxruntime issue #31137, closed; unverified
+    here): automatic slots stay off there, asked-for ones are the user's call."""
+    return platform.machine().lower() in ("x86_64", "amd64")
 
 
 def default_cache_dir() -> Path:
@@ -151,7 +160,7 @@ class PipelineConfig:
         where the target runs them, ``CompileOptions.slot_graph_refusal``)."""
         return (self.kv_cache_strategy is KVCacheStrategy.PAGED and self.speculative is None
                 and self.kv_cache_bit_width == 0 and self.tensor_parallel == 1
-                and (self.device is None or self.device.startswith("cpu")))
+                and (self.device is None or self.device.startswith("cpu")) and slots_verified_on_this_cpu())
 
     def _check_speculative(self) -> None:
         """Resolve the speculative options once: a draft model implies ``draft``; the paged cache and every

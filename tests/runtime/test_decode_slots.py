@@ -153,6 +153,14 @@ def test_decode_slots_none_turns_them_on_where_they_can_serve(options, slots):
     assert (config.decode_slots, config.decode_slots_auto) == (slots, True)
 
 
+def test_automatic_slots_stay_off_on_cpus_they_are_not_verified_on(monkeypatch):
+    import platform
+
+    monkeypatch.setattr(platform, "machine", lambda: "arm64")
+    assert PipelineConfig(model_path="unused", kv_cache_strategy="paged").decode_slots == 0
+    assert PipelineConfig(model_path="unused", kv_cache_strategy="paged", decode_slots=1).decode_slots == 1
+
+
 def test_the_default_is_automatic_and_the_compile_keeps_slots_where_the_target_runs_them(tiny):
     assert PipelineConfig().decode_slots_auto
     model, _ = tiny
