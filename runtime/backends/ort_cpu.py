@@ -49,7 +49,9 @@ class OrtCpuModel(LoadedModel):
         self.input_names = [graph_names.get(i.name, i.name) for i in session.get_inputs()]
         self.output_names = [graph_names.get(o.name, o.name) for o in session.get_outputs()]
         self.binding = session.io_binding()
-        self._bound_buffers: dict[str, int] = {}
+        # name -> the view bound there, held: a bound view must outlive the binding, and an id() of a freed view
+        # could come back for a new one and skip its binding
+        self._bound_buffers: dict[str, ort.OrtValue] = {}
         self._output_order: list[str] = []  # onnxruntime returns outputs in first-bound order
 
     def fork(self, renames: Mapping[str, str]) -> "OrtCpuModel":
@@ -70,7 +72,7 @@ class OrtCpuModel(LoadedModel):
 
     def bind_buffer(self, name: str, view: ort.OrtValue, *, output: bool = False) -> None:
         key = ("out:" if output else "in:") + name
-        if self._bound_buffers.get(key) == id(view):
+        if self._bound_buffers.get(key) is view:
             return
         name = self._renames.get(name, name)
         if output:
@@ -78,7 +80,7 @@ class OrtCpuModel(LoadedModel):
             self.binding.bind_ortvalue_output(name, view)
         else:
             self.binding.bind_ortvalue_input(name, view)
-        self._bound_buffers[key] = id(view)
+        self._bound_buffers[key] = view
 
     def bind_output_to_host(self, name: str) -> None:
         self._bound_buffers.pop("out:" + name, None)

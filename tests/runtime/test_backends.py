@@ -59,6 +59,30 @@ def test_cpu_run_graph_updates_in_place(tmp_path):
     assert np.array_equal(state, 1 + x)
 
 
+def test_a_loaded_model_holds_the_views_it_binds_and_rebinds_new_ones(tmp_path):
+    """Views made and dropped step after step: each new one is bound (never taken for the last one by an id() that
+    came back), and a bound view lives as long as its binding."""
+    import gc
+    import weakref
+
+    backend = OrtCpuBackend()
+    model = backend.load_file(_add_one_model(tmp_path / "m.onnx"))
+    model.bind_input("x", np.ones((2, 3), np.float32))
+    model.bind_output_to_host("y")
+    buffers = [backend.allocate((2, 3), np.float32) for _ in range(4)]
+    for step, buffer in enumerate(buffers):
+        view = backend.view(buffer)
+        model.bind_buffer("state", view)
+        model.bind_buffer("state_out", view, output=True)
+        held = weakref.ref(view)
+        del view
+        gc.collect()
+        assert held() is not None  # the binding holds it
+        model.run()
+        assert np.array_equal(backend.to_host(buffer), np.ones((2, 3)))  # this step's buffer, written in place
+        assert all(not backend.to_host(b).any() for b in buffers[step + 1:])
+
+
 def test_unknown_backend_and_other_devices_are_refused():
     with pytest.raises(ValueError, match=r"needs runtime backend 'vulkan', which this ember does not have; "
                                          r"available: onnxruntime-cpu, onnxruntime-cuda, tensorrt"):
