@@ -27,7 +27,7 @@ from .graph_runner import GraphRunner
 from .passes.base import name_of
 from .passes.cut_at_collectives import Stage, cut_at_collectives, has_collectives
 from .passes.lowering_record import summarize
-from .slot_graph import attach_slot_graph, slot_graph_manifest
+from .slot_graph import attach_slot_graph, cache_renames, slot_graph_manifest
 from .targets import get_target
 
 logger = logging.getLogger(__name__)
@@ -185,6 +185,11 @@ def describe_values(values) -> list[dict[str, Any]]:
              "shape": [d if isinstance(d, int) else str(d) for d in (v.shape or [])]} for v in values]
 
 
+def describe_graph(model: ir.Model) -> dict[str, list[dict[str, Any]]]:
+    """The manifest's ``"graph"``: a model's inputs and outputs (:func:`describe_values`)."""
+    return {"inputs": describe_values(model.graph.inputs), "outputs": describe_values(model.graph.outputs)}
+
+
 def compile_graph(graph: ir.Model | Sequence[ir.Model], output_dir: str | Path, options: CompileOptions,
                   manifest: dict[str, Any], write_extra_files: Callable[[Path], None] | None = None,
                   calibration_tokens: tuple[list[np.ndarray], str] | None = None,
@@ -220,7 +225,7 @@ def compile_graph(graph: ir.Model | Sequence[ir.Model], output_dir: str | Path, 
         with progress.stage("calibrating the KV cache"):
             lowered[0], manifest = _quantize_kv_cache(lowered[0], options, manifest, calibration_tokens, runner)
     manifest = _kv_of_graph(lowered[0], manifest)
-    described = {"inputs": describe_values(lowered[0].graph.inputs), "outputs": describe_values(lowered[0].graph.outputs)}
+    described = describe_graph(lowered[0])
     lowerings = [lowering.to_json() for lowering in summarize(lowered[0])]
     if slot_graph is not None:
         lowered[0], manifest = _attach_slot_graph(lowered[0], target.lower(slot_graph, options.encoding, progress),
@@ -283,11 +288,9 @@ def _write_rank(target: Any, rank: int, rank_model: ir.Model | list[Stage], tmp:
 def _attach_slot_graph(paged: ir.Model, continuous: ir.Model, manifest: dict[str, Any],
                        paged_inputs: list[dict[str, Any]]) -> tuple[ir.Model, dict[str, Any]]:
     """The lowered paged graph joined with the lowered decode slots' graph, and the manifest's ``"slot_graph"``."""
-    num_layers = int(manifest["kv_params"]["num_layers"])
-    described = {"inputs": describe_values(continuous.graph.inputs),
-                 "outputs": describe_values(continuous.graph.outputs)}
-    joined = attach_slot_graph(paged, continuous, num_layers)
-    return joined, {**manifest, "slot_graph": slot_graph_manifest(paged_inputs, described, num_layers)}
+    renames = cache_renames(int(manifest["kv_params"]["num_layers"]))
+    block = slot_graph_manifest(paged_inputs, describe_graph(continuous), renames)
+    return attach_slot_graph(paged, continuous, renames), {**manifest, "slot_graph": block}
 
 
 _CACHE_INPUT_PREFIXES = ("past_key_values.", "key_cache.")

@@ -34,10 +34,10 @@ def switch_graphs(default: ir.Model, alternative: ir.Model, switch: str,
     true (see the module docstring). Both models are taken apart: use only the result."""
     renames = dict(renames or {})
     _check_names(default, alternative, switch, renames)
+    outer_inputs = _outer_inputs(default.graph, alternative.graph, renames)
     output_names = [name_of(v) for v in default.graph.outputs]
     by_name = {renames.get(name_of(v), name_of(v)): v for v in alternative.graph.outputs}
     alternative.graph.outputs[:] = [by_name[name] for name in output_names]  # the If's order
-    outer_inputs = _outer_inputs(default.graph, alternative.graph, renames)
     initializers = _shared_initializers(default.graph, alternative.graph)
     for graph in (default.graph, alternative.graph):
         for value in list(graph.inputs):
@@ -63,7 +63,8 @@ def switch_graphs(default: ir.Model, alternative: ir.Model, switch: str,
 
 def _check_names(default: ir.Model, alternative: ir.Model, switch: str, renames: dict[str, str]) -> None:
     """The two graphs' outputs correspond one to one (after ``renames``) with the same element types; neither has
-    local functions (compiled graphs are inlined) and no default name takes the alternative's prefix."""
+    local functions (compiled graphs are inlined) and no default name takes the alternative's prefix (inputs are
+    checked by :func:`_outer_inputs`)."""
     if default.functions or alternative.functions:
         raise ValueError("switch_graphs takes inlined graphs (no local functions)")
     names = [name_of(v) for v in default.graph.inputs] + list(default.graph.initializers)
@@ -74,15 +75,11 @@ def _check_names(default: ir.Model, alternative: ir.Model, switch: str, renames:
     if mine != theirs:
         raise ValueError(f"the graphs' outputs do not correspond: {sorted(mine)} against {sorted(theirs)} "
                          f"(after renaming), or their types differ")
-    for value in alternative.graph.inputs:
-        name = renames.get(name_of(value), name_of(value))
-        other = next((v for v in default.graph.inputs if name_of(v) == name), None)
-        if other is not None and other.dtype != value.dtype:
-            raise ValueError(f"input {name!r} is {other.dtype} in one graph and {value.dtype} in the other")
 
 
 def _outer_inputs(default: ir.Graph, alternative: ir.Graph, renames: dict[str, str]) -> dict[str, ir.Value]:
-    """One outer input per name either graph reads (the default's first), shaped where both agree."""
+    """One outer input per name either graph reads (the default's first), shaped where both agree; a name the two
+    read with different element types is refused."""
     outer: dict[str, ir.Value] = {}
     for value in default.inputs:
         outer[name_of(value)] = ir.Value(name=value.name, type=value.type, shape=value.shape)
@@ -90,6 +87,8 @@ def _outer_inputs(default: ir.Graph, alternative: ir.Graph, renames: dict[str, s
         name = renames.get(name_of(value), name_of(value))
         if name not in outer:
             outer[name] = ir.Value(name=name, type=value.type, shape=value.shape)
+        elif outer[name].dtype != value.dtype:
+            raise ValueError(f"input {name!r} is {outer[name].dtype} in one graph and {value.dtype} in the other")
         elif not _same_shape(outer[name].shape, value.shape):
             outer[name].shape = None
     return outer
@@ -131,7 +130,7 @@ def _branch(graph: ir.Graph, prefix: str, rename_all: bool) -> ir.Graph:
     graph.remove(nodes, safe=False)
     renamed = [out for node in nodes for out in node.outputs] if rename_all else outputs
     for value in renamed:
-        if value.name and not value.name.startswith(prefix):
+        if value.name:
             value.name = prefix + value.name
     return ir.Graph((), outputs, nodes=nodes, opset_imports=dict(graph.opset_imports), name=prefix.rstrip("/"))
 

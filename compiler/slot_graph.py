@@ -1,4 +1,5 @@
-"""The decode slots' continuous graph, held in a paged artifact behind one boolean input (``CompileOptions.slot_graph``).
+"""The decode slots' continuous graph, held in a paged artifact behind one boolean input
+(``CompileOptions.slot_graph``).
 
 A paged decoder runs a lone sequence's steps on the continuous graph (GroupQueryAttention over a slot: the paged
 graph's step is 1.2x longer at batch 1, BENCHMARKS.md "Paged decode path"); ``runtime/pipelines/decode_slots.py``
@@ -35,18 +36,19 @@ def cache_renames(num_layers: int) -> dict[str, str]:
     return renames
 
 
-def attach_slot_graph(paged: ir.Model, continuous: ir.Model, num_layers: int) -> ir.Model:
-    """One model running ``paged``'s graph, or ``continuous``'s when :data:`SWITCH` is true (both lowered)."""
-    return switch_graphs(paged, continuous, SWITCH, cache_renames(num_layers))
+def attach_slot_graph(paged: ir.Model, continuous: ir.Model, renames: dict[str, str]) -> ir.Model:
+    """One model running ``paged``'s graph, or ``continuous``'s when :data:`SWITCH` is true (both lowered);
+    ``renames``: :func:`cache_renames`."""
+    return switch_graphs(paged, continuous, SWITCH, renames)
 
 
 def slot_graph_manifest(paged_inputs: list[dict[str, Any]], continuous: dict[str, Any],
-                        num_layers: int) -> dict[str, Any]:
+                        renames: dict[str, str]) -> dict[str, Any]:
     """The manifest's ``"slot_graph"`` block. ``continuous`` is the continuous graph's described inputs and outputs
-    (``compile.describe_values``), ``paged_inputs`` the paged graph's inputs. It holds the switch, the renames,
-    what the continuous branch's manifest differs in (``"manifest"``: strategy, logits, graph) and the inputs only
-    the paged branch reads (``"idle_inputs"``: a binding of the continuous branch binds placeholders to them)."""
-    renames = cache_renames(num_layers)
+    (``compile.describe_graph``), ``paged_inputs`` the paged graph's inputs, ``renames`` :func:`cache_renames`'.
+    It holds the switch, the renames, what the continuous branch's manifest differs in (``"manifest"``: strategy,
+    logits, graph) and the inputs only the paged branch reads (``"idle_inputs"``: a binding of the continuous
+    branch binds placeholders to them)."""
     read = {renames.get(value["name"], value["name"]) for value in continuous["inputs"]}
     idle = [{"name": value["name"], "dtype": ir.DataType[value["dtype"]].numpy().name, "rank": len(value["shape"])}
             for value in paged_inputs if value["name"] not in read]

@@ -120,15 +120,16 @@ def three_models(tiny, encoding: str, directory) -> tuple[Path, Path, Path, dict
         manifest = switched.manifest
         assert manifest["kv_cache_strategy"] == "paged" and manifest["slot_graph"]["switch"] == SWITCH
         assert {i["name"] for i in manifest["slot_graph"]["idle_inputs"]} == {"page_table", "slot_mapping"}
-        return (switched.rank_model(), artifact(tiny, encoding, kv_cache_strategy="paged", decode_slots=0).rank_model(),
-                artifact(tiny, encoding, kv_cache_strategy="continuous").rank_model(), manifest["slot_graph"]["renames"])
+        paged = artifact(tiny, encoding, kv_cache_strategy="paged", decode_slots=0).rank_model()
+        continuous = artifact(tiny, encoding, kv_cache_strategy="continuous").rank_model()
+        return switched.rank_model(), paged, continuous, manifest["slot_graph"]["renames"]
     paths = [directory / f"{name}.onnx" for name in ("switched", "paged", "continuous")]
     paged = lowered_gguf(tiny[encoding], encoding, KVCacheStrategy.PAGED)
     continuous = lowered_gguf(tiny[encoding], encoding, KVCacheStrategy.CONTINUOUS)
     ir.save(paged, paths[1], external_data="paged.onnx.data")
     ir.save(continuous, paths[2], external_data="continuous.onnx.data")
     layers = len(paged.graph.outputs) // 2
-    ir.save(attach_slot_graph(paged, continuous, layers), paths[0], external_data="switched.onnx.data")
+    ir.save(attach_slot_graph(paged, continuous, cache_renames(layers)), paths[0], external_data="switched.onnx.data")
     return paths[0], paths[1], paths[2], cache_renames(layers)
 
 
