@@ -113,20 +113,20 @@ def compile_options(pipeline_config: PipelineConfig, architecture: "SupportedArc
                          f"models (supported: 0, the float cache)")
     extra = architecture.pipeline_model.graph_options(pipeline_config, source)
     paged = KVCacheStrategy(strategy) is KVCacheStrategy.PAGED
-    slot_graph = paged and bool(pipeline_config.decode_slots) and bool(strategies)  # decoders only
-    if slot_graph and strategies and KVCacheStrategy.CONTINUOUS not in strategies:
-        if not pipeline_config.decode_slots_auto:
-            raise ValueError(f"decode slots run the continuous graph; {architecture.name} with {encoding} supports "
-                             f"the {', '.join(s.value for s in strategies)} KV cache only")
-        slot_graph = False
     page_size = pipeline_config.kv_cache_page_size if paged else CompileOptions.kv_cache_page_size
     options = CompileOptions(target=pipeline_config.target, encoding=encoding, kv_cache_strategy=strategy,
                              return_logits=pipeline_config.return_logits,
                              kv_cache_bit_width=pipeline_config.kv_cache_bit_width, kv_cache_page_size=page_size,
                              tensor_parallel=pipeline_config.tensor_parallel,
-                             slot_graph=slot_graph, **extra)
-    if pipeline_config.decode_slots_auto and options.slot_graph_refusal() is not None:
-        options = dataclasses.replace(options, slot_graph=False)  # slots where the target runs them
+                             slot_graph=paged and bool(pipeline_config.decode_slots) and bool(strategies), **extra)
+    refusal = options.slot_graph_refusal()
+    if refusal is None and options.slot_graph and strategies and KVCacheStrategy.CONTINUOUS not in strategies:
+        refusal = (f"decode slots run the continuous graph; {architecture.name} with {encoding} supports the "
+                   f"{', '.join(s.value for s in strategies)} KV cache only")
+    if refusal is not None:  # asked for: an error; automatic: slots where the target and architecture run them
+        if not pipeline_config.decode_slots_auto:
+            raise ValueError(refusal)
+        options = dataclasses.replace(options, slot_graph=False)
     if options.kv_cache_bit_width or options.tensor_parallel > 1 or options.slot_graph:
         options.validate()  # an unsupported width or split fails before the graph is built
     return options

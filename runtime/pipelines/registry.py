@@ -197,13 +197,12 @@ class PipelineRegistry:
         class (with the draft model of speculative decoding)."""
         architecture, config = model.architecture, model.pipeline_config
         pipeline_model = self._pipeline_model(model)
-        why_not = self._why_no_automatic_slots(model) if config.decode_slots_auto else None
-        if why_not is not None:
-            logger.info("decode slots off: %s", why_not)
+        refusal = self._decode_slots_refusal(model) if config.decode_slots else None
+        if refusal is not None:  # asked for: an error; automatic: off
+            if not config.decode_slots_auto:
+                raise ValueError(refusal)
+            logger.info("decode slots off: %s", refusal)
         elif config.decode_slots:
-            if architecture.task is not PipelineTask.TEXT_GENERATION:
-                raise ValueError(f"decode slots are for text generation; {architecture.name} serves "
-                                 f"{architecture.task.value}")
             pipeline_model.attach_decode_slots(self._decode_slot_model(model, pipeline_model))
         tokenizer = architecture.tokenizer(model.artifact.tokenizer_dir)
         extra = ({"context_validators": architecture.context_validators}
@@ -229,17 +228,17 @@ class PipelineRegistry:
         return self._pipeline_model(self._resolve(draft_config, source, architecture))
 
     @staticmethod
-    def _why_no_automatic_slots(model: ResolvedModel) -> str | None:
-        """Why slots turned on by ``decode_slots=None`` are left off for this model (None: they are not): not a
-        text-generation model, or an artifact without the slots' graph. (A slot always fits the KV cache budget:
-        the paged model's ``max_length`` is already capped to what the budget holds of one sequence.)"""
-        config = model.pipeline_config
-        if not config.decode_slots:
-            return None
-        if model.architecture.task is not PipelineTask.TEXT_GENERATION:
-            return "not a text-generation model"
+    def _decode_slots_refusal(model: ResolvedModel) -> str | None:
+        """Why this model cannot have decode slots (None: it can): not a text-generation model, or an artifact
+        without the slots' graph. Asked-for slots fail with it; automatic ones stay off. (A slot always fits the
+        KV cache budget: the paged model's ``max_length`` is already capped to what it holds of one sequence.)"""
+        architecture = model.architecture
+        if architecture.task is not PipelineTask.TEXT_GENERATION:
+            return f"decode slots are for text generation; {architecture.name} serves {architecture.task.value}"
         if model.artifact.slot_graph_view() is None:
-            return f"{model.artifact.path} holds no slots' graph"
+            return (f"decode slots run the continuous graph compiled into the paged artifact; {model.artifact.path} "
+                    f"has none: pass the source model (HF folder or GGUF) with decode slots, or an artifact "
+                    f"compiled with them")
         return None
 
     def _decode_slot_model(self, model: ResolvedModel, paged: Any) -> Any:
@@ -248,10 +247,7 @@ class PipelineRegistry:
         ``max_length`` per decode slot (runtime/kv_cache/slot_mirror.py)."""
         config = model.pipeline_config
         slot_artifact = model.artifact.slot_graph_view()
-        if slot_artifact is None:
-            raise ValueError(f"decode slots run the continuous graph compiled into the paged artifact; "
-                             f"{model.artifact.path} has none: pass the source model (HF folder or GGUF) with "
-                             f"decode slots, or an artifact compiled with them")
+        assert slot_artifact is not None  # _decode_slots_refusal
         slot_config = dataclasses.replace(
             config, kv_cache_strategy=KVCacheStrategy.CONTINUOUS, decode_slots=0, max_batch_size=config.decode_slots,
             max_length=paged.max_seq_len, return_logits=ReturnLogits.LAST_TOKEN, kv_cache_pages=None)
