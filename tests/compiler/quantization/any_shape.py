@@ -30,13 +30,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
 
 from ember.compiler.quantization.packing import unpack_codes, unpack_zero_points
 from ember.compiler.targets import get_target
 
-
+from .test_quantize_matmuls_qdq import session
 
 VOCAB = 161  # odd, not a multiple of 8 or 32: the tied head's N in every product case
 
@@ -64,16 +63,7 @@ def run(model: ir.Model, directory: Path, feeds: dict, *, optimize: bool = False
     Unoptimized unless ``optimize`` (then blocked DequantizeLinear + MatMul is fused into MatMulNBits at
     ``accuracy_level``)."""
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "model.onnx"
-    ir.save(model, path, external_data="model.onnx.data", alignment=64)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.log_severity_level = 3
-    if not optimize:
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
-    opts.optimized_model_filepath = str(directory / "optimized.onnx")
-    outputs = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]).run(None, feeds)
+    outputs = session(model, directory, optimize, accuracy_level, optimized="optimized.onnx").run(None, feeds)
     ops = [n.op_type for n in onnx.load(str(directory / "optimized.onnx"), load_external_data=False).graph.node]
     return outputs, ops
 
